@@ -1,0 +1,5 @@
+import sys
+
+from sgmonitor.cli import main
+
+sys.exit(main())

@@ -1,0 +1,155 @@
+"""The lab guest's initramfs: busybox-static, qemu_fw_cfg.ko and an /init that prints
+the guest's own view of itself (the ground truth tests compare against).
+
+Console protocol written by /init (one record a line):
+
+``SGM-PROC <pid> <ppid> <uid> <comm>``  every /proc process, from its ``status``
+``SGM-SYM <address> <name>``            kallsyms addresses of a few symbols
+``SGM-HELPER <pid>``                    the transient process that printed the block
+``SGM-END <n>``                         end of truth block number n
+``SGM-READY``                           after the first block: the guest is ready
+
+Writing a line to the guest's second serial port (a socket) asks for a fresh block.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+BUSYBOX = Path("/bin/busybox")
+TRUTH_SYMBOLS = ("init_task", "linux_banner", "sys_call_table", "__start_BTF", "__stop_BTF")
+
+# Every 4th workload process runs as this uid so ps has more than root to report.
+WORKLOAD_UID = 1000
+# Long enough to outlive any lab run, small enough for busybox's sleep.
+_FOREVER = 2147483647
+
+_PASSWD = f"root:x:0:0::/:/bin/sh\nworker:x:{WORKLOAD_UID}:{WORKLOAD_UID}::/:/bin/sh\n"
+_GROUP = f"root:x:0:\nworker:x:{WORKLOAD_UID}:\n"
+
+_INIT = r"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp /bin
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+/bin/busybox --install -s /bin
+export PATH=/bin
+insmod /lib/modules/qemu_fw_cfg.ko || echo "SGM-WARN qemu_fw_cfg did not load"
+i=0
+while [ $i -lt @PROCS@ ]; do
+  if [ $((i % 4)) -eq 3 ]; then
+    su -s /bin/sh worker -c 'exec sleep @FOREVER@' &
+  else
+    sleep @FOREVER@ &
+  fi
+  i=$((i + 1))
+done
+if [ @BUSY@ = 1 ]; then (while :; do :; done) & fi
+truth() {
+  awk '/^Name:/ { sub(/^Name:\t/, ""); name = $0 }
+       /^Pid:/ { pid = $2 } /^PPid:/ { ppid = $2 }
+       /^Uid:/ { print "SGM-PROC", pid, ppid, $2, name }' /proc/[0-9]*/status &
+  helper=$!
+  wait $helper
+  echo "SGM-HELPER $helper"
+  for s in @SYMBOLS@; do
+    awk -v s="$s" '$3 == s { print "SGM-SYM", $1, $3; exit }' /proc/kallsyms
+  done
+  echo "SGM-END $1"
+}
+truth 0
+echo SGM-READY
+n=1
+stty -F /dev/ttyS1 -echo 2>/dev/null
+while read -r line; do
+  truth $n
+  n=$((n + 1))
+done < /dev/ttyS1 &
+wait
+while :; do sleep @FOREVER@; done
+"""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the guest runs besides its kernel threads."""
+
+    procs: int = 0
+    busy: bool = False
+
+
+def init_script(workload: Workload) -> str:
+    if workload.procs < 0:
+        raise ValueError("procs must be >= 0")
+    return (
+        _INIT.replace("@PROCS@", str(workload.procs))
+        .replace("@BUSY@", "1" if workload.busy else "0")
+        .replace("@FOREVER@", str(_FOREVER))
+        .replace("@SYMBOLS@", " ".join(TRUTH_SYMBOLS))
+    )
+
+
+def build_initramfs(fw_cfg_module: Path, workload: Workload, busybox: Path = BUSYBOX) -> bytes:
+    """Return a cpio (newc) archive holding busybox, the fw_cfg module and /init."""
+    if not busybox.exists():
+        raise FileNotFoundError(f"{busybox} missing: apt-get install busybox-static")
+    archive = CpioWriter()
+    for d in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"):
+        archive.add_dir(d)
+    archive.add_device("dev/console", major=5, minor=1)
+    archive.add_file("bin/busybox", busybox.read_bytes(), mode=0o755)
+    archive.add_file("lib/modules/qemu_fw_cfg.ko", fw_cfg_module.read_bytes(), mode=0o644)
+    archive.add_dir("etc")
+    archive.add_file("etc/passwd", _PASSWD.encode(), mode=0o644)
+    archive.add_file("etc/group", _GROUP.encode(), mode=0o644)
+    archive.add_file("init", init_script(workload).encode(), mode=0o755)
+    return archive.finish()
+
+
+class CpioWriter:
+    """A minimal writer for the SVR4 "newc" cpio format the kernel unpacks."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._ino = 1
+
+    def add_dir(self, name: str) -> None:
+        self._entry(name, stat.S_IFDIR | 0o755, b"")
+
+    def add_file(self, name: str, data: bytes, mode: int) -> None:
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def add_device(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, stat.S_IFCHR | 0o600, b"", rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0, b"")
+        return b"".join(self._parts)
+
+    def _entry(self, name: str, mode: int, data: bytes, rdev: tuple[int, int] = (0, 0)) -> None:
+        encoded = name.encode() + b"\0"
+        fields = (
+            self._ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            len(data),
+            0,
+            0,
+            rdev[0],
+            rdev[1],
+            len(encoded),
+            0,
+        )
+        self._ino += 1
+        header = b"070701" + b"".join(b"%08x" % f for f in fields)
+        self._parts.append(_pad4(header + encoded))
+        self._parts.append(_pad4(data))
+
+
+def _pad4(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % 4)
