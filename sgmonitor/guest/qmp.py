@@ -8,8 +8,10 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from sgmonitor.errors import SGMonitorError
 
-class QmpError(RuntimeError):
+
+class QmpError(SGMonitorError):
     """QEMU refused a command, or its monitor could not be reached."""
 
 
@@ -38,11 +40,11 @@ class Qmp:
         return str(self.command("human-monitor-command", **{"command-line": command_line}))
 
     def registers(self) -> dict[str, int]:
-        """The first vCPU's control registers and EFER, from ``info registers``."""
+        """The first vCPU's control registers, EFER and privilege level (``cpl``)."""
         text = self.hmp("info registers")
         found = {
             name.lower(): int(value, 16)
-            for name, value in re.findall(r"\b(CR0|CR2|CR3|CR4|EFER)=([0-9a-fA-F]+)", text)
+            for name, value in re.findall(r"\b(CR0|CR2|CR3|CR4|EFER|CPL)=([0-9a-fA-F]+)", text)
         }
         if not {"cr0", "cr3", "cr4", "efer"} <= found.keys():
             raise QmpError(f"unexpected 'info registers' output: {text[:200]!r}")
@@ -57,15 +59,15 @@ class Qmp:
     def cont(self) -> None:
         self.command("cont")
 
-    def memory_backend_path(self) -> str:
-        """The ``mem-path`` of the guest's file-backed RAM, found through QOM."""
+    def memory_backend(self) -> tuple[str, str]:
+        """The id and ``mem-path`` of the guest's shared file-backed RAM, found through QOM."""
         for obj in self.command("qom-list", path="/objects"):
             if not str(obj.get("type", "")).startswith("child<memory-backend-file"):
                 continue
             path = f"/objects/{obj['name']}"
             if self.command("qom-get", path=path, property="share") is not True:
                 continue
-            return str(self.command("qom-get", path=path, property="mem-path"))
+            return str(obj["name"]), str(self.command("qom-get", path=path, property="mem-path"))
         raise QmpError("the guest has no shared memory-backend-file (start QEMU with share=on)")
 
     def close(self) -> None:

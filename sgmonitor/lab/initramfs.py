@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")
-TRUTH_SYMBOLS = ("init_task", "linux_banner", "sys_call_table", "__start_BTF", "__stop_BTF")
+TRUTH_SYMBOLS = (
+    "init_task",
+    "linux_banner",
+    "sys_call_table",
+    "schedule",
+    "page_offset_base",
+    "__start_BTF",
+    "__stop_BTF",
+)
 
 # Every 4th workload process runs as this uid so ps has more than root to report.
 WORKLOAD_UID = 1000

@@ -7,6 +7,7 @@ downloads nothing.
 
 from __future__ import annotations
 
+import lzma
 import os
 import shutil
 import struct
@@ -21,6 +22,7 @@ FLAVORS = {"cloud": "cloud-amd64", "amd64": "amd64", "rt": "rt-amd64"}
 
 _LZ4_LEGACY_MAGIC = 0x184C2102
 _LZ4_LEGACY_BLOCK = 8 << 20
+_XZ_MAGIC = b"\xfd7zXZ\x00"
 
 
 class LabError(RuntimeError):
@@ -109,19 +111,7 @@ def _download(package: str, into: Path) -> Path:
     return debs[0]
 
 
-def extract_vmlinux(bzimage: bytes) -> bytes:
-    """Decompress the ELF ``vmlinux`` from an x86 bzImage whose payload is LZ4 (legacy)."""
-    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
-        raise LabError("not an x86 bzImage (no HdrS setup header)")
-    setup_sects = bzimage[0x1F1] or 4
-    payload_offset, payload_length = struct.unpack_from("<II", bzimage, 0x248)
-    start = (setup_sects + 1) * 512 + payload_offset
-    payload = bzimage[start : start + payload_length]
-    if len(payload) != payload_length:
-        raise LabError("bzImage payload is truncated")
-    (magic,) = struct.unpack_from("<I", payload, 0)
-    if magic != _LZ4_LEGACY_MAGIC:
-        raise LabError(f"bzImage payload is not LZ4 legacy (magic {magic:#x})")
+def _lz4_legacy(payload: bytes) -> bytes:
     blocks = []
     pos = 4
     # Blocks are [u32 size][data]; the kernel's build appends the plain size as a
@@ -133,11 +123,37 @@ def extract_vmlinux(bzimage: bytes) -> bytes:
             continue
         if pos + size > len(payload):
             raise LabError("LZ4 block runs past the bzImage payload")
-        blocks.append(
-            lz4.block.decompress(payload[pos : pos + size], uncompressed_size=_LZ4_LEGACY_BLOCK)
-        )
+        try:
+            blocks.append(
+                lz4.block.decompress(payload[pos : pos + size], uncompressed_size=_LZ4_LEGACY_BLOCK)
+            )
+        except lz4.block.LZ4BlockError as exc:
+            raise LabError(f"bzImage LZ4 payload is corrupt: {exc}") from exc
         pos += size
-    vmlinux = b"".join(blocks)
+    return b"".join(blocks)
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes:
+    """Decompress the ELF ``vmlinux`` from an x86 bzImage (LZ4 legacy or XZ payload)."""
+    if len(bzimage) < 0x250 or bzimage[0x202:0x206] != b"HdrS":
+        raise LabError("not an x86 bzImage (no HdrS setup header)")
+    setup_sects = bzimage[0x1F1] or 4
+    payload_offset, payload_length = struct.unpack_from("<II", bzimage, 0x248)
+    start = (setup_sects + 1) * 512 + payload_offset
+    payload = bzimage[start : start + payload_length]
+    if len(payload) != payload_length:
+        raise LabError("bzImage payload is truncated")
+    if payload.startswith(_XZ_MAGIC):
+        # The build appends the plain size after the stream; the decompressor stops
+        # at the stream's end and leaves it alone.
+        try:
+            vmlinux = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
+        except lzma.LZMAError as exc:
+            raise LabError(f"bzImage XZ payload is corrupt: {exc}") from exc
+    elif payload.startswith(_LZ4_LEGACY_MAGIC.to_bytes(4, "little")):
+        vmlinux = _lz4_legacy(payload)
+    else:
+        raise LabError(f"bzImage payload is neither LZ4 nor XZ ({payload[:6].hex()})")
     if vmlinux[:4] != b"\x7fELF":
         raise LabError("decompressed payload is not an ELF vmlinux")
     return vmlinux
