@@ -459,7 +459,8 @@ def _c_name(btf: Btf, type_id: int, depth: int) -> str:
         inner = _c_name(btf, _nonnull(t.type), depth + 1)
         return f"{inner}*" if inner.endswith("*") else f"{inner} *"
     if t.kind == Kind.ARRAY:
-        return f"{_c_name(btf, t.array_type, depth + 1)} [{t.array_nelems}]"
+        head, bracket, dims = _c_name(btf, t.array_type, depth + 1).partition(" [")
+        return f"{head} [{t.array_nelems}]" + (f"[{dims}" if bracket else "")
     if t.kind in _QUALIFIERS and t.kind != Kind.TYPE_TAG:
         return f"{t.kind.name.lower()} {_c_name(btf, _nonnull(t.type), depth + 1)}"
     if t.kind == Kind.TYPE_TAG:

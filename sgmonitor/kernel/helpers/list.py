@@ -1,0 +1,231 @@
+"""Doubly linked lists, as in include/linux/list.h, walked with validation by default.
+
+drgn trusts guest data unless asked (``validate_list_for_each``); a monitor facing a
+hostile guest can't, so every walk here checks each link as it goes:
+
+- ``next->prev == pos`` (``hlist``: ``node->pprev == &prev->next``),
+- no node is visited twice (a cycle that skips the head would otherwise never end),
+- at most ``limit`` nodes (default :data:`DEFAULT_LIMIT`, 2**20: far above any real
+  kernel list, small enough to bound work and the visited-set memory, ~100 MB worst),
+- every node must be readable (a :class:`~sgmonitor.errors.PageFault` is a wild pointer).
+
+Any failure raises :class:`~sgmonitor.errors.ValidationError` naming the list and the
+node address. Iterators raise when they reach the bad link, so nodes yielded before it
+were read but the walk as a whole is unverified: report "could not check", not "clean".
+Layouts come from BTF (``struct list_head``, ``struct hlist_node``), never hard-coded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from sgmonitor.errors import PageFault, ValidationError
+from sgmonitor.kernel.objects import CType, Object, TypedMemory, TypeKind
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "hlist_empty",
+    "hlist_for_each",
+    "hlist_for_each_entry",
+    "list_empty",
+    "list_first_entry",
+    "list_first_entry_or_null",
+    "list_for_each",
+    "list_for_each_entry",
+]
+
+DEFAULT_LIMIT = 1 << 20
+
+
+def _address(obj: Object, struct_name: str) -> int:
+    """The address of a ``struct X`` given as ``struct X *`` or as a reference object."""
+    t = obj.type_
+    if t.kind == TypeKind.POINTER:
+        return int(obj)
+    if obj.address_ is None or t.kind != TypeKind.STRUCT:
+        raise TypeError(f"expected struct {struct_name} * or a struct {struct_name}, got {t}")
+    return obj.address_
+
+
+def _links(tm: TypedMemory, struct_name: str, a: str, b: str) -> tuple[int, int, int]:
+    """(size, offset of ``a``, offset of ``b``) of ``struct struct_name``, from BTF."""
+    spec = f"struct {struct_name}"
+    return tm.sizeof(spec), tm.offsetof(spec, a), tm.offsetof(spec, b)
+
+
+def _read_pair(
+    tm: TypedMemory, what: str, address: int, layout: tuple[int, int, int]
+) -> tuple[int, int]:
+    """Both link pointers of one node in one read; a fault is a wild pointer."""
+    size, first, second = layout
+    try:
+        raw = tm.read(address, size)
+    except PageFault as fault:
+        raise ValidationError(f"{what}: node {address:#x} is unreadable ({fault})") from fault
+    order = tm.byteorder
+    width = tm.btf.pointer_size
+    return (
+        int.from_bytes(raw[first : first + width], order),
+        int.from_bytes(raw[second : second + width], order),
+    )
+
+
+def list_for_each(head: Object, limit: int = DEFAULT_LIMIT) -> Iterator[Object]:
+    """Iterate over the nodes of a list, validating every link.
+
+    :param head: ``struct list_head *`` (or the ``struct list_head`` object itself)
+    :param limit: most nodes to accept before raising
+    :return: iterator of ``struct list_head *``
+    :raises ValidationError: a broken ``prev`` link, a cycle, too many nodes, a wild pointer
+    """
+    tm = head.memory_
+    layout = _links(tm, "list_head", "next", "prev")
+    node_type: CType = tm.type("struct list_head *")
+    head_addr = _address(head, "list_head")
+    what = f"list at {head_addr:#x}"
+    seen: set[int] = set()
+    prev = head_addr
+    pos, _ = _read_pair(tm, what, head_addr, layout)
+    while True:
+        nxt, back = _read_pair(tm, what, pos, layout)
+        if back != prev:
+            raise ValidationError(
+                f"{what}: node {pos:#x} has prev {back:#x}, expected {prev:#x} (broken link)"
+            )
+        if pos == head_addr:
+            return
+        if pos in seen:
+            raise ValidationError(f"{what}: node {pos:#x} seen twice (cycle)")
+        if len(seen) >= limit:
+            raise ValidationError(f"{what}: more than {limit} nodes")
+        seen.add(pos)
+        yield tm.value(node_type, pos)
+        prev, pos = pos, nxt
+
+
+def list_for_each_entry(
+    type: str | CType, head: Object, member: str, limit: int = DEFAULT_LIMIT
+) -> Iterator[Object]:
+    """Iterate over the entries of a list, validating every link.
+
+    :param type: entry type, e.g. ``"struct task_struct"``
+    :param head: ``struct list_head *`` (or the ``struct list_head`` object itself)
+    :param member: name of the ``struct list_head`` member in ``type`` (e.g. ``"tasks"``)
+    :return: iterator of ``type *``
+    :raises ValidationError: as :func:`list_for_each`
+    """
+    tm = head.memory_
+    for node in list_for_each(head, limit):
+        yield tm.container_of(node, type, member)
+
+
+def list_empty(head: Object) -> bool:
+    """Whether a list is empty, after checking its first link both ways.
+
+    :param head: ``struct list_head *`` (or the ``struct list_head`` object itself)
+    :raises ValidationError: ``head->next->prev != head`` or an unreadable node
+    """
+    tm = head.memory_
+    layout = _links(tm, "list_head", "next", "prev")
+    head_addr = _address(head, "list_head")
+    what = f"list at {head_addr:#x}"
+    first, _ = _read_pair(tm, what, head_addr, layout)
+    _, back = _read_pair(tm, what, first, layout)
+    if back != head_addr:
+        raise ValidationError(
+            f"{what}: node {first:#x} has prev {back:#x}, expected {head_addr:#x} (broken link)"
+        )
+    return first == head_addr
+
+
+def list_first_entry_or_null(head: Object, type: str | CType, member: str) -> Object | None:
+    """The first entry of a list, or None if it is empty (first link validated).
+
+    :param head: ``struct list_head *`` (or the ``struct list_head`` object itself)
+    :return: ``type *`` or None
+    """
+    if list_empty(head):
+        return None
+    tm = head.memory_
+    first, _ = _read_pair(
+        tm, "list", _address(head, "list_head"), _links(tm, "list_head", "next", "prev")
+    )
+    return tm.container_of(first, type, member)
+
+
+def list_first_entry(head: Object, type: str | CType, member: str) -> Object:
+    """The first entry of a non-empty list (first link validated).
+
+    :param head: ``struct list_head *`` (or the ``struct list_head`` object itself)
+    :return: ``type *``
+    :raises ValueError: the list is empty (C would return garbage)
+    """
+    entry = list_first_entry_or_null(head, type, member)
+    if entry is None:
+        raise ValueError("list_first_entry() of an empty list")
+    return entry
+
+
+def hlist_empty(head: Object) -> bool:
+    """Whether a hash list is empty.
+
+    :param head: ``struct hlist_head *`` (or the ``struct hlist_head`` object itself)
+    """
+    tm = head.memory_
+    head_addr = _address(head, "hlist_head")
+    try:
+        return not int(tm.object("struct hlist_head", head_addr).first)
+    except PageFault as fault:
+        raise ValidationError(f"hlist at {head_addr:#x} is unreadable ({fault})") from fault
+
+
+def hlist_for_each(head: Object, limit: int = DEFAULT_LIMIT) -> Iterator[Object]:
+    """Iterate over the nodes of a hash list, validating every ``pprev`` link.
+
+    :param head: ``struct hlist_head *`` (or the ``struct hlist_head`` object itself)
+    :return: iterator of ``struct hlist_node *``
+    :raises ValidationError: ``node->pprev != &prev->next``, a cycle, too many nodes, a
+        wild pointer
+    """
+    tm = head.memory_
+    layout = _links(tm, "hlist_node", "next", "pprev")
+    next_off = layout[1]
+    node_type = tm.type("struct hlist_node *")
+    head_addr = _address(head, "hlist_head")
+    what = f"hlist at {head_addr:#x}"
+    first_off = tm.offsetof("struct hlist_head", "first")
+    try:
+        pos = int(tm.object("struct hlist_head", head_addr).first)
+    except PageFault as fault:
+        raise ValidationError(f"{what} is unreadable ({fault})") from fault
+    link = head_addr + first_off  # the address that must hold pos: &head->first
+    seen: set[int] = set()
+    while pos:
+        if pos in seen:
+            raise ValidationError(f"{what}: node {pos:#x} seen twice (cycle)")
+        if len(seen) >= limit:
+            raise ValidationError(f"{what}: more than {limit} nodes")
+        seen.add(pos)
+        nxt, pprev = _read_pair(tm, what, pos, layout)
+        if pprev != link:
+            raise ValidationError(
+                f"{what}: node {pos:#x} has pprev {pprev:#x}, expected {link:#x} (broken link)"
+            )
+        yield tm.value(node_type, pos)
+        link, pos = pos + next_off, nxt
+
+
+def hlist_for_each_entry(
+    type: str | CType, head: Object, member: str, limit: int = DEFAULT_LIMIT
+) -> Iterator[Object]:
+    """Iterate over the entries of a hash list, validating every link.
+
+    :param type: entry type, e.g. ``"struct pid"``
+    :param head: ``struct hlist_head *`` (or the ``struct hlist_head`` object itself)
+    :param member: name of the ``struct hlist_node`` member in ``type``
+    :return: iterator of ``type *``
+    :raises ValidationError: as :func:`hlist_for_each`
+    """
+    tm = head.memory_
+    for node in hlist_for_each(head, limit):
+        yield tm.container_of(node, type, member)
