@@ -384,7 +384,7 @@ def _array_name(element: str, length: int) -> str:
 def _to_width(value: int, ctype: CType) -> int:
     """Wrap ``value`` to the type's width and signedness, as a C conversion does."""
     if ctype.kind == TypeKind.BOOL:
-        return int(bool(value))
+        return bool(value)
     bits = 8 * (ctype.size or 8)
     value &= (1 << bits) - 1
     if ctype.signed and value >> (bits - 1):
@@ -448,6 +448,11 @@ class Object:
             return Object(self._tm, found[1], self._address + found[0], None, found[2])
         if name[:2] == "__" and name[-2:] == "__":
             raise AttributeError(name)
+        target = self._type._target
+        if target is not None and self._type.kind == TypeKind.POINTER:
+            found = target._members.get(name)  # fast path: ptr->member
+            if found is not None and target.kind != TypeKind.VOID:
+                return Object(self._tm, found[1], int(self) + found[0], None, found[2])
         return self.member_(name)
 
     def member_(self, name: str) -> Object:
@@ -619,6 +624,8 @@ class Object:
         return bool(self._scalar())
 
     def _scalar(self) -> int | float:
+        if self._type.kind in _PLAIN_INTEGER:
+            return self.__int__()
         if self._type.kind not in _INTEGER and self._type.kind != TypeKind.FLOAT:
             raise TypeError(f"{self._type.name} is not a scalar")
         return self.value_()  # type: ignore[no-any-return]
