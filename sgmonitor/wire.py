@@ -1,0 +1,1107 @@
+"""The one wire module: framing, every message type, every limit.
+
+Nobody else turns messages into bytes. A frame on a stream socket is::
+
+    length u32 | version u8 | type u8 | body          (length counts version..body)
+
+All integers are big-endian; byte strings and text are ``u32 length | bytes``; lists are
+``u32 count | items``. ``encode`` and ``decode`` are mirror images, and each message
+validates its fields in ``__post_init__``, so the same limits hold whether a message is
+built locally or parsed from a peer. Any malformed, truncated, oversized or unexpected
+input raises :class:`WireError` with a message saying what was wrong, after bounded
+work. The catalogue and the limits are documented in docs/protocol.md.
+
+Three families share the format:
+
+- hypervisor link (untrusted library <-> hypervisor service), in the clear:
+  Hello, HelloReply, OpenSession, SessionOpened, CloseSession, SessionClosed,
+  Request, Reply, Error;
+- sealed bodies (enclave <-> hypervisor, only ever inside the channel):
+  ReadPages, FollowList, GetVmcoreinfo, GetRegisters and their replies PagesReply,
+  ListReply, VmcoreinfoReply, RegistersReply, RequestFailed;
+- enclave boundary (untrusted library <-> enclave process): Call, Return, CallFailed
+  carrying the ECALLs and OCALLs declared in ``sgmonitor.tee.edl``.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import ClassVar, Self, TypeVar
+
+from sgmonitor.channel import MAX_VM_NAME, SESSION_ID_LEN, TAG_LEN, Suite
+from sgmonitor.errors import SGMonitorError
+
+__all__ = [
+    "HV_NONCE_LEN",
+    "MAX_CALL_ARGS",
+    "MAX_ENTRY_SIZE",
+    "MAX_FRAME",
+    "MAX_LIST_NODES",
+    "MAX_PAGES_PER_REQUEST",
+    "MAX_RANGES",
+    "MAX_REPLY_PAGES",
+    "MAX_SEALED_PAGE",
+    "MAX_SEALED_REPLY",
+    "MAX_SEALED_REQUEST",
+    "PAGE_SIZE",
+    "WIRE_VERSION",
+    "Call",
+    "CallDirection",
+    "CallFailed",
+    "CloseSession",
+    "ConnectionClosed",
+    "Error",
+    "ErrorCode",
+    "FollowList",
+    "GetRegisters",
+    "GetVmcoreinfo",
+    "Hello",
+    "HelloReply",
+    "ListEnd",
+    "ListReply",
+    "Message",
+    "OpenSession",
+    "PageEntry",
+    "PageRange",
+    "PageStatus",
+    "PagesReply",
+    "ReadPages",
+    "RegistersReply",
+    "Reply",
+    "Request",
+    "RequestFailed",
+    "Return",
+    "SessionClosed",
+    "SessionOpened",
+    "Value",
+    "VcpuRegisters",
+    "VmcoreinfoReply",
+    "WireError",
+    "WireTimeout",
+    "decode",
+    "encode",
+    "recv_encoded",
+    "recv_frame",
+    "send_encoded",
+    "send_frame",
+]
+
+WIRE_VERSION = 1
+PAGE_SIZE = 4096
+MAX_FRAME = 16 * 1024 * 1024  # bytes after the length prefix
+MAX_RANGES = 256  # ranges in one ReadPages
+MAX_PAGES_PER_REQUEST = 1024  # pages one ReadPages may ask for
+MAX_REPLY_PAGES = 2048  # page entries (and sealed pages) in one reply: ~8.4 MiB
+MAX_LIST_NODES = 4096  # entries one FollowList may visit
+MAX_ENTRY_SIZE = 64 * 1024  # bytes of one list entry (struct task_struct is ~10 KiB)
+MAX_VCPUS = 1024
+MAX_SEALED_REQUEST = 64 * 1024
+MAX_SEALED_REPLY = 1024 * 1024
+MAX_SEALED_PAGE = PAGE_SIZE + 256  # tag (16) or, unsealed, the clear-text AD
+MAX_WRAPPED_KEY = 1024
+MAX_STATEMENT = 64 * 1024
+MAX_VMCOREINFO = 64 * 1024
+MAX_ERROR_TEXT = 1024
+MAX_CALL_NAME = 64
+MAX_CALL_ARGS = 16
+MAX_CALL_VALUE = MAX_FRAME - 4096  # an OCALL carries a whole hypervisor frame
+HV_NONCE_LEN = 32
+_U64 = 2**64
+
+assert MAX_REPLY_PAGES * (MAX_SEALED_PAGE + 4) + MAX_SEALED_REPLY + 64 < MAX_CALL_VALUE
+assert TAG_LEN <= MAX_SEALED_PAGE - PAGE_SIZE
+
+
+class WireError(SGMonitorError):
+    """Malformed, truncated, oversized or unexpected bytes on the wire."""
+
+
+class WireTimeout(WireError):
+    """The peer did not deliver a whole frame in time (dropped reply, stalled relay)."""
+
+
+class ConnectionClosed(WireError):
+    """The peer closed the connection (between frames, or mid-frame if so stated)."""
+
+
+class ErrorCode(IntEnum):
+    """Why a peer refused something; see docs/protocol.md."""
+
+    BAD_FRAME = 1
+    UNSUPPORTED_VERSION = 2
+    UNKNOWN_SESSION = 3
+    SESSION_EXISTS = 4
+    UNKNOWN_VM = 5
+    BAD_WRAPPED_KEY = 6
+    SUITE_REFUSED = 7
+    ATTESTATION_REQUIRED = 8
+    INVALID_SEAL = 9
+    BAD_REQUEST = 10
+    TOO_LARGE = 11
+    GUEST_UNAVAILABLE = 12
+    BUSY = 13
+    TIMEOUT = 14
+    INTERNAL = 15
+    NO_SUCH_CALL = 16
+
+
+class PageStatus(IntEnum):
+    """What the hypervisor found at one guest-virtual page (authenticated in the index)."""
+
+    PRESENT = 0  # a sealed page follows in the reply
+    NOT_PRESENT = 1  # the page walk faulted
+    NOT_RAM = 2  # translated outside guest RAM
+
+
+class ListEnd(IntEnum):
+    """Why a FollowList walk stopped."""
+
+    HEAD_REACHED = 0  # came back to the list head: the whole list
+    LIMIT = 1  # the request's limit; continue from the last entry
+    FAULT = 2  # a next pointer or entry did not translate
+    LOOP = 3  # an entry was seen twice without reaching the head
+    REPLY_FULL = 4  # MAX_REPLY_PAGES reached; continue from the last entry
+
+
+class CallDirection(IntEnum):
+    """ECALL: untrusted host into the enclave. OCALL: enclave out to the host."""
+
+    ECALL = 1
+    OCALL = 2
+
+
+Value = int | bytes | str
+
+# --- byte-level reader and writer ---------------------------------------------------
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def u8(self, v: int) -> None:
+        self.parts.append(struct.pack(">B", v))
+
+    def u16(self, v: int) -> None:
+        self.parts.append(struct.pack(">H", v))
+
+    def u32(self, v: int) -> None:
+        self.parts.append(struct.pack(">I", v))
+
+    def u64(self, v: int) -> None:
+        self.parts.append(struct.pack(">Q", v))
+
+    def fixed(self, v: bytes) -> None:
+        self.parts.append(v)
+
+    def blob(self, v: bytes) -> None:
+        self.u32(len(v))
+        self.parts.append(v)
+
+    def text(self, v: str) -> None:
+        self.blob(v.encode("utf-8"))
+
+
+class _Reader:
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data = memoryview(data)
+        self.pos = 0
+        self.what = what
+
+    def take(self, n: int, field: str) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise WireError(
+                f"{self.what}: truncated in {field}: need {n} bytes at offset {self.pos},"
+                f" have {len(self.data) - self.pos}"
+            )
+        out = bytes(self.data[self.pos : end])
+        self.pos = end
+        return out
+
+    def u8(self, field: str) -> int:
+        return self.take(1, field)[0]
+
+    def u16(self, field: str) -> int:
+        return int(struct.unpack(">H", self.take(2, field))[0])
+
+    def u32(self, field: str) -> int:
+        return int(struct.unpack(">I", self.take(4, field))[0])
+
+    def u64(self, field: str) -> int:
+        return int(struct.unpack(">Q", self.take(8, field))[0])
+
+    def blob(self, field: str, limit: int) -> bytes:
+        n = self.u32(field)
+        if n > limit:
+            raise WireError(f"{self.what}: {field} is {n} bytes, limit {limit}")
+        return self.take(n, field)
+
+    def text(self, field: str, limit: int) -> str:
+        raw = self.blob(field, limit)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WireError(f"{self.what}: {field} is not UTF-8") from None
+
+    def count(self, field: str, limit: int, item_size: int) -> int:
+        n = self.u32(field)
+        if n > limit:
+            raise WireError(f"{self.what}: {n} {field}, limit {limit}")
+        if n * item_size > len(self.data) - self.pos:  # cheap early reject, bounded work
+            raise WireError(f"{self.what}: truncated in {field}: {n} items do not fit")
+        return n
+
+    def enum(self, cls: type[_E], field: str, raw: int) -> _E:
+        try:
+            return cls(raw)
+        except ValueError:
+            raise WireError(f"{self.what}: unknown {field} {raw}") from None
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise WireError(f"{self.what}: {len(self.data) - self.pos} trailing bytes")
+
+
+_E = TypeVar("_E", bound=IntEnum)
+
+# --- field checks (shared by local construction and decoding) -----------------------
+
+
+def _uint(msg: str, field: str, v: object, bits: int = 64) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**bits:
+        raise WireError(f"{msg}: {field} must be an unsigned {bits}-bit integer, got {v!r}")
+
+
+def _bytes(msg: str, field: str, v: object, limit: int, exact: int | None = None) -> None:
+    if not isinstance(v, bytes):
+        raise WireError(f"{msg}: {field} must be bytes")
+    if exact is not None and len(v) != exact:
+        raise WireError(f"{msg}: {field} must be {exact} bytes, got {len(v)}")
+    if len(v) > limit:
+        raise WireError(f"{msg}: {field} is {len(v)} bytes, limit {limit}")
+
+
+def _text(msg: str, field: str, v: object, limit: int, nonempty: bool = False) -> None:
+    if not isinstance(v, str):
+        raise WireError(f"{msg}: {field} must be str")
+    try:
+        n = len(v.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise WireError(f"{msg}: {field} is not encodable as UTF-8") from None
+    if n > limit or (nonempty and n == 0):
+        raise WireError(f"{msg}: {field} must be {int(nonempty)}..{limit} UTF-8 bytes")
+
+
+def _enum(msg: str, field: str, v: object, cls: type[IntEnum]) -> None:
+    if not isinstance(v, cls):
+        raise WireError(f"{msg}: {field} must be a {cls.__name__}")
+
+
+def _tuple(msg: str, field: str, v: object, limit: int, item: type | tuple[type, ...]) -> None:
+    if not isinstance(v, tuple):
+        raise WireError(f"{msg}: {field} must be a tuple")
+    if len(v) > limit:
+        raise WireError(f"{msg}: {len(v)} {field}, limit {limit}")
+    for x in v:
+        if not isinstance(x, item) or isinstance(x, bool):
+            raise WireError(f"{msg}: {field} holds a {type(x).__name__}")
+
+
+def _aligned(msg: str, field: str, v: int, align: int) -> None:
+    if v % align:
+        raise WireError(f"{msg}: {field} {v:#x} is not {align}-byte aligned")
+
+
+# --- messages ------------------------------------------------------------------------
+
+_REGISTRY: dict[int, type[Message]] = {}
+
+
+class Message:
+    """Base of every message: a type byte and a mirror-image pair of body codecs."""
+
+    TYPE: ClassVar[int]
+
+    def _encode(self, w: _Writer) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        raise NotImplementedError
+
+
+_M = TypeVar("_M", bound=type[Message])
+
+
+def _message(type_byte: int) -> Callable[[_M], _M]:
+    def register(cls: _M) -> _M:
+        assert type_byte not in _REGISTRY, f"type {type_byte:#x} registered twice"
+        cls.TYPE = type_byte
+        _REGISTRY[type_byte] = cls
+        return cls
+
+    return register
+
+
+# --- hypervisor link (clear) --------------------------------------------------------
+
+
+@_message(0x01)
+@dataclass(frozen=True)
+class Hello(Message):
+    """Library -> hypervisor: ask for a fresh nonce for a session on ``vm``."""
+
+    vm: str
+
+    def __post_init__(self) -> None:
+        _text("Hello", "vm", self.vm, MAX_VM_NAME, nonempty=True)
+
+    def _encode(self, w: _Writer) -> None:
+        w.text(self.vm)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(r.text("vm", MAX_VM_NAME))
+
+
+@_message(0x02)
+@dataclass(frozen=True)
+class HelloReply(Message):
+    """Hypervisor -> library: the nonce the attestation statement must bind; suites offered."""
+
+    hv_nonce: bytes
+    suites: tuple[Suite, ...]
+
+    def __post_init__(self) -> None:
+        _bytes("HelloReply", "hv_nonce", self.hv_nonce, HV_NONCE_LEN, exact=HV_NONCE_LEN)
+        _tuple("HelloReply", "suites", self.suites, 8, Suite)
+
+    def _encode(self, w: _Writer) -> None:
+        w.fixed(self.hv_nonce)
+        w.u8(len(self.suites))
+        for s in self.suites:
+            w.u8(s)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        nonce = r.take(HV_NONCE_LEN, "hv_nonce")
+        n = r.u8("suite count")
+        if n > 8:
+            raise WireError(f"HelloReply: {n} suites, limit 8")
+        suites = tuple(r.enum(Suite, "suite", r.u8("suite")) for _ in range(n))
+        return cls(nonce, suites)
+
+
+@_message(0x03)
+@dataclass(frozen=True)
+class OpenSession(Message):
+    """Library -> hypervisor: register the enclave's wrapped session key for ``vm``.
+
+    ``statement`` is the attestation service's signed statement (empty until trust
+    establishment lands); the hypervisor decides whether an empty one is acceptable.
+    """
+
+    vm: str
+    session_id: bytes
+    suite: Suite
+    wrapped_key: bytes
+    statement: bytes = b""
+
+    def __post_init__(self) -> None:
+        _text("OpenSession", "vm", self.vm, MAX_VM_NAME, nonempty=True)
+        _bytes("OpenSession", "session_id", self.session_id, SESSION_ID_LEN, SESSION_ID_LEN)
+        _enum("OpenSession", "suite", self.suite, Suite)
+        _bytes("OpenSession", "wrapped_key", self.wrapped_key, MAX_WRAPPED_KEY)
+        _bytes("OpenSession", "statement", self.statement, MAX_STATEMENT)
+
+    def _encode(self, w: _Writer) -> None:
+        w.text(self.vm)
+        w.fixed(self.session_id)
+        w.u8(self.suite)
+        w.blob(self.wrapped_key)
+        w.blob(self.statement)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        vm = r.text("vm", MAX_VM_NAME)
+        sid = r.take(SESSION_ID_LEN, "session_id")
+        suite = r.enum(Suite, "suite", r.u8("suite"))
+        wrapped = r.blob("wrapped_key", MAX_WRAPPED_KEY)
+        statement = r.blob("statement", MAX_STATEMENT)
+        return cls(vm, sid, suite, wrapped, statement)
+
+
+@dataclass(frozen=True)
+class _SessionOnly(Message):
+    session_id: bytes
+
+    def __post_init__(self) -> None:
+        _bytes(type(self).__name__, "session_id", self.session_id, SESSION_ID_LEN, SESSION_ID_LEN)
+
+    def _encode(self, w: _Writer) -> None:
+        w.fixed(self.session_id)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(r.take(SESSION_ID_LEN, "session_id"))
+
+
+@_message(0x04)
+@dataclass(frozen=True)
+class SessionOpened(_SessionOnly):
+    """Hypervisor -> library: the key unwrapped; sealed requests may flow."""
+
+
+@_message(0x05)
+@dataclass(frozen=True)
+class CloseSession(_SessionOnly):
+    """Library -> hypervisor: forget this session's keys."""
+
+
+@_message(0x06)
+@dataclass(frozen=True)
+class SessionClosed(_SessionOnly):
+    """Hypervisor -> library: the session's keys are gone."""
+
+
+@_message(0x07)
+@dataclass(frozen=True)
+class Request(Message):
+    """Library -> hypervisor: one sealed request body (kind REQUEST) from the enclave.
+
+    ``request_id`` travels in the clear so the hypervisor can rebuild the associated
+    data and the library can match replies; changing it breaks the seal.
+    """
+
+    session_id: bytes
+    request_id: int
+    sealed: bytes
+
+    def __post_init__(self) -> None:
+        _bytes("Request", "session_id", self.session_id, SESSION_ID_LEN, SESSION_ID_LEN)
+        _uint("Request", "request_id", self.request_id)
+        _bytes("Request", "sealed", self.sealed, MAX_SEALED_REQUEST)
+
+    def _encode(self, w: _Writer) -> None:
+        w.fixed(self.session_id)
+        w.u64(self.request_id)
+        w.blob(self.sealed)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        sid = r.take(SESSION_ID_LEN, "session_id")
+        return cls(sid, r.u64("request_id"), r.blob("sealed", MAX_SEALED_REQUEST))
+
+
+@_message(0x08)
+@dataclass(frozen=True)
+class Reply(Message):
+    """Hypervisor -> library: a sealed reply index (kind REPLY), then one sealed page
+    (kind PAGE) per PRESENT entry of the index, in index order."""
+
+    session_id: bytes
+    request_id: int
+    sealed_reply: bytes
+    sealed_pages: tuple[bytes, ...] = ()
+
+    def __post_init__(self) -> None:
+        _bytes("Reply", "session_id", self.session_id, SESSION_ID_LEN, SESSION_ID_LEN)
+        _uint("Reply", "request_id", self.request_id)
+        _bytes("Reply", "sealed_reply", self.sealed_reply, MAX_SEALED_REPLY)
+        _tuple("Reply", "sealed_pages", self.sealed_pages, MAX_REPLY_PAGES, bytes)
+        for p in self.sealed_pages:
+            _bytes("Reply", "sealed page", p, MAX_SEALED_PAGE)
+
+    def _encode(self, w: _Writer) -> None:
+        w.fixed(self.session_id)
+        w.u64(self.request_id)
+        w.blob(self.sealed_reply)
+        w.u32(len(self.sealed_pages))
+        for p in self.sealed_pages:
+            w.blob(p)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        sid = r.take(SESSION_ID_LEN, "session_id")
+        rid = r.u64("request_id")
+        sealed = r.blob("sealed_reply", MAX_SEALED_REPLY)
+        n = r.count("sealed pages", MAX_REPLY_PAGES, 4)
+        pages = tuple(r.blob("sealed page", MAX_SEALED_PAGE) for _ in range(n))
+        return cls(sid, rid, sealed, pages)
+
+
+@_message(0x0F)
+@dataclass(frozen=True)
+class Error(Message):
+    """Either direction, in the clear and so unauthenticated: a refusal or failure.
+
+    The enclave treats it as "the session failed", never as data about the guest.
+    ``session_id`` is empty when no session is concerned; ``request_id`` 0 likewise.
+    """
+
+    code: ErrorCode
+    message: str = ""
+    session_id: bytes = b""
+    request_id: int = 0
+
+    def __post_init__(self) -> None:
+        _enum("Error", "code", self.code, ErrorCode)
+        _text("Error", "message", self.message, MAX_ERROR_TEXT)
+        _bytes("Error", "session_id", self.session_id, SESSION_ID_LEN)
+        _uint("Error", "request_id", self.request_id)
+        if len(self.session_id) not in (0, SESSION_ID_LEN):
+            raise WireError(f"Error: session_id must be empty or {SESSION_ID_LEN} bytes")
+
+    def _encode(self, w: _Writer) -> None:
+        w.u16(self.code)
+        w.text(self.message)
+        w.u8(len(self.session_id))
+        w.fixed(self.session_id)
+        w.u64(self.request_id)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        code = r.enum(ErrorCode, "error code", r.u16("code"))
+        message = r.text("message", MAX_ERROR_TEXT)
+        n = r.u8("session_id length")
+        if n not in (0, SESSION_ID_LEN):
+            raise WireError(f"Error: session_id length {n}")
+        return cls(code, message, r.take(n, "session_id"), r.u64("request_id"))
+
+
+# --- sealed request bodies ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PageRange:
+    """``count`` consecutive 4 KiB guest-virtual pages starting at ``address``."""
+
+    address: int
+    count: int
+
+    def __post_init__(self) -> None:
+        _uint("PageRange", "address", self.address)
+        _uint("PageRange", "count", self.count, 32)
+        _aligned("PageRange", "address", self.address, PAGE_SIZE)
+        if self.count < 1:
+            raise WireError("PageRange: count must be at least 1")
+        if self.address + self.count * PAGE_SIZE > _U64:
+            raise WireError(f"PageRange: {self.address:#x} + {self.count} pages wraps")
+
+
+@_message(0x21)
+@dataclass(frozen=True)
+class ReadPages(Message):
+    """Enclave -> hypervisor (sealed): read these guest-virtual pages with the vCPU's CR3."""
+
+    ranges: tuple[PageRange, ...]
+
+    def __post_init__(self) -> None:
+        _tuple("ReadPages", "ranges", self.ranges, MAX_RANGES, PageRange)
+        if not self.ranges:
+            raise WireError("ReadPages: no ranges")
+        total = sum(r.count for r in self.ranges)
+        if total > MAX_PAGES_PER_REQUEST:
+            raise WireError(f"ReadPages: {total} pages, limit {MAX_PAGES_PER_REQUEST}")
+
+    def _encode(self, w: _Writer) -> None:
+        w.u32(len(self.ranges))
+        for rng in self.ranges:
+            w.u64(rng.address)
+            w.u32(rng.count)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        n = r.count("ranges", MAX_RANGES, 12)
+        return cls(tuple(PageRange(r.u64("address"), r.u32("count")) for _ in range(n)))
+
+    def pages(self) -> list[int]:
+        """Every page address asked for, in order."""
+        return [rng.address + i * PAGE_SIZE for rng in self.ranges for i in range(rng.count)]
+
+
+@_message(0x22)
+@dataclass(frozen=True)
+class FollowList(Message):
+    """Enclave -> hypervisor (sealed): walk a kernel ``list_head`` list, return its entries.
+
+    Like ``list_for_each_entry(pos, head, member)``: start at ``*(head)`` (the
+    ``next`` pointer, offset 0 of ``struct list_head``), each entry begins
+    ``member_offset`` bytes before its ``list_head``; stop on returning to ``head``,
+    after ``limit`` entries, or on a fault or loop. The reply lists entry addresses and
+    the pages covering ``[entry, entry + entry_size)`` for each.
+    """
+
+    head: int
+    member_offset: int
+    entry_size: int
+    limit: int
+
+    def __post_init__(self) -> None:
+        _uint("FollowList", "head", self.head)
+        _aligned("FollowList", "head", self.head, 8)
+        _uint("FollowList", "member_offset", self.member_offset, 32)
+        _uint("FollowList", "entry_size", self.entry_size, 32)
+        _uint("FollowList", "limit", self.limit, 32)
+        if not 0 < self.entry_size <= MAX_ENTRY_SIZE:
+            raise WireError(f"FollowList: entry_size must be 1..{MAX_ENTRY_SIZE}")
+        if self.member_offset + 16 > self.entry_size:
+            raise WireError("FollowList: the list_head must lie inside the entry")
+        if not 0 < self.limit <= MAX_LIST_NODES:
+            raise WireError(f"FollowList: limit must be 1..{MAX_LIST_NODES}")
+
+    def _encode(self, w: _Writer) -> None:
+        w.u64(self.head)
+        w.u32(self.member_offset)
+        w.u32(self.entry_size)
+        w.u32(self.limit)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(r.u64("head"), r.u32("member_offset"), r.u32("entry_size"), r.u32("limit"))
+
+
+@dataclass(frozen=True)
+class _Empty(Message):
+    def _encode(self, w: _Writer) -> None:
+        pass
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls()
+
+
+@_message(0x23)
+@dataclass(frozen=True)
+class GetVmcoreinfo(_Empty):
+    """Enclave -> hypervisor (sealed): the guest's VMCOREINFO note text."""
+
+
+@_message(0x24)
+@dataclass(frozen=True)
+class GetRegisters(_Empty):
+    """Enclave -> hypervisor (sealed): control registers of each vCPU (CR0/CR3/CR4/EFER)."""
+
+
+# --- sealed reply bodies ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PageEntry:
+    """One page of a reply: its guest-virtual address and what the hypervisor found."""
+
+    address: int
+    status: PageStatus
+
+    def __post_init__(self) -> None:
+        _uint("PageEntry", "address", self.address)
+        _aligned("PageEntry", "address", self.address, PAGE_SIZE)
+        _enum("PageEntry", "status", self.status, PageStatus)
+
+
+def _check_pages(msg: str, pages: object) -> None:
+    _tuple(msg, "pages", pages, MAX_REPLY_PAGES, PageEntry)
+    assert isinstance(pages, tuple)
+    if len({p.address for p in pages}) != len(pages):
+        raise WireError(f"{msg}: a page address appears twice")
+
+
+def _encode_pages(w: _Writer, pages: tuple[PageEntry, ...]) -> None:
+    w.u32(len(pages))
+    for p in pages:
+        w.u64(p.address)
+        w.u8(p.status)
+
+
+def _decode_pages(r: _Reader) -> tuple[PageEntry, ...]:
+    n = r.count("pages", MAX_REPLY_PAGES, 9)
+    out = []
+    for _ in range(n):
+        address = r.u64("page address")
+        out.append(PageEntry(address, r.enum(PageStatus, "page status", r.u8("status"))))
+    return tuple(out)
+
+
+def _present(pages: tuple[PageEntry, ...]) -> list[int]:
+    return [p.address for p in pages if p.status is PageStatus.PRESENT]
+
+
+@_message(0x31)
+@dataclass(frozen=True)
+class PagesReply(Message):
+    """Hypervisor -> enclave (sealed index) for ReadPages."""
+
+    pages: tuple[PageEntry, ...]
+
+    def __post_init__(self) -> None:
+        _check_pages("PagesReply", self.pages)
+
+    def _encode(self, w: _Writer) -> None:
+        _encode_pages(w, self.pages)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(_decode_pages(r))
+
+    def present(self) -> list[int]:
+        """Addresses of the sealed pages that follow, in their order."""
+        return _present(self.pages)
+
+
+@_message(0x32)
+@dataclass(frozen=True)
+class ListReply(Message):
+    """Hypervisor -> enclave (sealed index) for FollowList: entries in list order."""
+
+    entries: tuple[int, ...]
+    end: ListEnd
+    pages: tuple[PageEntry, ...]
+
+    def __post_init__(self) -> None:
+        _tuple("ListReply", "entries", self.entries, MAX_LIST_NODES, int)
+        for e in self.entries:
+            _uint("ListReply", "entry", e)
+        _enum("ListReply", "end", self.end, ListEnd)
+        _check_pages("ListReply", self.pages)
+
+    def _encode(self, w: _Writer) -> None:
+        w.u32(len(self.entries))
+        for e in self.entries:
+            w.u64(e)
+        w.u8(self.end)
+        _encode_pages(w, self.pages)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        n = r.count("entries", MAX_LIST_NODES, 8)
+        entries = tuple(r.u64("entry") for _ in range(n))
+        end = r.enum(ListEnd, "list end", r.u8("end"))
+        return cls(entries, end, _decode_pages(r))
+
+    def present(self) -> list[int]:
+        """Addresses of the sealed pages that follow, in their order."""
+        return _present(self.pages)
+
+
+@_message(0x33)
+@dataclass(frozen=True)
+class VmcoreinfoReply(Message):
+    """Hypervisor -> enclave (sealed): the VMCOREINFO text (``KEY=value`` lines)."""
+
+    text: bytes
+
+    def __post_init__(self) -> None:
+        _bytes("VmcoreinfoReply", "text", self.text, MAX_VMCOREINFO)
+
+    def _encode(self, w: _Writer) -> None:
+        w.blob(self.text)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(r.blob("text", MAX_VMCOREINFO))
+
+
+@dataclass(frozen=True)
+class VcpuRegisters:
+    """Control registers of one vCPU."""
+
+    index: int
+    cr0: int
+    cr3: int
+    cr4: int
+    efer: int
+
+    def __post_init__(self) -> None:
+        _uint("VcpuRegisters", "index", self.index, 16)
+        for name in ("cr0", "cr3", "cr4", "efer"):
+            _uint("VcpuRegisters", name, getattr(self, name))
+
+
+@_message(0x34)
+@dataclass(frozen=True)
+class RegistersReply(Message):
+    """Hypervisor -> enclave (sealed): each vCPU's control registers."""
+
+    vcpus: tuple[VcpuRegisters, ...]
+
+    def __post_init__(self) -> None:
+        _tuple("RegistersReply", "vcpus", self.vcpus, MAX_VCPUS, VcpuRegisters)
+
+    def _encode(self, w: _Writer) -> None:
+        w.u32(len(self.vcpus))
+        for v in self.vcpus:
+            w.u16(v.index)
+            for x in (v.cr0, v.cr3, v.cr4, v.efer):
+                w.u64(x)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        n = r.count("vcpus", MAX_VCPUS, 34)
+        return cls(
+            tuple(
+                VcpuRegisters(
+                    r.u16("index"), r.u64("cr0"), r.u64("cr3"), r.u64("cr4"), r.u64("efer")
+                )
+                for _ in range(n)
+            )
+        )
+
+
+@_message(0x3F)
+@dataclass(frozen=True)
+class RequestFailed(Message):
+    """Hypervisor -> enclave (sealed): the request was refused; authenticated, unlike Error."""
+
+    code: ErrorCode
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        _enum("RequestFailed", "code", self.code, ErrorCode)
+        _text("RequestFailed", "message", self.message, MAX_ERROR_TEXT)
+
+    def _encode(self, w: _Writer) -> None:
+        w.u16(self.code)
+        w.text(self.message)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        code = r.enum(ErrorCode, "error code", r.u16("code"))
+        return cls(code, r.text("message", MAX_ERROR_TEXT))
+
+
+# --- enclave boundary (ECALL / OCALL) -----------------------------------------------
+
+_VALUE_UINT, _VALUE_BYTES, _VALUE_STR = 1, 2, 3
+
+
+def _check_values(msg: str, field: str, values: object) -> None:
+    _tuple(msg, field, values, MAX_CALL_ARGS, (int, bytes, str))
+    assert isinstance(values, tuple)
+    for v in values:
+        if isinstance(v, int):
+            _uint(msg, field, v)
+        elif isinstance(v, bytes):
+            _bytes(msg, field, v, MAX_CALL_VALUE)
+        else:
+            _text(msg, field, v, MAX_CALL_VALUE)
+
+
+def _encode_values(w: _Writer, values: tuple[Value, ...]) -> None:
+    w.u8(len(values))
+    for v in values:
+        if isinstance(v, int):
+            w.u8(_VALUE_UINT)
+            w.u64(v)
+        elif isinstance(v, bytes):
+            w.u8(_VALUE_BYTES)
+            w.blob(v)
+        else:
+            w.u8(_VALUE_STR)
+            w.text(v)
+
+
+def _decode_values(r: _Reader, field: str) -> tuple[Value, ...]:
+    n = r.u8(f"{field} count")
+    if n > MAX_CALL_ARGS:
+        raise WireError(f"{r.what}: {n} {field}, limit {MAX_CALL_ARGS}")
+    out: list[Value] = []
+    for _ in range(n):
+        tag = r.u8("value tag")
+        if tag == _VALUE_UINT:
+            out.append(r.u64(field))
+        elif tag == _VALUE_BYTES:
+            out.append(r.blob(field, MAX_CALL_VALUE))
+        elif tag == _VALUE_STR:
+            out.append(r.text(field, MAX_CALL_VALUE))
+        else:
+            raise WireError(f"{r.what}: unknown value tag {tag}")
+    return tuple(out)
+
+
+@_message(0x41)
+@dataclass(frozen=True)
+class Call(Message):
+    """An ECALL (library -> enclave) or OCALL (enclave -> library); see tee/edl.py."""
+
+    call_id: int
+    direction: CallDirection
+    name: str
+    args: tuple[Value, ...] = ()
+
+    def __post_init__(self) -> None:
+        _uint("Call", "call_id", self.call_id)
+        _enum("Call", "direction", self.direction, CallDirection)
+        _text("Call", "name", self.name, MAX_CALL_NAME, nonempty=True)
+        _check_values("Call", "args", self.args)
+
+    def _encode(self, w: _Writer) -> None:
+        w.u64(self.call_id)
+        w.u8(self.direction)
+        w.text(self.name)
+        _encode_values(w, self.args)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        call_id = r.u64("call_id")
+        direction = r.enum(CallDirection, "call direction", r.u8("direction"))
+        name = r.text("name", MAX_CALL_NAME)
+        return cls(call_id, direction, name, _decode_values(r, "args"))
+
+
+@_message(0x42)
+@dataclass(frozen=True)
+class Return(Message):
+    """The results of the call with the same ``call_id``."""
+
+    call_id: int
+    results: tuple[Value, ...] = ()
+
+    def __post_init__(self) -> None:
+        _uint("Return", "call_id", self.call_id)
+        _check_values("Return", "results", self.results)
+
+    def _encode(self, w: _Writer) -> None:
+        w.u64(self.call_id)
+        _encode_values(w, self.results)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(r.u64("call_id"), _decode_values(r, "results"))
+
+
+@_message(0x43)
+@dataclass(frozen=True)
+class CallFailed(Message):
+    """The call with the same ``call_id`` failed; ``message`` is for logs."""
+
+    call_id: int
+    code: ErrorCode
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        _uint("CallFailed", "call_id", self.call_id)
+        _enum("CallFailed", "code", self.code, ErrorCode)
+        _text("CallFailed", "message", self.message, MAX_ERROR_TEXT)
+
+    def _encode(self, w: _Writer) -> None:
+        w.u64(self.call_id)
+        w.u16(self.code)
+        w.text(self.message)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        call_id = r.u64("call_id")
+        code = r.enum(ErrorCode, "error code", r.u16("code"))
+        return cls(call_id, code, r.text("message", MAX_ERROR_TEXT))
+
+
+# --- encode / decode -----------------------------------------------------------------
+
+
+def encode(msg: Message) -> bytes:
+    """``version | type | body``: the bytes a frame carries after its length prefix."""
+    if type(msg) not in _REGISTRY.values():
+        raise WireError(f"not a wire message: {type(msg).__name__}")
+    w = _Writer()
+    w.u8(WIRE_VERSION)
+    w.u8(msg.TYPE)
+    msg._encode(w)
+    data = b"".join(w.parts)
+    if len(data) > MAX_FRAME:
+        raise WireError(f"{type(msg).__name__}: {len(data)} bytes exceeds MAX_FRAME")
+    return data
+
+
+_T = TypeVar("_T", bound=Message)
+
+
+def decode(data: bytes, expect: tuple[type[_T], ...] | None = None) -> _T:
+    """Parse one message; ``expect`` lists the types acceptable here (others: WireError)."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise WireError("decode needs bytes")
+    data = bytes(data)
+    if len(data) > MAX_FRAME:
+        raise WireError(f"message of {len(data)} bytes exceeds MAX_FRAME")
+    if len(data) < 2:
+        raise WireError(f"message of {len(data)} bytes: too short for version and type")
+    if data[0] != WIRE_VERSION:
+        raise WireError(f"unsupported wire version {data[0]} (this side speaks {WIRE_VERSION})")
+    cls = _REGISTRY.get(data[1])
+    if cls is None:
+        raise WireError(f"unknown message type {data[1]:#04x}")
+    if expect is not None and cls not in expect:
+        names = ", ".join(c.__name__ for c in expect)
+        raise WireError(f"unexpected {cls.__name__} (expected {names})")
+    r = _Reader(data[2:], cls.__name__)
+    msg = cls._decode(r)
+    r.end()
+    return msg  # type: ignore[return-value]
+
+
+# --- stream sockets ------------------------------------------------------------------
+
+_LEN = struct.Struct(">I")
+
+
+def send_encoded(sock: socket.socket, data: bytes, timeout: float) -> None:
+    """Send one already-encoded message (e.g. an opaque frame relayed for the enclave)."""
+    if len(data) < 2 or len(data) > MAX_FRAME:
+        raise WireError(f"refusing to send a frame of {len(data)} bytes")
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(_LEN.pack(len(data)) + bytes(data))
+    except TimeoutError:
+        raise WireTimeout(f"send of {len(data)} bytes timed out after {timeout}s") from None
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise ConnectionClosed(f"peer closed the connection during send: {exc}") from None
+
+
+def send_frame(sock: socket.socket, msg: Message, timeout: float = 30.0) -> None:
+    """Encode and send one message as a length-prefixed frame."""
+    send_encoded(sock, encode(msg), timeout)
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float, started: bool) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise WireTimeout(f"frame incomplete at the deadline ({got} of {n} bytes)")
+        sock.settimeout(remaining)
+        try:
+            k = sock.recv_into(view[got:], n - got)
+        except TimeoutError:
+            raise WireTimeout(f"frame incomplete at the deadline ({got} of {n} bytes)") from None
+        except ConnectionResetError as exc:
+            raise ConnectionClosed(f"connection reset: {exc}") from None
+        if k == 0:
+            if not started and got == 0:
+                raise ConnectionClosed("peer closed the connection")
+            raise ConnectionClosed(f"peer closed the connection mid-frame ({got} of {n} bytes)")
+        got += k
+        started = True
+    return bytes(buf)
+
+
+def recv_encoded(sock: socket.socket, timeout: float) -> bytes:
+    """Receive one frame's bytes within ``timeout`` seconds in total; never unbounded."""
+    deadline = time.monotonic() + timeout
+    (length,) = _LEN.unpack(_recv_exact(sock, 4, deadline, started=False))
+    if length < 2 or length > MAX_FRAME:
+        raise WireError(f"frame length {length} outside 2..{MAX_FRAME}")
+    return _recv_exact(sock, length, deadline, started=True)
+
+
+def recv_frame(
+    sock: socket.socket, timeout: float, expect: tuple[type[_T], ...] | None = None
+) -> _T:
+    """Receive and decode one message within ``timeout`` seconds in total."""
+    return decode(recv_encoded(sock, timeout), expect)

@@ -1,0 +1,342 @@
+"""The wire module: mirror-image codecs, strict limits, bounded socket reads."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sgmonitor import wire
+from sgmonitor.channel import Suite
+from sgmonitor.errors import SGMonitorError
+from sgmonitor.wire import (
+    MAX_FRAME,
+    PAGE_SIZE,
+    Call,
+    CallDirection,
+    ConnectionClosed,
+    ErrorCode,
+    FollowList,
+    ListEnd,
+    PageEntry,
+    PageRange,
+    PageStatus,
+    ReadPages,
+    WireError,
+    WireTimeout,
+    decode,
+    encode,
+)
+
+SID = bytes(range(16))
+
+# --- strategies ----------------------------------------------------------------------
+
+u64 = st.integers(0, 2**64 - 1)
+u32 = st.integers(0, 2**32 - 1)
+vm = st.text(min_size=1, max_size=16).filter(lambda s: 0 < len(s.encode()) <= 64)
+sid = st.binary(min_size=16, max_size=16)
+page_addr = st.integers(0, 2**52 - 1).map(lambda p: p * PAGE_SIZE)
+small_blob = st.binary(max_size=64)
+page_entry = st.builds(PageEntry, page_addr, st.sampled_from(PageStatus))
+page_entries = st.lists(page_entry, max_size=8, unique_by=lambda p: p.address).map(tuple)
+vcpu = st.builds(wire.VcpuRegisters, st.integers(0, 65535), u64, u64, u64, u64)
+value = st.one_of(u64, small_blob, st.text(max_size=16))
+
+
+@st.composite
+def follow_list(draw: st.DrawFn) -> FollowList:
+    size = draw(st.integers(16, wire.MAX_ENTRY_SIZE))
+    return FollowList(
+        head=draw(st.integers(0, 2**61 - 1)) * 8,
+        member_offset=draw(st.integers(0, size - 16)),
+        entry_size=size,
+        limit=draw(st.integers(1, wire.MAX_LIST_NODES)),
+    )
+
+
+messages = st.one_of(
+    st.builds(wire.Hello, vm),
+    st.builds(
+        wire.HelloReply,
+        st.binary(min_size=32, max_size=32),
+        st.lists(st.sampled_from(Suite), max_size=8).map(tuple),
+    ),
+    st.builds(wire.OpenSession, vm, sid, st.sampled_from(Suite), small_blob, small_blob),
+    st.builds(wire.SessionOpened, sid),
+    st.builds(wire.CloseSession, sid),
+    st.builds(wire.SessionClosed, sid),
+    st.builds(wire.Request, sid, u64, small_blob),
+    st.builds(wire.Reply, sid, u64, small_blob, st.lists(small_blob, max_size=4).map(tuple)),
+    st.builds(
+        wire.Error,
+        st.sampled_from(ErrorCode),
+        st.text(max_size=20),
+        st.sampled_from([b"", SID]),
+        u64,
+    ),
+    st.builds(
+        ReadPages,
+        st.lists(st.builds(PageRange, page_addr, st.integers(1, 8)), min_size=1, max_size=8).map(
+            tuple
+        ),
+    ),
+    follow_list(),
+    st.builds(wire.GetVmcoreinfo),
+    st.builds(wire.GetRegisters),
+    st.builds(wire.PagesReply, page_entries),
+    st.builds(
+        wire.ListReply, st.lists(u64, max_size=8).map(tuple), st.sampled_from(ListEnd), page_entries
+    ),
+    st.builds(wire.VmcoreinfoReply, small_blob),
+    st.builds(
+        wire.RegistersReply,
+        st.lists(
+            st.builds(wire.VcpuRegisters, st.integers(0, 65535), u64, u64, u64, u64), max_size=4
+        ).map(tuple),
+    ),
+    st.builds(wire.RequestFailed, st.sampled_from(ErrorCode), st.text(max_size=20)),
+    st.builds(
+        Call,
+        u64,
+        st.sampled_from(CallDirection),
+        st.text(min_size=1, max_size=10),
+        st.lists(value, max_size=4).map(tuple),
+    ),
+    st.builds(wire.Return, u64, st.lists(value, max_size=4).map(tuple)),
+    st.builds(wire.CallFailed, u64, st.sampled_from(ErrorCode), st.text(max_size=20)),
+)
+
+
+# --- properties ----------------------------------------------------------------------
+
+
+@given(messages)
+def test_decode_encode_round_trip(msg: wire.Message) -> None:
+    data = encode(msg)
+    assert data[0] == wire.WIRE_VERSION and data[1] == msg.TYPE
+    assert decode(data) == msg
+    assert encode(decode(data)) == data
+
+
+@given(st.binary(max_size=512))
+@settings(max_examples=2000)
+def test_random_bytes_only_wire_error(data: bytes) -> None:
+    with contextlib.suppress(WireError):
+        decode(data)
+
+
+@given(st.binary(max_size=256))
+@settings(max_examples=2000)
+def test_random_bodies_only_wire_error(body: bytes) -> None:
+    """Valid version and a known type, random body: the deeper parsers see garbage."""
+    for t in (0x03, 0x08, 0x0F, 0x21, 0x22, 0x31, 0x32, 0x34, 0x41, 0x42):
+        with contextlib.suppress(WireError):
+            decode(bytes([1, t]) + body)
+
+
+@given(messages, st.data())
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_truncation_and_mutation_only_wire_error(msg: wire.Message, data: st.DataObject) -> None:
+    enc = encode(msg)
+    cut = data.draw(st.integers(0, len(enc) - 1))
+    with pytest.raises(WireError):
+        decode(enc[:cut])
+    i = data.draw(st.integers(0, len(enc) - 1))
+    mutated = bytearray(enc)
+    mutated[i] ^= data.draw(st.integers(1, 255))
+    with contextlib.suppress(WireError):
+        decode(bytes(mutated))
+    with pytest.raises(WireError):
+        decode(enc + b"\0")
+
+
+# --- limits and clear errors --------------------------------------------------------
+
+
+def test_wire_error_family() -> None:
+    assert issubclass(WireError, SGMonitorError)
+    assert issubclass(WireTimeout, WireError)
+    assert issubclass(ConnectionClosed, WireError)
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b"", "too short"),
+        (b"\x02\x01", "version 2"),
+        (b"\x01\xee", "unknown message type 0xee"),
+        (b"\x01\x01\x00\x00\x00\x05ab", "truncated in vm"),
+        (b"\x01\x01\x00\x00\x00\x01a!", "trailing"),
+        (b"\x01\x01\x00\x00\x00\x02\xff\xfe", "not UTF-8"),
+        (b"\x01\x04" + bytes(15), "truncated in session_id"),
+    ],
+)
+def test_clear_messages(data: bytes, words: str) -> None:
+    with pytest.raises(WireError, match=words):
+        decode(data)
+
+
+def test_expect_restricts_types() -> None:
+    data = encode(wire.Hello("g"))
+    assert decode(data, expect=(wire.Hello,)) == wire.Hello("g")
+    with pytest.raises(WireError, match="unexpected Hello"):
+        decode(data, expect=(ReadPages, FollowList))
+
+
+def test_huge_counts_rejected_before_allocation() -> None:
+    body = SID + struct.pack(">Q", 1) + struct.pack(">I", 0) + struct.pack(">I", 2**32 - 1)
+    with pytest.raises(WireError, match="limit"):
+        decode(b"\x01\x08" + body)
+    body = struct.pack(">I", wire.MAX_RANGES)  # plausible count, no data
+    with pytest.raises(WireError, match="do not fit"):
+        decode(b"\x01\x21" + body)
+    with pytest.raises(WireError, match="limit"):
+        decode(b"\x01\x07" + SID + bytes(8) + struct.pack(">I", 2**31))
+
+
+def test_request_limits() -> None:
+    with pytest.raises(WireError, match="no ranges"):
+        ReadPages(())
+    with pytest.raises(WireError, match="limit"):
+        ReadPages((PageRange(0, wire.MAX_PAGES_PER_REQUEST + 1),))
+    with pytest.raises(WireError, match="aligned"):
+        PageRange(0x1001, 1)
+    with pytest.raises(WireError, match="wraps"):
+        PageRange(2**64 - PAGE_SIZE, 2)
+    with pytest.raises(WireError, match="inside the entry"):
+        FollowList(0x1000, 100, 100, 10)
+    with pytest.raises(WireError, match="limit"):
+        FollowList(0x1000, 0, 100, wire.MAX_LIST_NODES + 1)
+    with pytest.raises(WireError, match="twice"):
+        wire.PagesReply((PageEntry(0, PageStatus.PRESENT), PageEntry(0, PageStatus.NOT_PRESENT)))
+    with pytest.raises(WireError, match="unsigned"):
+        wire.Request(SID, -1, b"")
+    with pytest.raises(WireError, match="unsigned"):
+        Call(True, CallDirection.ECALL, "x")  # type: ignore[arg-type]
+    with pytest.raises(WireError, match="session_id"):
+        wire.SessionOpened(b"short")
+
+
+def test_read_pages_helpers() -> None:
+    req = ReadPages((PageRange(0x1000, 2), PageRange(0x8000, 1)))
+    assert req.pages() == [0x1000, 0x2000, 0x8000]
+    reply = wire.PagesReply(
+        (PageEntry(0x1000, PageStatus.PRESENT), PageEntry(0x2000, PageStatus.NOT_PRESENT))
+    )
+    assert reply.present() == [0x1000]
+
+
+def test_largest_reply_fits_a_frame_and_an_ocall() -> None:
+    sealed = bytes(wire.MAX_SEALED_PAGE)
+    reply = wire.Reply(SID, 1, bytes(wire.MAX_SEALED_REPLY), (sealed,) * wire.MAX_REPLY_PAGES)
+    data = encode(reply)
+    assert len(data) <= wire.MAX_CALL_VALUE
+    call = wire.Return(1, (data,))
+    assert decode(encode(call)) == call
+
+
+def test_known_encoding() -> None:
+    """A known answer for the layout in docs/protocol.md, written out by hand."""
+    msg = wire.Request(SID, 7, b"\xaa\xbb")
+    assert encode(msg) == (
+        b"\x01\x07" + SID + b"\x00\x00\x00\x00\x00\x00\x00\x07" + b"\x00\x00\x00\x02\xaa\xbb"
+    )
+    assert encode(ReadPages((PageRange(0xFFFF888000001000, 3),))).hex() == (
+        "0121" + "00000001" + "ffff888000001000" + "00000003"
+    )
+
+
+# --- sockets --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_send_recv_frame(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    msgs = [wire.Hello("g"), wire.Request(SID, 1, b"x" * 60_000), wire.SessionOpened(SID)]
+    t = threading.Thread(target=lambda: [wire.send_frame(a, m) for m in msgs])
+    t.start()
+    assert [wire.recv_frame(b, timeout=5) for _ in msgs] == msgs
+    t.join()
+
+
+def test_recv_times_out_on_silence(pair: tuple[socket.socket, socket.socket]) -> None:
+    _, b = pair
+    start = time.monotonic()
+    with pytest.raises(WireTimeout):
+        wire.recv_frame(b, timeout=0.2)
+    assert time.monotonic() - start < 1.0
+
+
+def test_recv_deadline_is_total_not_per_chunk(pair: tuple[socket.socket, socket.socket]) -> None:
+    """A relay dripping one byte at a time can't keep the receiver waiting forever."""
+    a, b = pair
+    frame = struct.pack(">I", 100) + bytes(100)
+    stop = threading.Event()
+
+    def drip() -> None:
+        for byte in frame:
+            if stop.is_set():
+                return
+            a.send(bytes([byte]))
+            time.sleep(0.05)
+
+    t = threading.Thread(target=drip)
+    t.start()
+    start = time.monotonic()
+    with pytest.raises(WireTimeout):
+        wire.recv_frame(b, timeout=0.5)
+    assert time.monotonic() - start < 1.5
+    stop.set()
+    t.join()
+
+
+def test_oversized_length_rejected_without_reading(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    a.sendall(struct.pack(">I", MAX_FRAME + 1))
+    with pytest.raises(WireError, match="frame length"):
+        wire.recv_frame(b, timeout=1)
+    a.sendall(struct.pack(">I", 1) + b"\x01")
+    with pytest.raises(WireError, match="frame length"):
+        wire.recv_frame(b, timeout=1)
+
+
+def test_closed_connection(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    a.sendall(struct.pack(">I", 10) + b"\x01\x01")
+    a.shutdown(socket.SHUT_WR)
+    with pytest.raises(ConnectionClosed, match="mid-frame"):
+        wire.recv_frame(b, timeout=1)
+    with pytest.raises(ConnectionClosed, match="closed the connection"):
+        wire.recv_frame(b, timeout=1)
+
+
+def test_garbage_frame_is_wire_error(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    a.sendall(struct.pack(">I", 4) + b"\x01\x21\xff\xff")
+    with pytest.raises(WireError, match="ReadPages"):
+        wire.recv_frame(b, timeout=1)
+
+
+def test_send_encoded_relays_opaque_bytes(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    data = encode(wire.CloseSession(SID))
+    wire.send_encoded(a, data, timeout=1)
+    assert wire.recv_encoded(b, timeout=1) == data
+    with pytest.raises(WireError):
+        wire.send_encoded(a, b"\x01", timeout=1)
