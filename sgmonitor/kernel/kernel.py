@@ -69,9 +69,9 @@ class Kernel:
 
     symbol_object = object
 
-    def _btf_var_type(self, name: str) -> str:
+    def _btf_var_type(self, name: str) -> int:
         try:
-            return self.btf.type_name(self.btf.variable_type(name))
+            return self.btf.variable_type(name)
         except BtfError:
             raise LookupError(
                 f"no type known for {name!r}: name it, e.g. object({name!r}, 'unsigned long')"
