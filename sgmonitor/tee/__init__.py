@@ -1,0 +1,41 @@
+"""The enclave boundary: the ECALL/OCALL declaration (edl) and the TEE backends.
+
+Only ``sim`` knows it is a simulation; everything else talks to ``backend.TeeBackend``
+and ``backend.EvidenceVerifier``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from sgmonitor.tee.backend import EvidenceVerifier, TeeBackend
+
+# The one place that maps backend names to implementations; callers pick by name
+# (configuration), never by importing a backend module.
+_BACKENDS: dict[str, tuple[str, str, str]] = {
+    "sim": ("sgmonitor.tee.sim", "SimBackend", "SimEvidenceVerifier"),
+}
+
+
+def backend_names() -> list[str]:
+    """Names accepted by :func:`backend_class` and :func:`verifier_class`."""
+    return sorted(_BACKENDS)
+
+
+def backend_class(name: str) -> type[TeeBackend]:
+    """The backend class called ``name``."""
+    module, cls, _ = _lookup(name)
+    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+
+
+def verifier_class(name: str) -> type[EvidenceVerifier]:
+    """The evidence verifier for backend ``name``."""
+    module, _, cls = _lookup(name)
+    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+
+
+def _lookup(name: str) -> tuple[str, str, str]:
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown TEE backend {name!r}; known: {backend_names()}") from None

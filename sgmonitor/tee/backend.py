@@ -1,0 +1,115 @@
+"""What every TEE backend offers, and what an attestation service verifies.
+
+A backend (simulation today; Gramine on SGX, or configfs-tsm for SEV-SNP/TDX later)
+measures the enclave, produces evidence binding 64 bytes of caller-chosen report data,
+and seals data to the enclave's identity. Code outside a backend module depends only
+on these interfaces and must read ``protects_against_root`` instead of assuming.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from sgmonitor.errors import SGMonitorError
+
+__all__ = [
+    "ENCLAVE_SOURCES",
+    "REPORT_DATA_LEN",
+    "EnclaveIdentity",
+    "EnclaveLoadError",
+    "EvidenceClaims",
+    "EvidenceVerifier",
+    "InvalidEvidence",
+    "SealedDataError",
+    "TeeBackend",
+]
+
+REPORT_DATA_LEN = 64
+
+# What the enclave process runs, relative to the repository root: the files a
+# measurement must cover (and a Gramine manifest would list as trusted files).
+ENCLAVE_SOURCES: tuple[str, ...] = (
+    "sgmonitor/__init__.py",
+    "sgmonitor/errors.py",
+    "sgmonitor/channel.py",
+    "sgmonitor/keywrap.py",
+    "sgmonitor/wire.py",
+    "sgmonitor/tee",
+    "sgmonitor/enclave",
+    "sgmonitor/kernel",
+    "sgmonitor/ids",
+)
+
+
+class InvalidEvidence(SGMonitorError):
+    """Evidence failed verification; the message says which check, for the operator."""
+
+
+class EnclaveLoadError(SGMonitorError):
+    """The enclave's measured code does not match its signature: refuse to start it."""
+
+
+class SealedDataError(SGMonitorError):
+    """Sealed data did not unseal (other enclave, other platform, or tampered)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+
+@dataclass(frozen=True)
+class EnclaveIdentity:
+    """Who the enclave is: measurement, signer and the signer's version numbers."""
+
+    mrenclave: bytes
+    mrsigner: bytes
+    isv_prod_id: int
+    isv_svn: int
+    debug: bool
+
+
+@dataclass(frozen=True)
+class EvidenceClaims:
+    """What verified evidence says; an attestation policy decides if that is enough."""
+
+    backend: str
+    version: int
+    identity: EnclaveIdentity
+    report_data: bytes
+    timestamp: float
+
+
+class TeeBackend(ABC):
+    """One TEE technology as seen from inside the enclave."""
+
+    name: ClassVar[str]
+    protects_against_root: ClassVar[bool]
+
+    @abstractmethod
+    def identity(self) -> EnclaveIdentity:
+        """The running enclave's measured identity."""
+
+    @abstractmethod
+    def evidence(self, report_data: bytes, *, now: float | None = None) -> bytes:
+        """Evidence (a quote or report) binding exactly ``REPORT_DATA_LEN`` bytes."""
+
+    @abstractmethod
+    def seal_data(self, data: bytes, aad: bytes = b"") -> bytes:
+        """Encrypt ``data`` so only this enclave identity on this platform can unseal it."""
+
+    @abstractmethod
+    def unseal_data(self, blob: bytes, aad: bytes = b"") -> bytes:
+        """Inverse of :meth:`seal_data`; :class:`SealedDataError` on any failure."""
+
+
+class EvidenceVerifier(ABC):
+    """Checks one backend's evidence: signature first, then fields."""
+
+    backend: ClassVar[str]
+
+    @abstractmethod
+    def verify(
+        self, evidence: bytes, *, report_data: bytes, now: float | None = None
+    ) -> EvidenceClaims:
+        """The claims, or :class:`InvalidEvidence`. Policy (allow-lists) is the caller's."""
