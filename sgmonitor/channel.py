@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
@@ -172,11 +173,13 @@ def nonce(direction: Direction, sequence: int) -> bytes:
 
     Keys differ per direction already; the direction field is defence in depth.
     """
-    if not 0 <= sequence < 2**64:
-        raise ChannelExhausted(f"sequence {sequence} out of range")
-    return struct.pack(">IQ", int(direction), sequence)
+    try:
+        return _NONCE_PREFIX[direction] + sequence.to_bytes(8, "big")
+    except OverflowError:
+        raise ChannelExhausted(f"sequence {sequence} out of range") from None
 
 
+_NONCE_PREFIX = {d: int(d).to_bytes(4, "big") for d in Direction}
 _AD_HEAD = struct.Struct(">BBBB16sQQQI")
 
 
@@ -209,6 +212,10 @@ def associated_data(
         version, suite, direction, kind, session_id, request_id, sequence, address, length
     )
     return head + bytes([len(vm_bytes)]) + vm_bytes
+
+
+_KIND_BYTE = {k: int(k) for k in Kind}
+_DIRECTION_BYTE = {d: int(d) for d in Direction}
 
 
 class SealingChannel(Protocol):
@@ -254,11 +261,11 @@ class _Counters:
         limit: int,
     ) -> None:
         _check_bytes("session_id", session_id, SESSION_ID_LEN)
-        _vm_bytes(vm)
         if not 0 < limit <= MAX_MESSAGES:
             raise ValueError(f"limit must be in 1..{MAX_MESSAGES}")
         self.session_id = session_id
         self.suite = suite
+        self.suite_byte = int(suite)
         self.side = Side(side)
         self.vm = vm
         self.not_after = not_after
@@ -269,6 +276,8 @@ class _Counters:
         self.recv_direction = (
             Direction.HV_TO_ENCLAVE if side is Side.ENCLAVE else Direction.ENCLAVE_TO_HV
         )
+        vm_bytes = _vm_bytes(vm)
+        self.vm_suffix = bytes([len(vm_bytes)]) + vm_bytes
         self.sent = 0
         self.received = 0
         self.failed = False
@@ -297,17 +306,27 @@ class _Counters:
         address: int,
         length: int,
     ) -> bytes:
-        return associated_data(
-            version=PROTOCOL_VERSION,
-            suite=self.suite,
-            session_id=self.session_id,
-            direction=direction,
-            kind=Kind(kind),
-            request_id=request_id,
-            sequence=sequence,
-            vm=self.vm,
-            address=address,
-            length=length,
+        """Same bytes as :func:`associated_data`, with the constant parts precomputed.
+
+        This runs once per page, so it avoids enum construction; ``struct`` rejects
+        out-of-range integers (``struct.error``) and ``kind`` is checked against the enum.
+        """
+        kind_byte = _KIND_BYTE.get(kind)
+        if kind_byte is None:
+            raise ValueError(f"unknown kind {kind!r}")
+        return (
+            _AD_HEAD.pack(
+                PROTOCOL_VERSION,
+                self.suite_byte,
+                _DIRECTION_BYTE[direction],
+                kind_byte,
+                self.session_id,
+                request_id,
+                sequence,
+                address,
+                length,
+            )
+            + self.vm_suffix
         )
 
 
@@ -362,9 +381,9 @@ class Channel:
         if not isinstance(plaintext, bytes | bytearray | memoryview):
             raise TypeError("plaintext must be bytes")
         seq = st.next_send()
-        ad = st.ad(st.send_direction, kind, request_id, seq, address, len(plaintext))
+        ad = _checked(st.ad, st.send_direction, kind, request_id, seq, address, len(plaintext))
         assert self._send is not None
-        sealed = self._send.encrypt(nonce(st.send_direction, seq), bytes(plaintext), ad)
+        sealed = self._send.encrypt(nonce(st.send_direction, seq), plaintext, ad)
         st.sent = seq + 1
         return sealed
 
@@ -394,8 +413,8 @@ class Channel:
                 raise InvalidSeal()
             ad = st.ad(st.recv_direction, kind, request_id, seq, address, body)
             assert self._recv is not None
-            plaintext = self._recv.decrypt(nonce(st.recv_direction, seq), bytes(sealed), ad)
-        except (InvalidSeal, InvalidTag, ValueError, TypeError, OverflowError):
+            plaintext = self._recv.decrypt(nonce(st.recv_direction, seq), sealed, ad)
+        except (InvalidSeal, InvalidTag, ValueError, TypeError, OverflowError, struct.error):
             st.failed = True
             raise InvalidSeal() from None
         st.received = seq + 1
@@ -454,7 +473,7 @@ class UnsealedChannelForExperimentsOnly:
         st = self._state
         st.check_usable(now)
         seq = st.next_send()
-        ad = st.ad(st.send_direction, kind, request_id, seq, address, len(plaintext))
+        ad = _checked(st.ad, st.send_direction, kind, request_id, seq, address, len(plaintext))
         st.sent = seq + 1
         return ad + bytes(plaintext)
 
@@ -485,7 +504,7 @@ class UnsealedChannelForExperimentsOnly:
             expected = st.ad(st.recv_direction, kind, request_id, seq, address, body)
             if not hmac.compare_digest(bytes(sealed[:ad_len]), expected):
                 raise InvalidSeal()
-        except (InvalidSeal, ValueError, TypeError, OverflowError):
+        except (InvalidSeal, ValueError, TypeError, OverflowError, struct.error):
             st.failed = True
             raise InvalidSeal() from None
         st.received = seq + 1
@@ -515,6 +534,14 @@ def make_channel(
         return UnsealedChannelForExperimentsOnly(session_id, side, vm, not_after=not_after)
     keys = SessionKeys.derive(session_key, session_id, suite)
     return Channel(keys, side, vm, not_after=not_after)
+
+
+def _checked(ad: Callable[..., bytes], *args: int) -> bytes:
+    """Build associated data for sealing; out-of-range fields are the caller's ValueError."""
+    try:
+        return ad(*args)
+    except struct.error as exc:
+        raise ValueError(f"associated data field out of range: {exc}") from None
 
 
 def _check_bytes(name: str, value: object, size: int) -> None:
