@@ -627,6 +627,7 @@ class VmlinuxFile:
                 sections.append((addr + slide, size, off if kind != 8 else None))  # 8: NOBITS
         sections.sort()
         self._sections = sections
+        self.ranges = [range(a, a + n) for a, n, _ in sections]
         self._starts = [s[0] for s in sections]
 
     def read(self, address: int, size: int) -> bytes:
