@@ -43,6 +43,7 @@ u32 = st.integers(0, 2**32 - 1)
 vm = st.text(min_size=1, max_size=16).filter(lambda s: 0 < len(s.encode()) <= 64)
 sid = st.binary(min_size=16, max_size=16)
 page_addr = st.integers(0, 2**52 - 1).map(lambda p: p * PAGE_SIZE)
+range_addr = st.integers(0, 2**52 - 8).map(lambda p: p * PAGE_SIZE)  # + 8 pages never wraps
 small_blob = st.binary(max_size=64)
 page_entry = st.builds(PageEntry, page_addr, st.sampled_from(PageStatus))
 page_entries = st.lists(page_entry, max_size=8, unique_by=lambda p: p.address).map(tuple)
@@ -83,7 +84,7 @@ messages = st.one_of(
     ),
     st.builds(
         ReadPages,
-        st.lists(st.builds(PageRange, page_addr, st.integers(1, 8)), min_size=1, max_size=8).map(
+        st.lists(st.builds(PageRange, range_addr, st.integers(1, 8)), min_size=1, max_size=8).map(
             tuple
         ),
     ),
@@ -210,6 +211,9 @@ def test_request_limits() -> None:
         PageRange(0x1001, 1)
     with pytest.raises(WireError, match="wraps"):
         PageRange(2**64 - PAGE_SIZE, 2)
+    assert decode(encode(ReadPages((PageRange(2**64 - PAGE_SIZE, 1),)))).pages() == [
+        2**64 - PAGE_SIZE
+    ]
     with pytest.raises(WireError, match="inside the entry"):
         FollowList(0x1000, 100, 100, 10)
     with pytest.raises(WireError, match="limit"):
