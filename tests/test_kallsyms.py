@@ -1,0 +1,234 @@
+"""kallsyms from guest memory: the vendor vmlinux, live lab guests, corrupted tables.
+
+Ground truth is the guest's own /proc/kallsyms (printed by the lab's /init).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+from guests import MAIN, GuestUnderTest, only
+
+from sgmonitor.guest.paging import PageWalker, VirtualMemory
+from sgmonitor.guest.qemu import QemuGuest
+from sgmonitor.kernel.kallsyms import (
+    MAX_IMAGE_SIZE,
+    Kallsyms,
+    KallsymsError,
+    KallsymsTables,
+    VmlinuxFile,
+    decode_kallsyms,
+    find_kallsyms_tables,
+    genuine_vmcoreinfo,
+    image_range,
+    kallsyms_tables_from_vmcoreinfo,
+)
+from sgmonitor.kernel.vmcoreinfo import VmcoreinfoError, VmcoreinfoNote, find_vmcoreinfo
+from sgmonitor.lab.kernel import fetch_kernel
+
+TRUTH = ("init_task", "linux_banner", "sys_call_table", "__start_BTF", "__stop_BTF")
+
+
+class Patched:
+    """An address space with some bytes overwritten: a guest that corrupted its tables."""
+
+    def __init__(self, base: VmlinuxFile, patches: dict[int, bytes]) -> None:
+        self.base = base
+        self.patches = patches
+
+    def read(self, address: int, size: int) -> bytes:
+        data = bytearray(self.base.read(address, size))
+        for at, new in self.patches.items():
+            lo, hi = max(at, address), min(at + len(new), address + size)
+            if lo < hi:
+                data[lo - address : hi - address] = new[lo - at : hi - at]
+        return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def vmlinux() -> VmlinuxFile:
+    return VmlinuxFile(str(fetch_kernel("cloud").vmlinux))
+
+
+@pytest.fixture(scope="module")
+def vendor(vmlinux: VmlinuxFile) -> tuple[range, KallsymsTables, Kallsyms]:
+    image = range(vmlinux.ranges[0].start, vmlinux.ranges[0].start + MAX_IMAGE_SIZE)
+    tables = find_kallsyms_tables(vmlinux, image)
+    return image, tables, decode_kallsyms(vmlinux, tables, image)
+
+
+def test_vendor_vmlinux(vendor: tuple[range, KallsymsTables, Kallsyms]) -> None:
+    image, tables, syms = vendor
+    assert len(syms) > 50_000
+    assert syms.symbol("init_task").type == "D"
+    assert syms.symbol("_stext").type == "T"
+    assert syms["_stext"] == image.start
+    assert syms.symbol("__per_cpu_start").address == 0  # absolute per-cpu symbol
+    assert syms.addresses == sorted(syms.addresses)
+    sym, off = syms.lookup(syms["init_task"] + 8) or (None, 0)
+    assert sym is not None and sym.name == "init_task" and off == 8
+    assert syms.lookup(-1) is None
+    assert tables.markers is not None and tables.offsets < tables.names < tables.token_table
+
+
+def test_decode_time(vmlinux: VmlinuxFile, vendor: tuple[range, KallsymsTables, Kallsyms]) -> None:
+    image, tables, _ = vendor
+    best = min(_timed(lambda: decode_kallsyms(vmlinux, tables, image)) for _ in range(3))
+    assert best < 0.5, f"decoding took {best * 1000:.0f} ms"
+
+
+def _timed(fn: object) -> float:
+    start = time.perf_counter()
+    fn()  # type: ignore[operator]
+    return time.perf_counter() - start
+
+
+def _corruptions(tables: KallsymsTables, vm: VmlinuxFile) -> dict[str, dict[int, bytes]]:
+    (count,) = struct.unpack("<I", vm.read(tables.num_syms, 4))
+    first_offset = vm.read(tables.offsets + 4 * (count // 2), 4)
+    return {
+        "huge count": {tables.num_syms: struct.pack("<I", 0xFFFFFFF)},
+        "zero count": {tables.num_syms: struct.pack("<I", 0)},
+        "count one more": {tables.num_syms: struct.pack("<I", count + 300)},
+        "token index": {tables.token_index + 2 * 66: b"\x00\x01"},
+        "token not printable": {tables.token_table + 1: b"\x07"},
+        "name length": {tables.names: b"\x00"},
+        "name runs away": {tables.names: b"\xff\xff"},
+        "marker": {tables.markers + 4: b"\x01\x00\x00\x00"} if tables.markers else {},
+        "unsorted": {tables.offsets + 4 * (count // 2 + 7): first_offset[:3] + b"\x80"},
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "huge count",
+        "zero count",
+        "count one more",
+        "token index",
+        "token not printable",
+        "name length",
+        "name runs away",
+        "marker",
+        "unsorted",
+    ],
+)
+def test_corrupted_tables(
+    case: str, vmlinux: VmlinuxFile, vendor: tuple[range, KallsymsTables, Kallsyms]
+) -> None:
+    image, tables, _ = vendor
+    space = Patched(vmlinux, _corruptions(tables, vmlinux)[case])
+    with pytest.raises(KallsymsError):
+        decode_kallsyms(space, tables, image)
+
+
+def test_tables_outside_image(
+    vmlinux: VmlinuxFile, vendor: tuple[range, KallsymsTables, Kallsyms]
+) -> None:
+    image, tables, _ = vendor
+    small = range(image.start, tables.names)
+    with pytest.raises(KallsymsError):
+        decode_kallsyms(vmlinux, tables, small)
+
+
+def test_no_tables_found(vmlinux: VmlinuxFile) -> None:
+    text = vmlinux.ranges[0]
+    with pytest.raises(KallsymsError):
+        find_kallsyms_tables(vmlinux, range(text.start, text.start + (4 << 20)))
+
+
+# --- live guests -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def kernel_memory(guest: GuestUnderTest) -> Iterator[tuple[QemuGuest, VirtualMemory]]:
+    memory = QemuGuest(guest.info.qmp, guest.info.ram)
+    try:
+        with memory.paused():
+            walker = PageWalker.for_kernel(memory, memory.registers())
+            yield memory, VirtualMemory(walker)
+    finally:
+        memory.close()
+
+
+@pytest.mark.guest
+def test_guest_symbols(guest: GuestUnderTest) -> None:
+    """From guest RAM alone: VMCOREINFO → kallsyms → the guest's own addresses."""
+    truth = guest.truth.symbols
+    with kernel_memory(guest) as (memory, aspace):
+        start = time.perf_counter()
+        candidates = find_vmcoreinfo(memory)
+        note, syms = genuine_vmcoreinfo(candidates, aspace)
+        took = time.perf_counter() - start
+        assert {name: syms[name] for name in TRUTH} == {name: truth[name] for name in TRUTH}
+        assert note.info.osrelease == guest.info.release
+        # The content scan finds the same tables the kernel exports.
+        found = find_kallsyms_tables(aspace, image_range(note.info))
+        exported = kallsyms_tables_from_vmcoreinfo(note.info)
+        if exported is not None:
+            assert found.names == exported.names
+            assert found.offsets == exported.offsets
+            assert found.token_table == exported.token_table
+    assert took < 2.0, f"vmcoreinfo + kallsyms took {took:.2f}s"
+
+
+@pytest.mark.guest
+def test_vendor_vmlinux_matches_guest(guest: GuestUnderTest) -> None:
+    """The vendor vmlinux, slid by KERNELOFFSET, gives the guest's own addresses."""
+    with kernel_memory(guest) as (memory, aspace):
+        note, _ = genuine_vmcoreinfo(find_vmcoreinfo(memory), aspace)
+    slide = note.info.kernel_offset or 0
+    if not guest.config.kaslr:
+        assert slide == 0
+    vm = VmlinuxFile(guest.info.vmlinux, slide=slide)
+    image = range(vm.ranges[0].start, vm.ranges[0].start + MAX_IMAGE_SIZE)
+    syms = decode_kallsyms(vm, find_kallsyms_tables(vm, image), image)
+    truth = guest.truth.symbols
+    assert {n: syms[n] - slide for n in TRUTH} == {n: truth[n] - slide for n in TRUTH}
+
+
+@pytest.mark.guest
+@only(MAIN)
+def test_planted_fake_is_not_chosen(guest: GuestUnderTest) -> None:
+    """User space can write a note anywhere in RAM; the kernel does not point at it."""
+    with kernel_memory(guest) as (memory, aspace):
+        (real,) = find_vmcoreinfo(memory)
+        text = real.info.raw
+        forged = text.replace(
+            f"KERNELOFFSET={real.info.kernel_offset:x}".encode(), b"KERNELOFFSET=0"
+        )
+        assert forged != text
+        fake = real.note[:4] + struct.pack("<I", len(forged)) + real.note[8:24] + forged
+        spot = _zero_page(memory)
+        saved = memory.read_physical(spot, len(fake))
+        fd = os.open(guest.info.ram, os.O_RDWR)
+        try:
+            os.pwrite(fd, fake, spot)  # RAM file offset == guest-physical below 2 GiB
+            candidates = find_vmcoreinfo(memory)
+            assert sorted(c.address for c in candidates) == sorted([real.address, spot])
+            note, syms = genuine_vmcoreinfo(candidates, aspace)
+            assert note.address == real.address
+            assert syms["init_task"] == guest.truth.symbols["init_task"]
+            planted = next(c for c in candidates if c.address == spot)
+            with pytest.raises(VmcoreinfoError):
+                genuine_vmcoreinfo([planted], aspace)
+            # an exact copy is harmless: it is chosen only together with the real one
+            copy = VmcoreinfoNote(spot, real.note, real.info)
+            assert genuine_vmcoreinfo([copy, real], aspace)[0].note == real.note
+        finally:
+            os.pwrite(fd, saved, spot)
+            os.close(fd)
+
+
+def _zero_page(memory: QemuGuest) -> int:
+    """A page-aligned all-zero page high in low RAM (restored after the test)."""
+    top = min(r.stop for r in memory.ram_ranges() if r.start == 0)
+    for page in range(top - (1 << 20), top // 2, -(1 << 20)):
+        if memory.read_physical(page, 4096) == bytes(4096):
+            return page
+    pytest.skip("no zero page to plant a note in")
