@@ -604,13 +604,16 @@ def _referenced(aspace: AddressSpace, syms: Kallsyms, cand: VmcoreinfoNote) -> N
 
 class VmlinuxFile:
     """An :class:`AddressSpace` over a vmlinux ELF file's sections at their link
-    addresses (plus ``slide``): decode a vendor kernel's kallsyms without a guest.
+    addresses: decode a vendor kernel's kallsyms without a guest.
+
+    The file is not relocated, so its symbols come out at link-time addresses; add
+    the guest's ``KERNELOFFSET`` to compare them with a KASLR guest's.
 
     Allocated PROGBITS sections read as in the file, NOBITS ones as zeros; anything
     else raises :class:`PageFault`. Reads may span adjacent sections.
     """
 
-    def __init__(self, path: str, slide: int = 0) -> None:
+    def __init__(self, path: str) -> None:
         with open(path, "rb") as f:
             self._data = f.read()
         d = self._data
@@ -624,7 +627,7 @@ class VmlinuxFile:
                 "<IIQQQQ", d, shoff + i * shentsize
             )
             if flags & 2 and addr and size:  # SHF_ALLOC, at a real address
-                sections.append((addr + slide, size, off if kind != 8 else None))  # 8: NOBITS
+                sections.append((addr, size, off if kind != 8 else None))  # 8: NOBITS
         sections.sort()
         self._sections = sections
         self.ranges = [range(a, a + n) for a, n, _ in sections]
