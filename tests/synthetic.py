@@ -59,3 +59,58 @@ class Tables:
         path.write_bytes(self.ram)
         cr4 = CR4_PAE | (CR4_LA57 if self.la57 else 0)
         return RawImage(str(path), Registers(cr0=CR0_PG, cr3=self.root, cr4=cr4))
+
+
+class Region:
+    """``pages`` 4 KiB pages mapped at ``va`` onto RAM from ``pa`` (or onto ``alias``
+    physical pages, reused in turn, to map more virtual pages than the RAM holds), plus
+    helpers to lay out kernel-like data in them."""
+
+    def __init__(
+        self,
+        tables: Tables,
+        va: int = 0xFFFF_8880_0100_0000,
+        pa: int = 0x10_0000,
+        pages: int = 64,
+        alias: int | None = None,
+    ) -> None:
+        self.tables, self.va, self.pa, self.pages = tables, va, pa, pages
+        self.alias = alias or pages
+        self._leaf: dict[int, tuple[int, int]] = {}
+        for i in range(pages):
+            page = va + i * 0x1000
+            self._leaf[page] = tables.map(page, pa + (i % self.alias) * 0x1000, 0x1000)[-1]
+
+    @property
+    def end(self) -> int:
+        return self.va + self.pages * 0x1000
+
+    def physical(self, address: int) -> int:
+        offset = address - self.va
+        assert 0 <= offset < self.pages * 0x1000, f"{address:#x} is outside the region"
+        return self.pa + (offset // 0x1000 % self.alias) * 0x1000 + offset % 0x1000
+
+    def _chunks(self, address: int, size: int) -> list[tuple[int, int, int]]:
+        """(physical, offset in the data, length) pieces, one per page touched."""
+        out, done = [], 0
+        while done < size:
+            take = min(size - done, 0x1000 - (address + done) % 0x1000)
+            out.append((self.physical(address + done), done, take))
+            done += take
+        return out
+
+    def write(self, address: int, data: bytes) -> None:
+        for phys, at, take in self._chunks(address, len(data)):
+            self.tables.ram[phys : phys + take] = data[at : at + take]
+
+    def read(self, address: int, size: int) -> bytes:
+        ram = self.tables.ram
+        return b"".join(ram[p : p + take] for p, _, take in self._chunks(address, size))
+
+    def pointer(self, address: int, value: int) -> None:
+        self.write(address, value.to_bytes(8, "little"))
+
+    def unmap(self, page: int) -> None:
+        """Clear the present bit of ``page``'s leaf entry."""
+        table, index = self._leaf[page]
+        self.tables.set_entry(table, index, 0)

@@ -1,0 +1,258 @@
+"""The hypervisor service's page logic: translate, read and walk lists for the enclave.
+
+Transport-independent: the service wraps these results in sealed replies
+(:class:`sgmonitor.wire.PagesReply`, :class:`sgmonitor.wire.ListReply`); tests and the
+in-process modes call a :class:`PageServer` directly (it is itself a
+``sgmonitor.enclave.memory.PageTransport``).
+
+Guest data is hostile here too: every pointer goes through the page walker, request
+sizes are bounded by the wire limits, and a list walk stops at its limit, at a page
+budget, on a cycle or at the first fault, so a guest with wild or looping pointers
+costs bounded work and never an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from sgmonitor.errors import PageFault, PhysicalAccessError
+from sgmonitor.guest.memory import PhysicalMemory, Registers
+from sgmonitor.guest.paging import PAGE_SHIFT, PAGE_SIZE, PageWalker
+from sgmonitor.wire import MAX_ENTRY_SIZE, MAX_LIST_NODES, MAX_PAGES_PER_REQUEST, MAX_REPLY_PAGES
+from sgmonitor.wire import ListEnd as ListEnd
+
+__all__ = ["ListEnd", "ListWalk", "PageNotRam", "PageServer"]
+
+_U64 = 1 << 64
+_POINTER = 8  # x86-64: list pointers are 8 little-endian bytes
+# The widest next-pointer offset accepted: a list_head lies inside its entry.
+MAX_NEXT_OFFSET = MAX_ENTRY_SIZE
+
+
+class PageNotRam(PageFault):
+    """The page translates, but outside guest RAM (the wire's ``NOT_RAM``)."""
+
+
+@dataclass(frozen=True)
+class ListWalk:
+    """What :meth:`PageServer.follow_list` found.
+
+    ``nodes`` are the node addresses (for a ``list_head`` list, the ``list_head``
+    addresses) whose spans were read completely, in list order; ``pages`` maps every
+    page the walk read, including the head's and the one that faulted, to its bytes or
+    its fault; ``fault`` is what stopped a walk that ended with ``ListEnd.FAULT``.
+    """
+
+    nodes: tuple[int, ...]
+    end: ListEnd
+    pages: dict[int, bytes | PageFault] = field(repr=False)
+    fault: PageFault | None = None
+
+
+class PageServer:
+    """Guest-virtual kernel pages of one guest, read with the vCPU's page tables.
+
+    Call :meth:`refresh` at the start of each scan (with the guest paused): it re-reads
+    the control registers and drops every cached translation, so no scan sees the page
+    tables of an earlier one.
+    """
+
+    def __init__(self, memory: PhysicalMemory, *, max_list_pages: int = MAX_REPLY_PAGES) -> None:
+        # the head's pointer, then one widest entry and its pointer, must always fit
+        if max_list_pages < _span_pages(MAX_ENTRY_SIZE) + 2 * _span_pages(_POINTER):
+            raise ValueError("max_list_pages must hold at least one full entry")
+        self.memory = memory  # the VMCOREINFO scan (GetVmcoreinfo) reads physical RAM here
+        self.max_list_pages = max_list_pages
+        self._walker: PageWalker | None = None
+        self._registers: Registers | None = None
+
+    def refresh(self) -> None:
+        """Re-read the vCPU registers and rebuild the kernel walker (new CR3, no cached
+        translations)."""
+        registers = self.memory.registers()
+        self._walker = PageWalker.for_kernel(self.memory, registers)
+        self._registers = registers
+
+    begin_scan = refresh  # the PageTransport hook: a new scan starts from fresh tables
+
+    @property
+    def registers(self) -> Registers:
+        """The control registers the current walker was built from."""
+        if self._registers is None:
+            self.refresh()
+        assert self._registers is not None
+        return self._registers
+
+    def _kernel_walker(self) -> PageWalker:
+        if self._walker is None:
+            self.refresh()
+        assert self._walker is not None
+        return self._walker
+
+    def read_page(self, page: int) -> bytes | PageFault:
+        """The 4 KiB at page-aligned ``page``, or why it could not be read."""
+        walker = self._kernel_walker()
+        try:
+            t = walker.translate(page)
+        except PageFault as fault:
+            return fault
+        try:
+            return self.memory.read_physical(t.physical(page), PAGE_SIZE)
+        except PhysicalAccessError as exc:
+            return PageNotRam(page, len(walker.levels), None, str(exc))
+
+    def read_pages(self, addresses: Sequence[int]) -> list[bytes | PageFault]:
+        """Each page-aligned guest-virtual address -> its 4 KiB, or its fault, in order.
+
+        :raises ValueError: more than ``MAX_PAGES_PER_REQUEST`` addresses, or one that is
+            not a page-aligned 64-bit address (a caller bug, not guest data)
+        """
+        if len(addresses) > MAX_PAGES_PER_REQUEST:
+            raise ValueError(f"{len(addresses)} pages asked, limit {MAX_PAGES_PER_REQUEST}")
+        for a in addresses:
+            if not 0 <= a < _U64 or a % PAGE_SIZE:
+                raise ValueError(f"not a page-aligned guest-virtual address: {a:#x}")
+        return [self.read_page(a) for a in addresses]
+
+    def follow_list(
+        self,
+        head: int,
+        next_offset: int,
+        span_offset: int,
+        span_size: int,
+        limit: int,
+        *,
+        after: int | None = None,
+    ) -> ListWalk:
+        """Follow a kernel linked list and return the pages its entries span.
+
+        The first node is ``*(head + next_offset)`` (or ``*(after + next_offset)`` to
+        continue a walk that stopped at node ``after``); each node's successor is at
+        ``node + next_offset``; each node's entry is ``[node + span_offset, node +
+        span_offset + span_size)``. For ``list_for_each_entry(pos, head, member)``:
+        ``next_offset = offsetof(struct list_head, next)``, ``span_offset =
+        -offsetof(type, member)``, ``span_size = sizeof(type)``.
+
+        Ends on reaching ``head`` (``HEAD_REACHED``), after ``min(limit,
+        MAX_LIST_NODES)`` nodes (``LIMIT``), on a node seen before (``LOOP``), on a
+        pointer or entry that does not read (``FAULT``), or when the next entry would
+        exceed ``max_list_pages`` (``REPLY_FULL``). Nothing here is validated beyond
+        that: the enclave re-checks every link it reads.
+
+        :raises ValueError: offsets or sizes outside the wire limits, ``limit < 1``
+        """
+        _check_list_args(head, next_offset, span_offset, span_size, limit, after)
+        walk = _ListWalker(self, next_offset, span_offset, span_size)
+        first = walk.pointer(head if after is None else after)
+        if first is None:
+            return walk.result(ListEnd.FAULT)
+        node, seen = first, set[int]()
+        while True:
+            if node == head:
+                return walk.result(ListEnd.HEAD_REACHED)
+            if node in seen:
+                return walk.result(ListEnd.LOOP)
+            if len(walk.nodes) >= min(limit, MAX_LIST_NODES):
+                return walk.result(ListEnd.LIMIT)
+            if not walk.fits(node, self.max_list_pages):
+                return walk.result(ListEnd.REPLY_FULL)
+            if not walk.take(node):
+                return walk.result(ListEnd.FAULT)
+            seen.add(node)
+            nxt = walk.pointer(node)
+            if nxt is None:  # only when next_offset lies outside the span
+                return walk.result(ListEnd.FAULT)
+            node = nxt
+
+
+class _ListWalker:
+    """The state of one follow_list: pages read so far, nodes taken, the first fault."""
+
+    def __init__(self, server: PageServer, next_offset: int, span_offset: int, size: int):
+        self.server = server
+        self.next_offset = next_offset
+        self.span_offset = span_offset
+        self.size = size
+        self.pages: dict[int, bytes | PageFault] = {}
+        self.nodes: list[int] = []
+        self.fault: PageFault | None = None
+
+    def result(self, end: ListEnd) -> ListWalk:
+        return ListWalk(tuple(self.nodes), end, self.pages, self.fault)
+
+    def _needed(self, node: int) -> list[int] | None:
+        """Pages of the node's span and next pointer not read yet; None if they leave the
+        64-bit address space (a wild pointer)."""
+        start, ptr = node + self.span_offset, node + self.next_offset
+        if start < 0 or start + self.size > _U64 or ptr + _POINTER > _U64:
+            return None
+        wanted = [*_pages(start, self.size), *_pages(ptr, _POINTER)]
+        return [p for p in dict.fromkeys(wanted) if p not in self.pages]
+
+    def fits(self, node: int, max_pages: int) -> bool:
+        needed = self._needed(node)
+        return needed is None or len(self.pages) + len(needed) <= max_pages
+
+    def _load(self, pages: Sequence[int]) -> list[bytes] | None:
+        """The bytes of each page, reading those not read yet; None at the first fault."""
+        out = []
+        for page in pages:
+            got = self.pages.get(page)
+            if got is None:
+                got = self.pages[page] = self.server.read_page(page)
+            if isinstance(got, PageFault):
+                self.fault = self.fault or got
+                return None
+            out.append(got)
+        return out
+
+    def take(self, node: int) -> bool:
+        """Read the node's span (and next pointer); False, fault recorded, if it faults."""
+        needed = self._needed(node)
+        if needed is None:
+            self.fault = PageFault(node, 0, None, "list node outside the address space")
+            return False
+        start, ptr = node + self.span_offset, node + self.next_offset
+        if self._load([*_pages(start, self.size), *_pages(ptr, _POINTER)]) is None:
+            return False
+        self.nodes.append(node)
+        return True
+
+    def pointer(self, node: int) -> int | None:
+        """``*(node + next_offset)``, reading its pages if needed; None on a fault."""
+        address = node + self.next_offset
+        if address + _POINTER > _U64:
+            self.fault = PageFault(address, 0, None, "next pointer outside the address space")
+            return None
+        pages = _pages(address, _POINTER)
+        chunks = self._load(pages)
+        if chunks is None:
+            return None
+        offset = address - pages[0]
+        return int.from_bytes(b"".join(chunks)[offset : offset + _POINTER], "little")
+
+
+def _pages(address: int, size: int) -> range:
+    """The page addresses covering ``[address, address + size)``."""
+    first = address >> PAGE_SHIFT
+    last = (address + max(size, 1) - 1) >> PAGE_SHIFT
+    return range(first << PAGE_SHIFT, (last + 1) << PAGE_SHIFT, PAGE_SIZE)
+
+
+def _span_pages(size: int) -> int:
+    """The most pages ``size`` bytes can cover (when they start just before a page end)."""
+    return len(_pages(PAGE_SIZE - 1, size))
+
+
+def _check_list_args(
+    head: int, next_offset: int, span_offset: int, size: int, limit: int, after: int | None
+) -> None:
+    if not 0 <= head < _U64 or (after is not None and not 0 <= after < _U64):
+        raise ValueError("list head and start must be 64-bit addresses")
+    if not 0 <= next_offset <= MAX_NEXT_OFFSET:
+        raise ValueError(f"next_offset must be 0..{MAX_NEXT_OFFSET}")
+    if not 0 < size <= MAX_ENTRY_SIZE or not -MAX_ENTRY_SIZE <= span_offset <= MAX_ENTRY_SIZE:
+        raise ValueError(f"span must be 1..{MAX_ENTRY_SIZE} bytes within that of the node")
+    if limit < 1:
+        raise ValueError("limit must be at least 1")

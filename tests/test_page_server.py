@@ -1,0 +1,229 @@
+"""The hypervisor side's page logic on hand-built page tables and lists.
+
+``read_pages`` and ``follow_list`` must turn every hostile shape a guest can give them
+(wild, non-canonical and NULL pointers, cycles, endless lists, pages outside RAM) into
+a bounded answer that says how it ended, never an exception or a hang.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from synthetic import RAM_SIZE, Region, Tables
+
+from sgmonitor.errors import PageFault
+from sgmonitor.hypervisor.pages import ListEnd, ListWalk, PageNotRam, PageServer
+from sgmonitor.wire import MAX_LIST_NODES
+
+PAGE = 0x1000
+ENTRY = 0x2600  # an entry the size of a small task_struct: 3 or 4 pages
+MEMBER = 0x908  # where its list_head sits (next at +0, prev at +8)
+STRIDE = 0x3000
+NONCANONICAL = 0x4141_4141_4141_4141
+
+
+class Ring:
+    """``count`` entries linked through a list_head at MEMBER, headed by a standalone
+    list_head in the region's first page; entries start at odd offsets so their spans
+    cross page boundaries."""
+
+    def __init__(self, count: int, pages: int = 64) -> None:
+        self.tables = Tables(la57=False)
+        self.region = Region(self.tables, pages=pages)
+        self.head = self.region.va + 0x100
+        self.nodes = [self.region.va + PAGE + i * STRIDE + 0x234 + MEMBER for i in range(count)]
+        chain = [self.head, *self.nodes]
+        for i, node in enumerate(chain):
+            self.link(node, chain[(i + 1) % len(chain)], chain[i - 1])
+
+    def link(self, node: int, nxt: int, prev: int) -> None:
+        self.region.pointer(node, nxt)
+        self.region.pointer(node + 8, prev)
+
+    def server(self, tmp_path: Path, **kwargs: int) -> PageServer:
+        return PageServer(self.tables.image(tmp_path), **kwargs)
+
+    def follow(self, server: PageServer, limit: int = 100, after: int | None = None) -> ListWalk:
+        return server.follow_list(self.head, 0, -MEMBER, ENTRY, limit, after=after)
+
+
+def span(node: int) -> set[int]:
+    """The pages an entry's span covers."""
+    start = node - MEMBER
+    return set(range(start & ~0xFFF, start + ENTRY, PAGE))
+
+
+def test_read_pages_returns_page_bytes_and_faults(tmp_path: Path) -> None:
+    tables = Tables(la57=False)
+    region = Region(tables, pages=4)
+    region.write(region.va + PAGE, bytes(range(256)) * 16)
+    region.unmap(region.va + 2 * PAGE)
+    outside = region.end + 0x100000
+    tables.map(outside, RAM_SIZE + 0x100000, PAGE)  # translates, but not to RAM
+    server = PageServer(tables.image(tmp_path))
+    got = server.read_pages([region.va + PAGE, region.va + 2 * PAGE, outside, 1 << 63, 0])
+    assert got[0] == bytes(range(256)) * 16
+    assert isinstance(got[1], PageFault) and "not present" in str(got[1])
+    assert isinstance(got[2], PageNotRam)
+    assert isinstance(got[3], PageFault) and "non-canonical" in str(got[3])
+    assert isinstance(got[4], PageFault) and got[4].address == 0
+    assert server.read_pages([]) == []
+
+
+def test_read_pages_bounds_its_requests(tmp_path: Path) -> None:
+    server = Ring(1).server(tmp_path)
+    with pytest.raises(ValueError, match="limit"):
+        server.read_pages([0] * 1025)
+    with pytest.raises(ValueError, match="page-aligned"):
+        server.read_pages([0x1008])
+    with pytest.raises(ValueError, match="page-aligned"):
+        server.read_pages([1 << 64])
+
+
+def test_follow_list_returns_every_entry_page(tmp_path: Path) -> None:
+    ring = Ring(8)
+    walk = ring.follow(ring.server(tmp_path))
+    assert walk.end is ListEnd.HEAD_REACHED and walk.fault is None
+    assert walk.nodes == tuple(ring.nodes)
+    wanted = set().union(*(span(n) for n in ring.nodes)) | {ring.head & ~0xFFF}
+    assert set(walk.pages) == wanted
+    for page, data in walk.pages.items():
+        assert data == ring.region.read(page, PAGE)
+
+
+def test_follow_list_of_an_empty_list(tmp_path: Path) -> None:
+    ring = Ring(0)
+    walk = ring.follow(ring.server(tmp_path))
+    assert walk.end is ListEnd.HEAD_REACHED
+    assert walk.nodes == () and set(walk.pages) == {ring.head & ~0xFFF}
+
+
+def test_cycle_that_skips_the_head(tmp_path: Path) -> None:
+    ring = Ring(6)
+    ring.link(ring.nodes[5], ring.nodes[2], ring.nodes[4])
+    walk = ring.follow(ring.server(tmp_path))
+    assert walk.end is ListEnd.LOOP
+    assert walk.nodes == tuple(ring.nodes)
+
+
+def test_self_loop_ends_at_once(tmp_path: Path) -> None:
+    ring = Ring(3)
+    ring.link(ring.nodes[0], ring.nodes[0], ring.nodes[0])
+    walk = ring.follow(ring.server(tmp_path), limit=4096)
+    assert walk.end is ListEnd.LOOP and walk.nodes == (ring.nodes[0],)
+
+
+@pytest.mark.parametrize("wild", ["unmapped", "noncanonical", "null", "top"])
+def test_wild_pointer_ends_in_a_fault(tmp_path: Path, wild: str) -> None:
+    ring = Ring(5)
+    target = {
+        "unmapped": ring.region.end + 0x20_0000,
+        "noncanonical": NONCANONICAL,
+        "null": 0,  # its entry would start below address 0
+        "top": (1 << 64) - 8,  # its entry would end beyond the address space
+    }[wild]
+    ring.link(ring.nodes[2], target, ring.nodes[1])
+    walk = ring.follow(ring.server(tmp_path))
+    assert walk.end is ListEnd.FAULT
+    assert walk.nodes == tuple(ring.nodes[:3])
+    assert walk.fault is not None
+    if wild in ("unmapped", "noncanonical"):  # the faulting page is reported too
+        assert isinstance(walk.pages[(target - MEMBER) & ~0xFFF], PageFault)
+
+
+def test_an_unmapped_page_inside_an_entry(tmp_path: Path) -> None:
+    ring = Ring(5)
+    hole = max(span(ring.nodes[3]))  # the entry's last page; its list_head is earlier
+    ring.region.unmap(hole)
+    walk = ring.follow(ring.server(tmp_path))
+    assert walk.end is ListEnd.FAULT and walk.nodes == tuple(ring.nodes[:3])
+    assert walk.fault is not None and walk.fault.address == hole
+    assert isinstance(walk.pages[hole], PageFault)
+
+
+def test_unreadable_head(tmp_path: Path) -> None:
+    ring = Ring(2)
+    ring.region.unmap(ring.head & ~0xFFF)
+    walk = ring.follow(ring.server(tmp_path))
+    assert walk.end is ListEnd.FAULT and walk.nodes == ()
+
+
+def test_limit_then_continue_after_the_last_node(tmp_path: Path) -> None:
+    ring = Ring(8)
+    server = ring.server(tmp_path)
+    first = ring.follow(server, limit=3)
+    assert first.end is ListEnd.LIMIT and first.nodes == tuple(ring.nodes[:3])
+    rest = ring.follow(server, limit=100, after=first.nodes[-1])
+    assert rest.end is ListEnd.HEAD_REACHED and rest.nodes == tuple(ring.nodes[3:])
+
+
+def test_reply_full_bounds_the_pages_of_one_reply(tmp_path: Path) -> None:
+    ring = Ring(12)
+    server = ring.server(tmp_path, max_list_pages=21)
+    nodes: list[int] = []
+    pages: set[int] = set()
+    after = None
+    for _ in range(12):
+        walk = ring.follow(server, after=after)
+        assert len(walk.pages) <= 21 and walk.nodes
+        nodes += walk.nodes
+        pages |= set(walk.pages)
+        if walk.end is not ListEnd.REPLY_FULL:
+            break
+        after = walk.nodes[-1]
+    assert walk.end is ListEnd.HEAD_REACHED
+    assert nodes == ring.nodes
+    assert pages >= set().union(*(span(n) for n in ring.nodes))
+    with pytest.raises(ValueError, match="one full entry"):
+        ring.server(tmp_path, max_list_pages=20)
+
+
+def test_endless_list_stops_at_the_node_cap(tmp_path: Path) -> None:
+    """12,288 nodes, each pointing 16 bytes further, never back to the head: the walk
+    stops at the server's node cap whatever limit is asked."""
+    tables = Tables(la57=False)
+    region = Region(tables, pages=48)
+    nodes = range(region.va, region.end, 16)
+    region.write(region.va, b"".join((n + 16).to_bytes(8, "little") + bytes(8) for n in nodes))
+    server = PageServer(tables.image(tmp_path))
+    start = time.perf_counter()
+    walk = server.follow_list(region.va, 0, 0, 16, 1 << 30)
+    assert walk.end is ListEnd.LIMIT and len(walk.nodes) == MAX_LIST_NODES
+    assert time.perf_counter() - start < 2
+
+
+def test_refresh_drops_translations(tmp_path: Path) -> None:
+    tables = Tables(la57=False)
+    region = Region(tables, pages=2)
+    region.write(region.va, b"old page")
+    tables.ram[0x30_0000:0x30_0008] = b"new page"
+    server = PageServer(tables.image(tmp_path))
+    assert server.read_pages([region.va])[0][:8] == b"old page"  # type: ignore[index]
+    table, index = region._leaf[region.va]
+    with (tmp_path / "ram.img").open("r+b") as f:  # the guest remaps the page
+        f.seek(table + index * 8)
+        f.write((0x30_0000 | 0x3).to_bytes(8, "little"))
+    assert server.read_pages([region.va])[0][:8] == b"old page"  # type: ignore[index]
+    server.refresh()
+    assert server.read_pages([region.va])[0][:8] == b"new page"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((0x1000, 0, 0, 0, 1), "span"),
+        ((0x1000, 0, 0, 0x10001, 1), "span"),
+        ((0x1000, 0, -0x20000, 16, 1), "span"),
+        ((0x1000, -8, 0, 16, 1), "next_offset"),
+        ((0x1000, 0, 0, 16, 0), "limit"),
+        ((1 << 64, 0, 0, 16, 1), "64-bit"),
+    ],
+)
+def test_follow_list_rejects_bad_requests(
+    tmp_path: Path, args: tuple[int, int, int, int, int], match: str
+) -> None:
+    server = Ring(1).server(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        server.follow_list(*args)
