@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from sgmonitor.errors import SGMonitorError
+from sgmonitor.errors import GuestDataError, SGMonitorError
 from sgmonitor.lab.kernel import FLAVORS, LabError
+
+# Guest data was hostile or inconsistent: the IDS could not check, which is not "clean".
+EXIT_COULD_NOT_CHECK = 3
 
 
 def _lab_start(args: argparse.Namespace) -> int:
@@ -99,12 +104,65 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     kernel.set_defaults(func=_lab_kernel)
 
 
+def _print_processes(records: list[dict[str, object]], as_json: bool) -> None:
+    if as_json:
+        for record in records:
+            print(json.dumps(record))
+        return
+    print(f"{'PID':>7} {'TGID':>7} {'PPID':>7} {'UID':>6} S COMMAND")
+    for r in records:
+        print(f"{r['pid']:>7} {r['tgid']:>7} {r['ppid']:>7} {r['uid']:>6} {r['state']} {r['name']}")
+
+
+def _ps(args: argparse.Namespace) -> int:
+    from sgmonitor.ids.pslist import list_processes
+
+    options = {
+        "vendor_vmlinux": args.vmlinux,
+        "system_map": args.system_map,
+        "btf_sha256": args.btf_sha256,
+    }
+    if args.core:
+        from sgmonitor.guest.elfcore import ElfCore
+        from sgmonitor.traditional import open_guest_kernel
+
+        with ElfCore(args.core) as core:
+            records = list_processes(open_guest_kernel(core, **options))
+    else:
+        from sgmonitor.guest.qemu import QemuGuest
+        from sgmonitor.traditional import open_guest_kernel
+
+        with QemuGuest(args.qemu, args.ram) as live, live.paused():
+            records = list_processes(open_guest_kernel(live, **options))
+    _print_processes([r.as_dict() for r in records], args.json)
+    return 0
+
+
+def _add_ps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ps = sub.add_parser(
+        "ps",
+        help="list a guest's processes from outside the VM",
+        description="List the guest's processes by reading its kernel memory. Needs no "
+        "debug files: symbols and types come from the guest itself.",
+    )
+    source = ps.add_mutually_exclusive_group(required=True)
+    source.add_argument("--qemu", metavar="QMP_SOCKET", help="a running QEMU guest's QMP socket")
+    source.add_argument("--core", metavar="FILE", help="an ELF core from dump-guest-memory")
+    ps.add_argument("--ram", metavar="FILE", help="the guest RAM file (default: ask QMP)")
+    ps.add_argument("--json", action="store_true", help="JSON Lines instead of a table")
+    ps.add_argument("--vmlinux", type=Path, help="vendor vmlinux: refuse a guest whose BTF differs")
+    ps.add_argument("--system-map", type=Path, help="System.map to take symbols from")
+    ps.add_argument("--btf-sha256", metavar="HEX", help="refuse a guest whose BTF hash differs")
+    ps.set_defaults(func=_ps)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sgmonitor", description="Secure VM introspection from a TEE"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_lab(sub)
+    _add_ps(sub)
     return parser
 
 
@@ -113,6 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
+    except BrokenPipeError:  # e.g. piped into head: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except GuestDataError as exc:
+        print(f"sgmonitor: could not check the guest: {exc}", file=sys.stderr)
+        return EXIT_COULD_NOT_CHECK
     except (LabError, SGMonitorError) as exc:
         print(f"sgmonitor: error: {exc}", file=sys.stderr)
         return 1

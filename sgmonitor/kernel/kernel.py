@@ -8,15 +8,18 @@ pin the BTF's SHA-256, so a compromised guest cannot feed false types.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
 from sgmonitor.errors import GuestDataError
 from sgmonitor.kernel.address_space import AddressSpace
 from sgmonitor.kernel.btf import Btf, BtfError
+from sgmonitor.kernel.kallsyms import genuine_vmcoreinfo
 from sgmonitor.kernel.objects import Object, TypedMemory
-from sgmonitor.kernel.vmcoreinfo import Vmcoreinfo
+from sgmonitor.kernel.vmcoreinfo import Vmcoreinfo, VmcoreinfoNote, parse_vmcoreinfo_note
 
 # The C declarations of globals an IDS commonly starts from (BTF has no VAR records
 # for ordinary globals, only per-CPU ones), as the kernel headers declare them.
@@ -33,9 +36,9 @@ MAX_BTF_BYTES = 64 << 20
 
 
 class SymbolTable(Protocol):
-    """Name -> address for the running kernel (KASLR already applied)."""
+    """Name -> address for the running kernel (KASLR already applied); KeyError if none."""
 
-    def lookup(self, name: str) -> int: ...
+    def __getitem__(self, name: str) -> int: ...
 
 
 class BtfMismatch(GuestDataError):
@@ -65,9 +68,15 @@ class Kernel:
     def object(self, name: str, type_name: str | None = None) -> Object:
         """The global ``name`` as a typed object (a reference: nothing read yet)."""
         spelled = type_name or GLOBAL_TYPES.get(name) or self._btf_var_type(name)
-        return self.types.object(spelled, self.symbols.lookup(name))
+        return self.types.object(spelled, self._address(name))
 
     symbol_object = object
+
+    def _address(self, name: str) -> int:
+        try:
+            return self.symbols[name]
+        except KeyError:
+            raise LookupError(f"the guest kernel has no symbol {name!r}") from None
 
     def _btf_var_type(self, name: str) -> int:
         try:
@@ -86,7 +95,7 @@ class Kernel:
 
 def btf_from_guest(memory: AddressSpace, symbols: SymbolTable) -> bytes:
     """The raw BTF blob between ``__start_BTF`` and ``__stop_BTF`` in guest memory."""
-    start, stop = symbols.lookup("__start_BTF"), symbols.lookup("__stop_BTF")
+    start, stop = symbols["__start_BTF"], symbols["__stop_BTF"]
     if not 0 < stop - start <= MAX_BTF_BYTES:
         raise GuestDataError(f"implausible BTF bounds {start:#x}..{stop:#x}")
     return memory.read(start, stop - start)
@@ -106,3 +115,69 @@ def check_btf(
                 f"guest BTF (sha256 {digest}) differs from {vendor_vmlinux} "
                 f"(sha256 {hashlib.sha256(vendor).hexdigest()}): refusing its types"
             )
+
+
+class SystemMap:
+    """Symbols from a ``System.map`` file, moved by the guest's KASLR slide."""
+
+    def __init__(self, text: str, slide: int) -> None:
+        self._addresses: dict[str, int] = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            try:
+                address = int(fields[0], 16)
+            except ValueError:
+                raise ValueError(f"System.map line {number} is not 'ADDRESS TYPE NAME'") from None
+            self._addresses.setdefault(fields[2], address + slide)
+        if not self._addresses:
+            raise ValueError("System.map names no symbols (Debian's packaged one is a dummy)")
+
+    def __getitem__(self, name: str) -> int:
+        return self._addresses[name]
+
+
+def open_kernel(
+    memory: AddressSpace,
+    vmcoreinfo_notes: Sequence[bytes],
+    *,
+    vendor_vmlinux: Path | None = None,
+    system_map: Path | None = None,
+    btf_sha256: str | None = None,
+) -> Kernel:
+    """Bootstrap a :class:`Kernel` from the guest alone.
+
+    ``vmcoreinfo_notes`` are the VMCOREINFO ELF notes found in guest RAM (a hostile
+    guest can plant fakes: the one the kernel's own ``vmcoreinfo_note`` points at wins,
+    see :func:`genuine_vmcoreinfo`); its KASLR slide and SYMBOLs lead to the in-memory
+    kallsyms, which give ``__start_BTF``/``__stop_BTF``. Optional: a vendor ``vmlinux``
+    whose BTF the guest's must equal, a BTF hash to pin, a ``System.map`` whose
+    symbols must agree with kallsyms on the vmcoreinfo symbols and are then used.
+    """
+    candidates = []
+    for note in vmcoreinfo_notes:
+        with contextlib.suppress(GuestDataError):  # a malformed candidate is just not it
+            candidates.append(VmcoreinfoNote(0, note, parse_vmcoreinfo_note(note)))
+    chosen, kallsyms = genuine_vmcoreinfo(candidates, memory)
+    symbols: SymbolTable = kallsyms
+    if system_map is not None:
+        symbols = _checked_system_map(system_map, chosen.info, kallsyms)
+    raw = btf_from_guest(memory, symbols)
+    check_btf(raw, vendor_vmlinux=vendor_vmlinux, pinned_sha256=btf_sha256)
+    return Kernel(memory, Btf(raw), symbols, chosen.info)
+
+
+def _checked_system_map(path: Path, info: Vmcoreinfo, kallsyms: SymbolTable) -> SystemMap:
+    system_map = SystemMap(path.read_text(), info.kernel_offset or 0)
+    for name in ("_stext", "init_task", "__start_BTF", "__stop_BTF", "linux_banner"):
+        try:
+            theirs = kallsyms[name]
+        except KeyError:
+            continue
+        if system_map[name] != theirs:
+            raise GuestDataError(
+                f"{path} puts {name} at {system_map[name]:#x}, the guest at {theirs:#x}: "
+                "not this kernel's System.map"
+            )
+    return system_map
