@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sgmonitor.guest.memory import RawImage, Registers
+from sgmonitor.hypervisor.pages import ListWalk, PageServer
 
 PRESENT_RW = 0x3
 LARGE = 0x80
@@ -12,6 +13,8 @@ CR0_PG = 1 << 31
 CR4_PAE = 1 << 5
 CR4_LA57 = 1 << 12
 RAM_SIZE = 8 << 20  # 8 MiB of synthetic RAM
+ENTRY = 0x2600  # a list entry the size of a small task_struct: 3 or 4 pages
+MEMBER = 0x908  # where its list_head sits
 
 
 class Tables:
@@ -114,3 +117,43 @@ class Region:
         """Clear the present bit of ``page``'s leaf entry."""
         table, index = self._leaf[page]
         self.tables.set_entry(table, index, 0)
+
+
+class Ring:
+    """``count`` entries of ``entry`` bytes linked through a list_head at ``member``
+    (next at +0, prev at +8), headed by a standalone list_head in the region's first
+    page; entries start at odd offsets so their spans cross page boundaries."""
+
+    def __init__(
+        self,
+        count: int,
+        pages: int = 64,
+        member: int = MEMBER,
+        entry: int = ENTRY,
+    ) -> None:
+        self.tables = Tables(la57=False)
+        self.region = Region(self.tables, pages=pages)
+        self.member, self.entry = member, entry
+        stride = (entry + 0x234 + 0xFFF) & ~0xFFF
+        self.head = self.region.va + 0x100
+        first = self.region.va + 0x1000 + 0x234 + member
+        self.nodes = [first + i * stride for i in range(count)]
+        chain = [self.head, *self.nodes]
+        for i, node in enumerate(chain):
+            self.link(node, chain[(i + 1) % len(chain)], chain[i - 1])
+
+    def link(self, node: int, nxt: int, prev: int) -> None:
+        self.region.pointer(node, nxt)
+        self.region.pointer(node + 8, prev)
+
+    def server(self, tmp_path: Path, **kwargs: int) -> PageServer:
+        return PageServer(self.tables.image(tmp_path), **kwargs)
+
+    def span(self, node: int) -> set[int]:
+        """The pages an entry's span covers."""
+        start = node - self.member
+        return set(range(start & ~0xFFF, start + self.entry, 0x1000))
+
+    def follow(self, server: PageServer, limit: int = 100, after: int | None = None) -> ListWalk:
+        """``follow_list`` as ``list_for_each_entry`` over this ring would ask it."""
+        return server.follow_list(self.head, 0, -self.member, self.entry, limit, after=after)

@@ -11,48 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from synthetic import RAM_SIZE, Region, Tables
+from synthetic import MEMBER, RAM_SIZE, Region, Ring, Tables
 
 from sgmonitor.errors import PageFault
-from sgmonitor.hypervisor.pages import ListEnd, ListWalk, PageNotRam, PageServer
+from sgmonitor.hypervisor.pages import ListEnd, PageNotRam, PageServer
 from sgmonitor.wire import MAX_LIST_NODES
 
 PAGE = 0x1000
-ENTRY = 0x2600  # an entry the size of a small task_struct: 3 or 4 pages
-MEMBER = 0x908  # where its list_head sits (next at +0, prev at +8)
-STRIDE = 0x3000
 NONCANONICAL = 0x4141_4141_4141_4141
-
-
-class Ring:
-    """``count`` entries linked through a list_head at MEMBER, headed by a standalone
-    list_head in the region's first page; entries start at odd offsets so their spans
-    cross page boundaries."""
-
-    def __init__(self, count: int, pages: int = 64) -> None:
-        self.tables = Tables(la57=False)
-        self.region = Region(self.tables, pages=pages)
-        self.head = self.region.va + 0x100
-        self.nodes = [self.region.va + PAGE + i * STRIDE + 0x234 + MEMBER for i in range(count)]
-        chain = [self.head, *self.nodes]
-        for i, node in enumerate(chain):
-            self.link(node, chain[(i + 1) % len(chain)], chain[i - 1])
-
-    def link(self, node: int, nxt: int, prev: int) -> None:
-        self.region.pointer(node, nxt)
-        self.region.pointer(node + 8, prev)
-
-    def server(self, tmp_path: Path, **kwargs: int) -> PageServer:
-        return PageServer(self.tables.image(tmp_path), **kwargs)
-
-    def follow(self, server: PageServer, limit: int = 100, after: int | None = None) -> ListWalk:
-        return server.follow_list(self.head, 0, -MEMBER, ENTRY, limit, after=after)
-
-
-def span(node: int) -> set[int]:
-    """The pages an entry's span covers."""
-    start = node - MEMBER
-    return set(range(start & ~0xFFF, start + ENTRY, PAGE))
 
 
 def test_read_pages_returns_page_bytes_and_faults(tmp_path: Path) -> None:
@@ -87,7 +53,7 @@ def test_follow_list_returns_every_entry_page(tmp_path: Path) -> None:
     walk = ring.follow(ring.server(tmp_path))
     assert walk.end is ListEnd.HEAD_REACHED and walk.fault is None
     assert walk.nodes == tuple(ring.nodes)
-    wanted = set().union(*(span(n) for n in ring.nodes)) | {ring.head & ~0xFFF}
+    wanted = set().union(*(ring.span(n) for n in ring.nodes)) | {ring.head & ~0xFFF}
     assert set(walk.pages) == wanted
     for page, data in walk.pages.items():
         assert data == ring.region.read(page, PAGE)
@@ -135,7 +101,7 @@ def test_wild_pointer_ends_in_a_fault(tmp_path: Path, wild: str) -> None:
 
 def test_an_unmapped_page_inside_an_entry(tmp_path: Path) -> None:
     ring = Ring(5)
-    hole = max(span(ring.nodes[3]))  # the entry's last page; its list_head is earlier
+    hole = max(ring.span(ring.nodes[3]))  # the entry's last page; its list_head is earlier
     ring.region.unmap(hole)
     walk = ring.follow(ring.server(tmp_path))
     assert walk.end is ListEnd.FAULT and walk.nodes == tuple(ring.nodes[:3])
@@ -175,7 +141,7 @@ def test_reply_full_bounds_the_pages_of_one_reply(tmp_path: Path) -> None:
         after = walk.nodes[-1]
     assert walk.end is ListEnd.HEAD_REACHED
     assert nodes == ring.nodes
-    assert pages >= set().union(*(span(n) for n in ring.nodes))
+    assert pages >= set().union(*(ring.span(n) for n in ring.nodes))
     with pytest.raises(ValueError, match="one full entry"):
         ring.server(tmp_path, max_list_pages=20)
 

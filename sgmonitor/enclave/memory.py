@@ -1,0 +1,304 @@
+"""The enclave's view of guest kernel memory: pages from the trusted side, cached.
+
+:class:`RemoteMemory` is the ``AddressSpace`` the IDS reads through in the secure
+modes. Every page comes from a :class:`PageTransport` (the sealed channel to the
+hypervisor service, or a ``PageServer`` in-process) and is kept in a :class:`PageCache`
+bounded like the EPC. Crossings, not cryptography, are the cost (DESIGN.md, "Data path
+and its budget"), so a read fetches all its missing pages in one call, a list walk can
+ask the trusted side to follow the list and return every entry's pages in one reply,
+and the counters say how many crossings a scan took.
+
+The cache lives for one scan: :meth:`RemoteMemory.begin_scan` empties it, so a periodic
+IDS never judges the guest by pages read during an earlier scan. Faults are cached too
+(negative entries), so a wild pointer read in a loop costs one crossing per scan.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+from sgmonitor.errors import PageFault, SGMonitorError
+from sgmonitor.wire import MAX_ENTRY_SIZE, MAX_LIST_NODES, MAX_PAGES_PER_REQUEST, ListEnd
+
+__all__ = [
+    "DEFAULT_BUDGET",
+    "CacheStats",
+    "ListPages",
+    "PageCache",
+    "PageTransport",
+    "RemoteMemory",
+    "TransportError",
+]
+
+PAGE_SIZE = 4096
+_PAGE_MASK = PAGE_SIZE - 1
+_U64 = 1 << 64
+DEFAULT_BUDGET = 32 << 20  # the EPC of the paper's machine
+NEGATIVE_ENTRY_COST = 64  # budget bytes charged for a cached fault
+
+
+class TransportError(SGMonitorError):
+    """The transport answered with a reply of the wrong shape (a bug, never guest data)."""
+
+
+class ListPages(Protocol):
+    """The trusted side's answer to ``follow_list``: nodes in list order, why the walk
+    ended (:class:`sgmonitor.wire.ListEnd`), and every page it read."""
+
+    @property
+    def nodes(self) -> Sequence[int]: ...
+
+    @property
+    def end(self) -> ListEnd: ...
+
+    @property
+    def pages(self) -> Mapping[int, bytes | PageFault]: ...
+
+
+class PageTransport(Protocol):
+    """What the enclave needs from the trusted side (one call = one crossing).
+
+    A transport may also offer ``begin_scan()``, called when a scan starts, to refresh
+    its registers and translations.
+    """
+
+    def read_pages(self, addresses: Sequence[int]) -> Sequence[bytes | PageFault]:
+        """Page-aligned guest-virtual addresses (at most ``MAX_PAGES_PER_REQUEST``) ->
+        4096 bytes each, or the authenticated fault, in order."""
+        ...
+
+    def follow_list(
+        self,
+        head: int,
+        next_offset: int,
+        span_offset: int,
+        span_size: int,
+        limit: int,
+        *,
+        after: int | None = None,
+    ) -> ListPages:
+        """Follow a kernel list on the trusted side (see ``PageServer.follow_list``)."""
+        ...
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A snapshot of the cache and its counters; ``later.since(earlier)`` gives the
+    counters of what happened in between (a scan)."""
+
+    budget: int
+    used: int
+    entries: int
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    crossings: int = 0
+    pages_fetched: int = 0
+    faults_fetched: int = 0
+    bytes_fetched: int = 0  # page bytes received (and, over the sealed channel, decrypted)
+    prefetches: int = 0
+
+    def since(self, earlier: CacheStats) -> CacheStats:
+        """Counters as differences, sizes as now."""
+        counters = {
+            f.name: getattr(self, f.name) - getattr(earlier, f.name)
+            for f in fields(self)
+            if f.name not in ("budget", "used", "entries")
+        }
+        return CacheStats(self.budget, self.used, self.entries, **counters)
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class PageCache:
+    """Pages by guest-virtual address, least recently used evicted first, within a byte
+    budget (each page costs 4096, each cached fault ``NEGATIVE_ENTRY_COST``)."""
+
+    def __init__(self, budget: int = DEFAULT_BUDGET) -> None:
+        if budget < PAGE_SIZE:
+            raise ValueError(f"a cache budget of {budget} bytes holds no page")
+        self.budget = budget
+        self.used = 0
+        self._entries: OrderedDict[int, bytes | PageFault] = OrderedDict()
+        self.hits = self.misses = self.evictions = 0
+        self.crossings = self.pages_fetched = self.faults_fetched = 0
+        self.bytes_fetched = self.prefetches = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, page: object) -> bool:
+        return page in self._entries
+
+    def get(self, page: int) -> bytes | PageFault | None:
+        """The cached page (or fault), now the most recently used; None on a miss."""
+        found = self._entries.get(page)
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(page)
+        return found
+
+    def put(self, page: int, value: bytes | PageFault) -> None:
+        """Cache a page or a fault as the most recently used, evicting to fit."""
+        old = self._entries.pop(page, None)
+        if old is not None:
+            self.used -= _cost(old)
+        self._entries[page] = value
+        self.used += _cost(value)
+        while self.used > self.budget:
+            _, evicted = self._entries.popitem(last=False)
+            self.used -= _cost(evicted)
+            self.evictions += 1
+
+    def clear(self) -> None:
+        """Forget every page (a new scan); counters keep counting."""
+        self._entries.clear()
+        self.used = 0
+
+    def stats(self) -> CacheStats:
+        counters = {
+            f.name: getattr(self, f.name)
+            for f in fields(CacheStats)
+            if f.name not in ("budget", "used", "entries")
+        }
+        return CacheStats(self.budget, self.used, len(self._entries), **counters)
+
+
+def _fault_at(fault: PageFault, address: int) -> PageFault:
+    """A page's cached fault as a fresh error naming the byte actually read, as the
+    in-process walker does (the cached one names the page and must not collect
+    tracebacks)."""
+    why = str(fault).removeprefix(f"guest-virtual {fault.address:#x}: ")
+    if fault.entry is not None:
+        why = why.removesuffix(f" at level {fault.level} (entry {fault.entry:#x})")
+    return PageFault(address, fault.level, fault.entry, why)
+
+
+def _cost(value: bytes | PageFault) -> int:
+    return len(value) if isinstance(value, bytes) else NEGATIVE_ENTRY_COST
+
+
+class RemoteMemory:
+    """Guest-virtual kernel memory fetched from the trusted side, page by page, cached.
+
+    Implements :class:`sgmonitor.kernel.address_space.AddressSpace`, plus
+    :meth:`prefetch_list`, which ``list_for_each_entry`` uses when present.
+    """
+
+    def __init__(self, transport: PageTransport, cache_budget: int = DEFAULT_BUDGET) -> None:
+        self.transport = transport
+        self.cache = PageCache(cache_budget)
+
+    def begin_scan(self) -> None:
+        """Start a scan: drop every cached page and fault, let the transport refresh."""
+        self.cache.clear()
+        refresh = getattr(self.transport, "begin_scan", None)
+        if refresh is not None:
+            refresh()
+
+    def stats(self) -> CacheStats:
+        return self.cache.stats()
+
+    def read(self, address: int, size: int) -> bytes:
+        """Exactly ``size`` bytes at ``address``; all missing pages in one crossing.
+
+        :raises PageFault: a page of the range is not present (authenticated by the
+            trusted side) or the range leaves the 64-bit address space
+        """
+        if size < 0:
+            raise ValueError("negative size")
+        if not 0 <= address <= _U64 - max(size, 1):
+            raise PageFault(address, 0, None, "outside the 64-bit address space")
+        first = address & ~_PAGE_MASK
+        offset = address - first
+        if offset + size <= PAGE_SIZE:  # the common case: one page
+            data = self.cache.get(first)
+            if data is None:
+                data = self._fetch([first])[first]
+            if isinstance(data, PageFault):
+                raise _fault_at(data, address)
+            return data[offset : offset + size]
+        pages = range(first, address + size, PAGE_SIZE)
+        found: dict[int, bytes | PageFault] = {}
+        missing = []
+        for page in pages:
+            cached = self.cache.get(page)
+            if cached is None:
+                missing.append(page)
+            else:
+                found[page] = cached
+        if missing:
+            found.update(self._fetch(missing))
+        parts = []
+        for page in pages:
+            data = found[page]
+            if isinstance(data, PageFault):
+                raise _fault_at(data, max(address, page))
+            parts.append(data)
+        return b"".join(parts)[offset : offset + size]
+
+    def _fetch(self, pages: list[int]) -> dict[int, bytes | PageFault]:
+        """Fetch ``pages`` in as few crossings as the request limit allows; cache them."""
+        out: dict[int, bytes | PageFault] = {}
+        for i in range(0, len(pages), MAX_PAGES_PER_REQUEST):
+            batch = pages[i : i + MAX_PAGES_PER_REQUEST]
+            reply = self.transport.read_pages(batch)
+            self.cache.crossings += 1
+            if len(reply) != len(batch):
+                raise TransportError(f"asked for {len(batch)} pages, got {len(reply)}")
+            for page, value in zip(batch, reply, strict=True):
+                self._store(page, value)
+                out[page] = value
+        return out
+
+    def _store(self, page: int, value: bytes | PageFault) -> None:
+        if isinstance(value, bytes) and len(value) == PAGE_SIZE:
+            self.cache.pages_fetched += 1
+            self.cache.bytes_fetched += PAGE_SIZE
+        elif isinstance(value, PageFault):
+            self.cache.faults_fetched += 1
+        else:
+            raise TransportError(f"page {page:#x}: neither {PAGE_SIZE} bytes nor a fault")
+        self.cache.put(page, value)
+
+    def prefetch_list(
+        self,
+        head: int,
+        next_offset: int,
+        span_offset: int,
+        span_size: int,
+        limit: int,
+        *,
+        after: int | None = None,
+    ) -> int | None:
+        """Have the trusted side follow a list and cache every page its entries span.
+
+        An optimization only: nothing is validated here (the walk that follows checks
+        every link it reads from the cache). One window holds at most half the cache
+        budget, so prefetched pages are not evicted before the walk reaches them.
+
+        :return: the last node prefetched when more may follow (call again with
+            ``after=`` that node when the walk gets there), else None
+        """
+        if not 0 < span_size <= MAX_ENTRY_SIZE or limit < 1 or next_offset < 0:
+            return None  # beyond what the trusted side serves: let the walk read it
+        per_entry = (span_size + 2 * PAGE_SIZE - 1) // PAGE_SIZE
+        window = max(1, self.cache.budget // 2 // PAGE_SIZE // per_entry)
+        count = min(limit, window, MAX_LIST_NODES)
+        walk = self.transport.follow_list(
+            head, next_offset, span_offset, span_size, count, after=after
+        )
+        self.cache.crossings += 1
+        self.cache.prefetches += 1
+        for page, value in walk.pages.items():
+            if page & _PAGE_MASK or not 0 <= page < _U64:
+                raise TransportError(f"follow_list returned unaligned page {page:#x}")
+            self._store(page, value)
+        more = walk.end in (ListEnd.LIMIT, ListEnd.REPLY_FULL) and len(walk.nodes) < limit
+        return walk.nodes[-1] if more and walk.nodes else None

@@ -1,0 +1,298 @@
+"""The enclave's page cache and RemoteMemory over a real PageServer on synthetic RAM.
+
+Crossings are counted twice: by RemoteMemory's own counters and by the transport that
+records each call, and the two must agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from synthetic import Region, Ring, Tables
+from test_list_helpers import vendor_btf
+from transports import CountingTransport
+
+from sgmonitor.enclave.memory import PageCache, RemoteMemory, TransportError
+from sgmonitor.errors import PageFault, ValidationError
+from sgmonitor.guest.paging import PageWalker, VirtualMemory
+from sgmonitor.hypervisor.pages import PageServer
+from sgmonitor.kernel.address_space import AddressSpace
+from sgmonitor.kernel.helpers.list import list_for_each_entry
+from sgmonitor.kernel.objects import TypedMemory
+
+PAGE = 4096
+MIB = 1 << 20
+FAULT = PageFault(0, 0, None, "test")
+
+
+# -- PageCache -------------------------------------------------------------------------
+
+
+def test_lru_order_and_evictions() -> None:
+    cache = PageCache(3 * PAGE)
+    for page in (0x1000, 0x2000, 0x3000):
+        cache.put(page, bytes(PAGE))
+    assert cache.get(0x1000) is not None  # now the most recently used
+    cache.put(0x4000, bytes(PAGE))
+    assert 0x2000 not in cache and {0x1000, 0x3000, 0x4000} <= set(cache._entries)
+    assert list(cache._entries) == [0x3000, 0x1000, 0x4000]
+    assert (cache.evictions, cache.hits, cache.misses) == (1, 1, 0)
+    assert cache.get(0x2000) is None and cache.misses == 1
+
+
+def test_budget_is_in_bytes_and_faults_are_cheap() -> None:
+    cache = PageCache(2 * PAGE + 3 * 64)
+    cache.put(0x1000, bytes(PAGE))
+    cache.put(0x2000, bytes(PAGE))
+    for page in (0x3000, 0x4000, 0x5000):
+        cache.put(page, FAULT)
+    assert len(cache) == 5 and cache.used == 2 * PAGE + 3 * 64 and cache.evictions == 0
+    cache.put(0x6000, FAULT)  # the oldest entry, a whole page, makes room
+    assert 0x1000 not in cache and cache.used == PAGE + 4 * 64 and cache.evictions == 1
+    cache.put(0x2000, bytes(PAGE))  # replacing an entry does not count it twice
+    assert cache.used == PAGE + 4 * 64
+
+
+def test_one_mib_budget_holds_256_pages() -> None:
+    cache = PageCache(MIB)
+    for i in range(300):
+        cache.put(i * PAGE, bytes(PAGE))
+    assert len(cache) == 256 and cache.used == MIB and cache.evictions == 44
+    assert 43 * PAGE not in cache and 44 * PAGE in cache
+
+
+def test_a_budget_below_one_page_is_an_error() -> None:
+    with pytest.raises(ValueError, match="holds no page"):
+        PageCache(PAGE - 1)
+    PageCache(PAGE)
+
+
+# -- RemoteMemory over a PageServer --------------------------------------------------
+
+
+def remote(
+    region: Region, tmp_path: Path, budget: int = 32 * MIB
+) -> tuple[RemoteMemory, CountingTransport]:
+    transport = CountingTransport(PageServer(region.tables.image(tmp_path)))
+    return RemoteMemory(transport, budget), transport
+
+
+def patterned(pages: int, **kwargs: int) -> Region:
+    region = Region(Tables(la57=False), pages=pages, **kwargs)
+    for i in range(min(pages, region.alias)):
+        region.write(region.va + i * PAGE, i.to_bytes(2, "little") * (PAGE // 2))
+    return region
+
+
+def test_a_multi_page_read_is_one_crossing(tmp_path: Path) -> None:
+    region = patterned(16)
+    memory, transport = remote(region, tmp_path)
+    address = region.va + 3 * PAGE + 100
+    assert memory.read(address, 4 * PAGE) == region.read(address, 4 * PAGE)
+    assert transport.calls == [("read_pages", tuple(region.va + i * PAGE for i in range(3, 8)))]
+    assert memory.read(address, 4 * PAGE) == region.read(address, 4 * PAGE)  # all cached
+    assert len(transport.calls) == 1
+    memory.read(region.va + 6 * PAGE, 4 * PAGE)  # two cached, two missing: one crossing
+    assert transport.calls[-1] == ("read_pages", (region.va + 8 * PAGE, region.va + 9 * PAGE))
+    stats = memory.stats()
+    assert (stats.crossings, stats.pages_fetched, stats.bytes_fetched) == (2, 7, 7 * PAGE)
+    assert (stats.misses, stats.hits) == (7, 7)
+
+
+def test_reads_beyond_a_request_and_beyond_the_budget(tmp_path: Path) -> None:
+    region = patterned(1100, alias=32)  # 1,100 virtual pages over 32 physical ones
+    memory, transport = remote(region, tmp_path, budget=MIB)
+    assert memory.read(region.va, 1100 * PAGE) == region.read(region.va, 1100 * PAGE)
+    assert [len(pages) for _, pages in transport.calls] == [1024, 76]
+    assert memory.stats().crossings == 2 and len(memory.cache) == 256
+
+
+def test_begin_scan_drops_stale_pages(tmp_path: Path) -> None:
+    region = patterned(4)
+    memory, transport = remote(region, tmp_path)
+    assert memory.read(region.va + PAGE, 2) == b"\x01\x00"
+    with (tmp_path / "ram.img").open("r+b") as f:  # the guest writes between scans
+        f.seek(region.physical(region.va + PAGE))
+        f.write(b"\x99\x99")
+    assert memory.read(region.va + PAGE, 2) == b"\x01\x00"  # same scan: cached
+    memory.begin_scan()
+    assert transport.scans == 1 and len(memory.cache) == 0
+    assert memory.read(region.va + PAGE, 2) == b"\x99\x99"
+
+
+def test_faults_are_cached_for_the_scan(tmp_path: Path) -> None:
+    region = patterned(4)
+    region.unmap(region.va + 2 * PAGE)
+    memory, transport = remote(region, tmp_path)
+    for _ in range(10):
+        with pytest.raises(PageFault) as fault:
+            memory.read(region.va + 2 * PAGE + 8, 8)
+        assert fault.value.address == region.va + 2 * PAGE + 8  # the byte read, as in-process
+    assert len(transport.calls) == 1 and memory.stats().faults_fetched == 1
+    memory.begin_scan()
+    with pytest.raises(PageFault):
+        memory.read(region.va + 2 * PAGE, 8)
+    assert len(transport.calls) == 2
+
+
+def test_a_fault_inside_a_multi_page_read(tmp_path: Path) -> None:
+    region = patterned(4)
+    region.unmap(region.va + 2 * PAGE)
+    memory, transport = remote(region, tmp_path)
+    with pytest.raises(PageFault) as fault:
+        memory.read(region.va + PAGE + 10, PAGE)
+    assert fault.value.address == region.va + 2 * PAGE
+    assert memory.read(region.va + PAGE, 4) == b"\x01\x00\x01\x00"  # kept from that reply
+    assert len(transport.calls) == 1
+
+
+def test_reads_outside_the_address_space_never_cross(tmp_path: Path) -> None:
+    memory, transport = remote(patterned(1), tmp_path)
+    with pytest.raises(PageFault, match="64-bit"):
+        memory.read((1 << 64) - 4, 8)
+    with pytest.raises(PageFault):
+        memory.read(-8, 8)
+    with pytest.raises(ValueError):
+        memory.read(0, -1)
+    assert transport.calls == []
+
+
+def test_stats_since_gives_per_scan_counters(tmp_path: Path) -> None:
+    region = patterned(8)
+    memory, _ = remote(region, tmp_path)
+    memory.read(region.va, PAGE)
+    before = memory.stats()
+    memory.begin_scan()
+    memory.read(region.va, 3 * PAGE)
+    scan = memory.stats().since(before)
+    assert (scan.crossings, scan.pages_fetched, scan.misses, scan.hits) == (1, 3, 3, 0)
+    assert scan.entries == 3 and scan.as_dict()["budget"] == 32 * MIB
+
+
+class ShortTransport(CountingTransport):
+    """A transport that loses the last page of every reply."""
+
+    def read_pages(self, addresses):  # type: ignore[no-untyped-def]
+        return super().read_pages(addresses)[:-1]
+
+
+def test_a_reply_of_the_wrong_shape_is_an_error(tmp_path: Path) -> None:
+    region = patterned(4)
+    memory = RemoteMemory(ShortTransport(PageServer(region.tables.image(tmp_path))))
+    with pytest.raises(TransportError, match="asked for 2 pages, got 1"):
+        memory.read(region.va, 2 * PAGE)
+
+
+# -- prefetch ------------------------------------------------------------------------
+
+
+def prefetch_all(memory: RemoteMemory, ring: Ring, limit: int = 1000) -> int:
+    """Prefetch window after window, as list_for_each_entry does; the calls made."""
+    calls, after = 0, None
+    while True:
+        calls += 1
+        after = memory.prefetch_list(ring.head, 0, -ring.member, ring.entry, limit, after=after)
+        if after is None:
+            return calls
+
+
+def test_prefetch_caches_every_entry_page(tmp_path: Path) -> None:
+    ring = Ring(12)
+    memory, transport = remote(ring.region, tmp_path)
+    assert prefetch_all(memory, ring) == 1
+    for node in ring.nodes:
+        start = node - ring.member
+        assert memory.read(start, ring.entry) == ring.region.read(start, ring.entry)
+    assert len(transport.calls) == 1 and memory.stats().prefetches == 1
+
+
+def test_prefetch_windows_fit_half_the_budget(tmp_path: Path) -> None:
+    ring = Ring(60, pages=200)  # 60 entries of up to 4 pages; 1 MiB holds 256 pages
+    memory, transport = remote(ring.region, tmp_path, budget=MIB)
+    assert prefetch_all(memory, ring) == 2  # windows of 128 // 4 = 32 entries
+    assert [call[1][-1] for call in transport.calls] == [32, 32]
+    assert memory.stats().evictions == 0  # 60 entries of 3 or 4 pages all fit
+
+
+def test_prefetch_past_a_wild_pointer_stops_quietly(tmp_path: Path) -> None:
+    ring = Ring(5)
+    ring.link(ring.nodes[1], 0xDEAD_0000_0000_0000, ring.nodes[0])
+    memory, _ = remote(ring.region, tmp_path)
+    assert prefetch_all(memory, ring) == 1
+    assert memory.stats().faults_fetched == 1
+
+
+# -- list_for_each_entry with the prefetch hint ---------------------------------------
+
+
+def walk(memory: AddressSpace, head: int, limit: int = 1000) -> tuple[list[int], str | None]:
+    """The entries a validating walk yields, and the error that ended it, if any."""
+    tm = TypedMemory(vendor_btf(), memory)
+    seen: list[int] = []
+    try:
+        for task in list_for_each_entry(
+            "struct task_struct", tm.value("struct list_head *", head), "tasks", limit
+        ):
+            seen.append(int(task))
+    except ValidationError as exc:
+        return seen, str(exc)
+    return seen, None
+
+
+def task_ring(count: int, pages: int = 200) -> Ring:
+    tm = TypedMemory(vendor_btf(), None)  # type: ignore[arg-type]  # layouts only, no reads
+    member = tm.offsetof("struct task_struct", "tasks")
+    return Ring(count, pages, member=member, entry=tm.sizeof("struct task_struct"))
+
+
+class NoPrefetch:
+    """RemoteMemory with its prefetch hidden: the walk reads page by page."""
+
+    def __init__(self, memory: RemoteMemory) -> None:
+        self.memory = memory
+
+    def read(self, address: int, size: int) -> bytes:
+        return self.memory.read(address, size)
+
+
+CORRUPTIONS = {
+    "good": lambda r: None,
+    "cycle": lambda r: r.link(r.nodes[-1], r.nodes[3], r.nodes[-2]),
+    "broken prev": lambda r: r.link(r.nodes[4], r.nodes[5], r.nodes[1]),
+    "wild": lambda r: r.link(r.nodes[6], 0xFFFF_8880_DEAD_0000, r.nodes[5]),
+    "noncanonical": lambda r: r.link(r.nodes[6], 0x4141_4141_4141_4141, r.nodes[5]),
+    "hole in an entry": lambda r: r.region.unmap(max(r.span(r.nodes[2]))),
+    "unreadable head": lambda r: r.region.unmap(r.head & ~0xFFF),
+}
+
+
+@pytest.mark.parametrize("budget", [32 * MIB, MIB], ids=["32MiB", "1MiB"])
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_prefetch_never_changes_what_the_walk_finds(
+    tmp_path: Path, corruption: str, budget: int
+) -> None:
+    ring = task_ring(40)
+    CORRUPTIONS[corruption](ring)
+    image = ring.tables.image(tmp_path)
+    expected = walk(VirtualMemory(PageWalker.for_kernel(image, image.registers())), ring.head)
+    memory = RemoteMemory(CountingTransport(PageServer(image)), budget)
+    assert walk(memory, ring.head) == expected
+    assert memory.stats().prefetches >= 1
+    without = RemoteMemory(CountingTransport(PageServer(image)), budget)
+    assert walk(NoPrefetch(without), ring.head) == expected
+    for limit in (10, 40):  # too short, and just long enough
+        plain = VirtualMemory(PageWalker.for_kernel(image, image.registers()))
+        memory.begin_scan()
+        assert walk(memory, ring.head, limit) == walk(plain, ring.head, limit)
+
+
+@pytest.mark.parametrize(("budget", "crossings"), [(32 * MIB, 1), (MIB, 2)])
+def test_a_good_list_walk_costs_one_crossing_per_window(
+    tmp_path: Path, budget: int, crossings: int
+) -> None:
+    ring = task_ring(40)
+    memory, transport = remote(ring.region, tmp_path, budget)
+    entries, error = walk(memory, ring.head)
+    assert error is None and len(entries) == 40
+    assert len(transport.calls) == memory.stats().crossings == crossings

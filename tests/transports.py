@@ -1,0 +1,45 @@
+"""An in-process PageTransport for tests: a real PageServer, every call recorded.
+
+The secure modes put the sealed channel between ``RemoteMemory`` and ``PageServer``;
+tests call the server directly and count the calls themselves, so crossing counts are
+checked independently of ``RemoteMemory``'s own counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sgmonitor.errors import PageFault
+from sgmonitor.hypervisor.pages import ListWalk, PageServer
+
+
+class CountingTransport:
+    """Implements ``sgmonitor.enclave.memory.PageTransport`` over a ``PageServer``."""
+
+    def __init__(self, server: PageServer) -> None:
+        self.server = server
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+        self.scans = 0
+
+    def read_pages(self, addresses: Sequence[int]) -> list[bytes | PageFault]:
+        self.calls.append(("read_pages", tuple(addresses)))
+        return self.server.read_pages(addresses)
+
+    def follow_list(
+        self,
+        head: int,
+        next_offset: int,
+        span_offset: int,
+        span_size: int,
+        limit: int,
+        *,
+        after: int | None = None,
+    ) -> ListWalk:
+        self.calls.append(("follow_list", (head, next_offset, span_offset, span_size, limit)))
+        return self.server.follow_list(
+            head, next_offset, span_offset, span_size, limit, after=after
+        )
+
+    def begin_scan(self) -> None:
+        self.scans += 1
+        self.server.refresh()
