@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from synthetic import Region, Ring, Tables
 from test_list_helpers import vendor_btf
-from transports import CountingTransport
+from transports import CountingTransport, NoPrefetch
 
 from sgmonitor.enclave.memory import PageCache, RemoteMemory, TransportError
 from sgmonitor.errors import PageFault, ValidationError
@@ -244,16 +244,6 @@ def task_ring(count: int, pages: int = 200) -> Ring:
     tm = TypedMemory(vendor_btf(), None)  # type: ignore[arg-type]  # layouts only, no reads
     member = tm.offsetof("struct task_struct", "tasks")
     return Ring(count, pages, member=member, entry=tm.sizeof("struct task_struct"))
-
-
-class NoPrefetch:
-    """RemoteMemory with its prefetch hidden: the walk reads page by page."""
-
-    def __init__(self, memory: RemoteMemory) -> None:
-        self.memory = memory
-
-    def read(self, address: int, size: int) -> bytes:
-        return self.memory.read(address, size)
 
 
 CORRUPTIONS = {

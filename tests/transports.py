@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sgmonitor.enclave.memory import RemoteMemory
 from sgmonitor.errors import PageFault
 from sgmonitor.hypervisor.pages import ListWalk, PageServer
 
@@ -43,3 +44,13 @@ class CountingTransport:
     def begin_scan(self) -> None:
         self.scans += 1
         self.server.refresh()
+
+
+class NoPrefetch:
+    """A RemoteMemory with its prefetch hidden: walks read page by page, as without it."""
+
+    def __init__(self, memory: RemoteMemory) -> None:
+        self.memory = memory
+
+    def read(self, address: int, size: int) -> bytes:
+        return self.memory.read(address, size)
