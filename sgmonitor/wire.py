@@ -17,8 +17,8 @@ Three families share the format:
   Hello, HelloReply, OpenSession, SessionOpened, CloseSession, SessionClosed,
   Request, Reply, Error;
 - sealed bodies (enclave <-> hypervisor, only ever inside the channel):
-  ReadPages, FollowList, GetVmcoreinfo, GetRegisters and their replies PagesReply,
-  ListReply, VmcoreinfoReply, RegistersReply, RequestFailed;
+  ReadPages, FollowList, GetVmcoreinfo, GetRegisters, BeginScan, EndScan and their
+  replies PagesReply, ListReply, VmcoreinfoReply, RegistersReply, Ack, RequestFailed;
 - enclave boundary (untrusted library <-> enclave process): Call, Return, CallFailed
   carrying the ECALLs and OCALLs declared in ``sgmonitor.tee.edl``.
 """
@@ -50,11 +50,14 @@ __all__ = [
     "MAX_SEALED_REQUEST",
     "PAGE_SIZE",
     "WIRE_VERSION",
+    "Ack",
+    "BeginScan",
     "Call",
     "CallDirection",
     "CallFailed",
     "CloseSession",
     "ConnectionClosed",
+    "EndScan",
     "Error",
     "ErrorCode",
     "FollowList",
@@ -105,7 +108,8 @@ MAX_SEALED_REPLY = 1024 * 1024
 MAX_SEALED_PAGE = PAGE_SIZE + 256  # tag (16) or, unsealed, the clear-text AD
 MAX_WRAPPED_KEY = 1024
 MAX_STATEMENT = 64 * 1024
-MAX_VMCOREINFO = 64 * 1024
+MAX_VMCOREINFO_NOTES = 16  # candidates (genuine and planted) in one reply
+MAX_VMCOREINFO_NOTE = 8192  # header, name and a one-page text
 MAX_ERROR_TEXT = 1024
 MAX_CALL_NAME = 64
 MAX_CALL_ARGS = 16
@@ -631,17 +635,21 @@ class ReadPages(Message):
 class FollowList(Message):
     """Enclave -> hypervisor (sealed): walk a kernel ``list_head`` list, return its entries.
 
-    Like ``list_for_each_entry(pos, head, member)``: start at ``*(head)`` (the
-    ``next`` pointer, offset 0 of ``struct list_head``), each entry begins
-    ``member_offset`` bytes before its ``list_head``; stop on returning to ``head``,
-    after ``limit`` entries, or on a fault or loop. The reply lists entry addresses and
-    the pages covering ``[entry, entry + entry_size)`` for each.
+    Like ``list_for_each_entry(pos, head, member)``: start at ``*(head + next_offset)``
+    (``next_offset`` is ``offsetof(struct list_head, next)``, 0 on every kernel so far),
+    or at ``*(after + next_offset)`` to continue a walk that stopped at node ``after``
+    (0: from the head); each entry begins ``member_offset`` bytes before its
+    ``list_head``; stop on returning to ``head``, after ``limit`` entries, or on a fault
+    or loop. The reply lists entry addresses and the pages covering ``[entry, entry +
+    entry_size)`` for each.
     """
 
     head: int
     member_offset: int
     entry_size: int
     limit: int
+    next_offset: int = 0
+    after: int = 0
 
     def __post_init__(self) -> None:
         _uint("FollowList", "head", self.head)
@@ -649,10 +657,14 @@ class FollowList(Message):
         _uint("FollowList", "member_offset", self.member_offset, 32)
         _uint("FollowList", "entry_size", self.entry_size, 32)
         _uint("FollowList", "limit", self.limit, 32)
+        _uint("FollowList", "next_offset", self.next_offset, 32)
+        _uint("FollowList", "after", self.after)
         if not 0 < self.entry_size <= MAX_ENTRY_SIZE:
             raise WireError(f"FollowList: entry_size must be 1..{MAX_ENTRY_SIZE}")
         if self.member_offset + 16 > self.entry_size:
             raise WireError("FollowList: the list_head must lie inside the entry")
+        if self.next_offset + 8 > 16:
+            raise WireError("FollowList: next_offset must lie inside the list_head")
         if not 0 < self.limit <= MAX_LIST_NODES:
             raise WireError(f"FollowList: limit must be 1..{MAX_LIST_NODES}")
 
@@ -661,10 +673,19 @@ class FollowList(Message):
         w.u32(self.member_offset)
         w.u32(self.entry_size)
         w.u32(self.limit)
+        w.u32(self.next_offset)
+        w.u64(self.after)
 
     @classmethod
     def _decode(cls, r: _Reader) -> Self:
-        return cls(r.u64("head"), r.u32("member_offset"), r.u32("entry_size"), r.u32("limit"))
+        return cls(
+            r.u64("head"),
+            r.u32("member_offset"),
+            r.u32("entry_size"),
+            r.u32("limit"),
+            r.u32("next_offset"),
+            r.u64("after"),
+        )
 
 
 @dataclass(frozen=True)
@@ -687,6 +708,38 @@ class GetVmcoreinfo(_Empty):
 @dataclass(frozen=True)
 class GetRegisters(_Empty):
     """Enclave -> hypervisor (sealed): control registers of each vCPU (CR0/CR3/CR4/EFER)."""
+
+
+@_message(0x25)
+@dataclass(frozen=True)
+class BeginScan(Message):
+    """Enclave -> hypervisor (sealed): a scan starts. The hypervisor re-reads the vCPU
+    registers and drops cached translations; with ``pause`` it also stops the guest's
+    vCPUs until :class:`EndScan` (or a bounded maximum pause) so the scan sees one
+    consistent state. Answered by :class:`Ack`."""
+
+    pause: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pause, bool):
+            raise WireError("BeginScan: pause must be a bool")
+
+    def _encode(self, w: _Writer) -> None:
+        w.u8(int(self.pause))
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        flag = r.u8("pause")
+        if flag > 1:
+            raise WireError(f"BeginScan: pause flag {flag}")
+        return cls(bool(flag))
+
+
+@_message(0x26)
+@dataclass(frozen=True)
+class EndScan(_Empty):
+    """Enclave -> hypervisor (sealed): the scan is over; resume the guest if it paused it.
+    Answered by :class:`Ack`."""
 
 
 # --- sealed reply bodies ------------------------------------------------------------
@@ -792,19 +845,29 @@ class ListReply(Message):
 @_message(0x33)
 @dataclass(frozen=True)
 class VmcoreinfoReply(Message):
-    """Hypervisor -> enclave (sealed): the VMCOREINFO text (``KEY=value`` lines)."""
+    """Hypervisor -> enclave (sealed): every VMCOREINFO ELF note found in guest RAM.
 
-    text: bytes
+    A hostile guest can plant copies, so the hypervisor does not choose: the enclave
+    keeps the note the kernel's own ``vmcoreinfo_note`` pointer names
+    (``sgmonitor.kernel.kallsyms.genuine_vmcoreinfo``).
+    """
+
+    notes: tuple[bytes, ...]
 
     def __post_init__(self) -> None:
-        _bytes("VmcoreinfoReply", "text", self.text, MAX_VMCOREINFO)
+        _tuple("VmcoreinfoReply", "notes", self.notes, MAX_VMCOREINFO_NOTES, bytes)
+        for note in self.notes:
+            _bytes("VmcoreinfoReply", "note", note, MAX_VMCOREINFO_NOTE)
 
     def _encode(self, w: _Writer) -> None:
-        w.blob(self.text)
+        w.u32(len(self.notes))
+        for note in self.notes:
+            w.blob(note)
 
     @classmethod
     def _decode(cls, r: _Reader) -> Self:
-        return cls(r.blob("text", MAX_VMCOREINFO))
+        n = r.count("notes", MAX_VMCOREINFO_NOTES, 4)
+        return cls(tuple(r.blob("note", MAX_VMCOREINFO_NOTE) for _ in range(n)))
 
 
 @dataclass(frozen=True)
@@ -851,6 +914,29 @@ class RegistersReply(Message):
                 for _ in range(n)
             )
         )
+
+
+@_message(0x35)
+@dataclass(frozen=True)
+class Ack(Message):
+    """Hypervisor -> enclave (sealed): BeginScan or EndScan done; ``paused`` says whether
+    the guest's vCPUs are stopped now."""
+
+    paused: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.paused, bool):
+            raise WireError("Ack: paused must be a bool")
+
+    def _encode(self, w: _Writer) -> None:
+        w.u8(int(self.paused))
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        flag = r.u8("paused")
+        if flag > 1:
+            raise WireError(f"Ack: paused flag {flag}")
+        return cls(bool(flag))
 
 
 @_message(0x3F)

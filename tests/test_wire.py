@@ -95,7 +95,7 @@ messages = st.one_of(
     st.builds(
         wire.ListReply, st.lists(u64, max_size=8).map(tuple), st.sampled_from(ListEnd), page_entries
     ),
-    st.builds(wire.VmcoreinfoReply, small_blob),
+    st.builds(wire.VmcoreinfoReply, st.lists(small_blob, max_size=4).map(tuple)),
     st.builds(
         wire.RegistersReply,
         st.lists(

@@ -7,8 +7,10 @@ and ``backend.EvidenceVerifier``.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
+from pathlib import Path
 
-from sgmonitor.tee.backend import EvidenceVerifier, TeeBackend
+from sgmonitor.tee.backend import ENCLAVE_SOURCES, EvidenceVerifier, TeeBackend
 
 # The one place that maps backend names to implementations; callers pick by name
 # (configuration), never by importing a backend module.
@@ -39,3 +41,22 @@ def _lookup(name: str) -> tuple[str, str, str]:
         return _BACKENDS[name]
     except KeyError:
         raise ValueError(f"unknown TEE backend {name!r}; known: {backend_names()}") from None
+
+
+def load_backend(
+    name: str,
+    *,
+    root: Path,
+    config: bytes,
+    sigstruct: bytes,
+    options: Mapping[str, str] | None = None,
+) -> TeeBackend:
+    """Start the enclave on backend ``name``: measure ``ENCLAVE_SOURCES`` under ``root``
+    with ``config``, check the signer's ``sigstruct``, and return the backend."""
+    return backend_class(name).launch(
+        root=root,
+        sources=ENCLAVE_SOURCES,
+        config=config,
+        sigstruct=sigstruct,
+        options=dict(options or {}),
+    )

@@ -9,7 +9,9 @@ on these interfaces and must read ``protects_against_root`` instead of assuming.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from sgmonitor.errors import SGMonitorError
@@ -85,6 +87,21 @@ class TeeBackend(ABC):
 
     name: ClassVar[str]
     protects_against_root: ClassVar[bool]
+
+    @classmethod
+    @abstractmethod
+    def launch(
+        cls,
+        *,
+        root: Path,
+        sources: Sequence[str],
+        config: bytes,
+        sigstruct: bytes,
+        options: Mapping[str, str],
+    ) -> TeeBackend:
+        """Start as the enclave whose files under ``root`` and ``config`` the signer's
+        ``sigstruct`` vouches for (EINIT); refuse with :class:`EnclaveLoadError` if they
+        measure differently. ``options`` are backend-specific (e.g. a platform key)."""
 
     @abstractmethod
     def identity(self) -> EnclaveIdentity:

@@ -27,7 +27,7 @@ import os
 import struct
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, TextIO
 
@@ -246,6 +246,27 @@ class SimBackend(TeeBackend):
         self._identity = identity
         self._platform = platform
         print(SIM_WARNING, file=announce if announce is not None else sys.stderr, flush=True)
+
+    @classmethod
+    def launch(
+        cls,
+        *,
+        root: Path,
+        sources: Sequence[str],
+        config: bytes,
+        sigstruct: bytes,
+        options: Mapping[str, str],
+    ) -> SimBackend:
+        """Measure and check the enclave (:func:`load_signed_enclave`) on the simulated
+        platform whose key is in the PEM file ``options["platform_key"]`` (a fresh
+        platform without one); announces the simulation on stderr."""
+        identity = load_signed_enclave(root, sources, config, sigstruct)
+        key_file = options.get("platform_key")
+        if key_file:
+            platform = SimPlatform.from_pem(Path(key_file).read_bytes())
+        else:
+            platform = SimPlatform.generate()
+        return cls(identity, platform)
 
     def identity(self) -> EnclaveIdentity:
         """The identity checked at load."""
