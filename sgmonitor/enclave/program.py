@@ -1,0 +1,349 @@
+"""The enclave program: ECALLs in, OCALLs out, IDS checks over sealed guest pages.
+
+The enclave trusts only its own measured code and its measured configuration, which
+pins the hypervisor service's public key (so the untrusted host can't slip in a key of
+its own and read the session) and says whether the loudly-named unsealed experiment
+suite is allowed. It makes every session key itself, wraps it for the pinned key, and
+reads guest memory only through :class:`~sgmonitor.enclave.transport.SealedTransport`.
+
+The host connection is a stream socket carrying :mod:`sgmonitor.wire` Call/Return
+frames; every call is checked against :mod:`sgmonitor.tee.edl` on the way in and out.
+An ECALL may make OCALLs; the host answers them on the same connection before it gets
+the ECALL's Return. Every wait has a deadline, so a host that stops answering turns a
+scan into a TIMEOUT error, never a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import select
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from sgmonitor.channel import SealingChannel, Side, Suite, make_channel
+from sgmonitor.enclave.memory import DEFAULT_BUDGET, RemoteMemory
+from sgmonitor.enclave.transport import ExchangeFailed, SealedTransport, SessionFailed
+from sgmonitor.errors import GuestDataError, SGMonitorError
+from sgmonitor.ids.pslist import list_processes
+from sgmonitor.kernel.kernel import open_kernel
+from sgmonitor.keywrap import public_key_from_pem, wrap_session_key
+from sgmonitor.tee import edl
+from sgmonitor.tee.backend import REPORT_DATA_LEN, TeeBackend
+from sgmonitor.wire import (
+    MAX_FRAME,
+    Call,
+    CallDirection,
+    CallFailed,
+    ConnectionClosed,
+    ErrorCode,
+    Message,
+    Return,
+    Value,
+    WireError,
+    WireTimeout,
+    recv_frame,
+    send_frame,
+)
+
+__all__ = [
+    "CONFIG_FORMAT",
+    "EnclaveCallError",
+    "EnclaveConfig",
+    "EnclaveProgram",
+    "HostPort",
+    "report_data_for_session",
+]
+
+CONFIG_FORMAT = "sgmonitor-enclave-config/1"
+MODES = ("secure", "secure-plain")
+CHECKS = ("pslist",)
+_OCALL_IDS = 1 << 63  # OCALL ids count up from here, ECALL ids (the host's) below
+_MAX_TIMEOUT_MS = 600_000
+_MIN_BUDGET = 1 << 20
+
+
+class EnclaveCallError(SGMonitorError):
+    """An ECALL failed; the host gets ``CallFailed(code, message)``."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class EnclaveConfig:
+    """The enclave's measured configuration (its bytes are part of MRENCLAVE)."""
+
+    hv_public_key: X25519PublicKey
+    mode: str
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> EnclaveConfig:
+        """Parse the JSON document the host wrote; anything unexpected is refused."""
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict) or doc.get("format") != CONFIG_FORMAT:
+                raise ValueError(f"format must be {CONFIG_FORMAT!r}")
+            if set(doc) != {"format", "hv_public_key", "mode"}:
+                raise ValueError(f"unexpected keys {sorted(doc)}")
+            if doc["mode"] not in MODES:
+                raise ValueError(f"mode must be one of {MODES}")
+            key = public_key_from_pem(str(doc["hv_public_key"]).encode())
+        except (ValueError, SGMonitorError) as exc:
+            raise SGMonitorError(f"bad enclave configuration: {exc}") from None
+        return cls(key, doc["mode"])
+
+    @property
+    def suite(self) -> Suite:
+        if self.mode == "secure-plain":
+            return Suite.UNSEALED_FOR_EXPERIMENTS_ONLY
+        return Suite.AES256GCM_HKDF_SHA256
+
+
+def report_data_for_session(wrapped_key: bytes, session_id: bytes, hv_nonce: bytes) -> bytes:
+    """The 64 bytes the session's evidence binds: SHA-512 over a label, the wrapped
+    key's hash, the session id and the hypervisor's nonce."""
+    h = hashlib.sha512(b"sgmonitor/v1 session report data\0")
+    h.update(hashlib.sha256(wrapped_key).digest() + session_id + hv_nonce)
+    out = h.digest()
+    assert len(out) == REPORT_DATA_LEN
+    return out
+
+
+class HostPort:
+    """The enclave's end of the host connection: receive ECALLs, make OCALLs."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._next_ocall = _OCALL_IDS
+        self.send_timeout = 30.0
+
+    def serve(
+        self, handle: Callable[[edl.CallSpec, Mapping[str, Value]], tuple[Value, ...]]
+    ) -> None:
+        """Answer ECALLs until the host closes the connection."""
+        while True:
+            try:
+                select.select([self.sock], [], [])
+                msg = recv_frame(self.sock, 30.0)
+            except ConnectionClosed:
+                return
+            except WireError as exc:  # the host broke the framing: nothing sane follows
+                self._log(f"host connection broken: {exc}")
+                return
+            if isinstance(msg, Call):
+                self._answer(msg, handle)
+            # a late Return/CallFailed for an OCALL that already timed out: drop it
+
+    def _answer(
+        self, call: Call, handle: Callable[[edl.CallSpec, Mapping[str, Value]], tuple[Value, ...]]
+    ) -> None:
+        reply: Message
+        try:
+            found = edl.check_call(call, CallDirection.ECALL)
+            results = handle(found, edl.named_args(found, call))
+            edl.check_results(found, results)
+            reply = Return(call.call_id, results)
+        except edl.EdlError as exc:
+            reply = CallFailed(call.call_id, ErrorCode.NO_SUCH_CALL, str(exc)[:1000])
+        except EnclaveCallError as exc:
+            reply = CallFailed(call.call_id, exc.code, str(exc)[:1000])
+        except Exception as exc:  # a bug: say what kind, keep serving
+            reply = CallFailed(call.call_id, ErrorCode.INTERNAL, f"{type(exc).__name__}")
+        send_frame(self.sock, reply, self.send_timeout)
+
+    def ocall(self, name: str, timeout: float, **args: Value) -> Mapping[str, Value]:
+        """Make one OCALL and wait at most ``timeout`` seconds for its result."""
+        call_id = self._next_ocall
+        self._next_ocall += 1
+        call = edl.make_call(call_id, name, **args)
+        found = edl.spec(name, CallDirection.OCALL)
+        send_frame(self.sock, call, self.send_timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WireTimeout(f"{name}: no answer from the host within {timeout:.1f}s")
+            msg = recv_frame(self.sock, remaining)
+            if isinstance(msg, Return) and msg.call_id == call_id:
+                return edl.named_results(found, msg.results)
+            if isinstance(msg, CallFailed) and msg.call_id == call_id:
+                raise ExchangeFailed(msg.code, f"{name} failed on the host: {msg.message}")
+            if isinstance(msg, Call):  # no re-entrant ECALLs while an OCALL is out
+                busy = CallFailed(msg.call_id, ErrorCode.BUSY, "enclave is in an OCALL")
+                send_frame(self.sock, busy, self.send_timeout)
+            # else: a stale answer to an earlier, timed-out OCALL: drop it
+
+    def _log(self, message: str) -> None:
+        with contextlib.suppress(SGMonitorError, OSError):
+            self.ocall("ocall_log", 5.0, level=30, message=message[:4000])
+
+
+@dataclass
+class _Session:
+    session_id: bytes
+    channel: SealingChannel
+    transport: SealedTransport
+    memory: RemoteMemory | None = None
+
+
+class EnclaveProgram:
+    """The ECALL handlers; state is one session per guest."""
+
+    def __init__(self, backend: TeeBackend, config: EnclaveConfig, port: HostPort) -> None:
+        self.backend = backend
+        self.config = config
+        self.port = port
+        self.sessions: dict[str, _Session] = {}
+
+    def handle(self, found: edl.CallSpec, args: Mapping[str, Value]) -> tuple[Value, ...]:
+        """Dispatch one checked ECALL."""
+        handler = getattr(self, found.name, None)
+        if handler is None:
+            raise EnclaveCallError(ErrorCode.NO_SUCH_CALL, f"{found.name} is not implemented")
+        return handler(**args)  # type: ignore[no-any-return]
+
+    def _exchange(self, frame: bytes, timeout: float) -> bytes:
+        timeout_ms = max(1, min(int(timeout * 1000), _MAX_TIMEOUT_MS))
+        # The host is asked to give up at the deadline; the enclave doesn't rely on it.
+        out = self.port.ocall(
+            "ocall_hv_exchange", timeout + 1.0, frame=frame, timeout_ms=timeout_ms
+        )
+        answer = out["frame"]
+        assert isinstance(answer, bytes)
+        if len(answer) > MAX_FRAME:
+            raise ExchangeFailed(ErrorCode.TOO_LARGE, "reply frame too large")
+        return answer
+
+    # --- ECALLs --------------------------------------------------------------------------
+
+    def ecall_open_session(self, vm: str, hv_nonce: bytes) -> tuple[Value, ...]:
+        """A fresh session key and id for ``vm``, wrapped for the pinned hypervisor key,
+        with evidence binding them to ``hv_nonce``. Replaces an earlier session."""
+        self.ecall_close_session(vm)
+        session_key, session_id = os.urandom(32), os.urandom(16)
+        suite = self.config.suite
+        wrapped = wrap_session_key(
+            self.config.hv_public_key, session_key, session_id=session_id, vm=vm, suite=suite
+        )
+        channel = make_channel(
+            session_key,
+            session_id,
+            suite,
+            Side.ENCLAVE,
+            vm,
+            allow_unsealed=self.config.mode == "secure-plain",
+        )
+        del session_key
+        transport = SealedTransport(channel, vm, self._exchange)
+        self.sessions[vm] = _Session(session_id, channel, transport)
+        evidence = self.backend.evidence(report_data_for_session(wrapped, session_id, hv_nonce))
+        return session_id, int(suite), wrapped, evidence
+
+    def ecall_close_session(self, vm: str) -> tuple[Value, ...]:
+        """Forget ``vm``'s session keys and cached pages."""
+        session = self.sessions.pop(vm, None)
+        if session is not None:
+            session.channel.close()
+        return ()
+
+    def ecall_get_evidence(self, report_data: bytes) -> tuple[Value, ...]:
+        """Evidence over caller-chosen report data (for the attestation service)."""
+        return (self.backend.evidence(report_data),)
+
+    def ecall_heartbeat(self, challenge: bytes, sequence: int) -> tuple[Value, ...]:
+        """Not yet: the heartbeat key is provisioned after attestation (a later issue)."""
+        raise EnclaveCallError(ErrorCode.NO_SUCH_CALL, "heartbeat key not provisioned")
+
+    def ecall_run_scan(self, vm: str, check: str, options: bytes) -> tuple[Value, ...]:
+        """Run ``check`` over ``vm`` with a cache emptied first; return a JSON report.
+
+        Guest data that does not make sense gives status ``could-not-check``; a failed
+        session (forgery, timeout, refusal) fails the call and the session.
+        """
+        session = self.sessions.get(vm)
+        if session is None:
+            raise EnclaveCallError(ErrorCode.UNKNOWN_SESSION, f"no session for {vm!r}")
+        if check not in CHECKS:
+            raise EnclaveCallError(ErrorCode.BAD_REQUEST, f"unknown check {check!r}: {CHECKS}")
+        budget, timeout, pause = _options(options)
+        transport = session.transport
+        if transport.failure is not None:
+            raise EnclaveCallError(
+                transport.failure.code, f"session failed earlier: {transport.failure}"
+            )
+        transport.timeout, transport.pause = timeout, pause
+        if session.memory is None or session.memory.cache.budget != budget:
+            session.memory = RemoteMemory(transport, budget)
+        memory = session.memory
+        before, crossings, opened, decrypted = (
+            memory.stats(),
+            transport.crossings,
+            transport.bytes_opened,
+            transport.bytes_decrypted,
+        )
+        started = time.perf_counter()
+        status, error, records = "ok", "", []
+        try:
+            try:
+                memory.begin_scan()
+                records = _pslist(memory, transport.vmcoreinfo_notes())
+            except GuestDataError as exc:
+                status, error, records = "could-not-check", str(exc)[:2000], []
+            finally:
+                if transport.failure is None:
+                    transport.end_scan()
+        except SessionFailed:
+            pass
+        if transport.failure is not None:  # even if some layer swallowed the exception
+            self.ecall_close_session(vm)
+            raise EnclaveCallError(transport.failure.code, str(transport.failure))
+        elapsed = time.perf_counter() - started
+        stats = memory.stats().since(before).as_dict()
+        stats.update(
+            page_crossings=stats.pop("crossings"),
+            crossings=transport.crossings - crossings,
+            bytes_received=transport.bytes_opened - opened,
+            bytes_decrypted=transport.bytes_decrypted - decrypted,
+            cache_budget=budget,
+        )
+        report = {
+            "vm": vm,
+            "check": check,
+            "mode": self.config.mode,
+            "status": status,
+            "error": error,
+            "elapsed_s": elapsed,
+            "stats": stats,
+            "records": records,
+        }
+        return (json.dumps(report, separators=(",", ":")).encode(),)
+
+
+def _options(data: bytes) -> tuple[int, float, bool]:
+    """cache_budget (bytes), timeout (seconds per exchange), pause, from JSON options."""
+    try:
+        doc = json.loads(data or b"{}")
+        if not isinstance(doc, dict) or set(doc) - {"cache_budget", "timeout_ms", "pause"}:
+            raise ValueError("unknown option")
+        budget = int(doc.get("cache_budget", DEFAULT_BUDGET))
+        timeout_ms = int(doc.get("timeout_ms", 30_000))
+        pause = bool(doc.get("pause", True))
+        if not _MIN_BUDGET <= budget <= 1 << 34 or not 0 < timeout_ms <= _MAX_TIMEOUT_MS:
+            raise ValueError("cache_budget or timeout_ms out of range")
+    except (ValueError, TypeError) as exc:
+        raise EnclaveCallError(ErrorCode.BAD_REQUEST, f"bad scan options: {exc}") from None
+    return budget, timeout_ms / 1000, pause
+
+
+def _pslist(memory: RemoteMemory, notes: Sequence[bytes]) -> list[dict[str, int | str]]:
+    """The process list (Figure 5) over ``memory``: vmcoreinfo -> kallsyms -> BTF."""
+    kernel = open_kernel(memory, notes)
+    return [asdict(r) for r in list_processes(kernel)]

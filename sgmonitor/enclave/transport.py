@@ -1,0 +1,265 @@
+"""The enclave's end of the sealed channel: a ``PageTransport`` over OCALLs.
+
+Each call seals one request (kind REQUEST), hands the encoded hypervisor-link frame to
+the untrusted host (``ocall_hv_exchange``), and opens what comes back: the sealed index
+first (kind REPLY), then each PRESENT page with the address the index names and a
+length of exactly one page. The untrusted host sees only ciphertext, and anything it
+does to the answer (flip, replay, reorder, move between addresses, sessions or guests,
+drop, truncate) ends in :class:`SessionFailed`: an ``InvalidSeal`` from the channel, a
+count that does not match the index, or a deadline. Nothing from a failed reply is
+returned, and once failed the transport refuses every later call, so no code above it
+can go on with guest data from a session that saw a forgery.
+
+A clear-text ``Error`` from the hypervisor link is unauthenticated: it fails the session
+too, and is never taken as a statement about the guest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from sgmonitor.channel import (
+    ChannelClosed,
+    ChannelExhausted,
+    InvalidSeal,
+    Kind,
+    SealingChannel,
+    SessionExpired,
+    Suite,
+)
+from sgmonitor.errors import PageFault, SGMonitorError
+from sgmonitor.wire import (
+    MAX_LIST_NODES,
+    MAX_PAGES_PER_REQUEST,
+    PAGE_SIZE,
+    Ack,
+    BeginScan,
+    EndScan,
+    Error,
+    ErrorCode,
+    FollowList,
+    GetRegisters,
+    GetVmcoreinfo,
+    ListEnd,
+    ListReply,
+    Message,
+    PageEntry,
+    PageRange,
+    PagesReply,
+    PageStatus,
+    ReadPages,
+    RegistersReply,
+    Reply,
+    Request,
+    RequestFailed,
+    VmcoreinfoReply,
+    WireError,
+    WireTimeout,
+    decode,
+    encode,
+)
+
+__all__ = ["Exchange", "ExchangeFailed", "RemoteListWalk", "SealedTransport", "SessionFailed"]
+
+# encoded hypervisor-link frame, timeout in seconds -> the encoded answer
+Exchange = Callable[[bytes, float], bytes]
+
+
+class SessionFailed(SGMonitorError):
+    """The session with the hypervisor is over: forged or missing replies, a clear-text
+    ``Error``, or an authenticated refusal. Never guest data; open a new session."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+
+
+class ExchangeFailed(SGMonitorError):
+    """The untrusted host could not (or would not) deliver an exchange."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_FORGED = (
+    "a reply from the hypervisor did not authenticate: tampered, replayed, reordered, "
+    "moved or from another session or guest"
+)
+
+
+@dataclass(frozen=True)
+class RemoteListWalk:
+    """The hypervisor's ``follow_list`` answer (``sgmonitor.enclave.memory.ListPages``)."""
+
+    nodes: tuple[int, ...]
+    end: ListEnd
+    pages: Mapping[int, bytes | PageFault] = field(repr=False)
+
+
+class SealedTransport:
+    """``PageTransport`` for one session: every call is one OCALL, one crossing."""
+
+    def __init__(
+        self,
+        channel: SealingChannel,
+        vm: str,
+        exchange: Exchange,
+        *,
+        timeout: float = 30.0,
+        pause: bool = True,
+    ) -> None:
+        self.channel = channel
+        self.session_id = channel.session_id
+        self.vm = vm
+        self.exchange = exchange
+        self.timeout = timeout
+        self.pause = pause
+        self.sealed = channel.suite is not Suite.UNSEALED_FOR_EXPERIMENTS_ONLY
+        self.failure: SessionFailed | None = None
+        self._next_request = 1
+        self.crossings = 0  # every OCALL this transport made
+        self.bytes_opened = 0  # payload bytes of opened replies and pages
+        self.bytes_decrypted = 0  # the same, when the suite encrypts
+
+    # --- PageTransport -----------------------------------------------------------------
+
+    def read_pages(self, addresses: Sequence[int]) -> list[bytes | PageFault]:
+        """Each page-aligned address -> its 4 KiB or its authenticated fault, in order."""
+        if not 0 < len(addresses) <= MAX_PAGES_PER_REQUEST:
+            raise ValueError(f"read_pages takes 1..{MAX_PAGES_PER_REQUEST} addresses")
+        index, pages = self._call(ReadPages(_ranges(addresses)), (PagesReply,))
+        assert isinstance(index, PagesReply)
+        if [p.address for p in index.pages] != list(addresses):
+            self._fail(ErrorCode.BAD_REQUEST, "the reply index names other pages than asked")
+        by_address = _values(index.pages, pages)
+        return [by_address[a] for a in addresses]
+
+    def follow_list(
+        self,
+        head: int,
+        next_offset: int,
+        span_offset: int,
+        span_size: int,
+        limit: int,
+        *,
+        after: int | None = None,
+    ) -> RemoteListWalk:
+        """Have the hypervisor walk a ``list_head`` list (a prefetch hint: a layout the
+        wire can't express returns an empty walk, and the enclave reads on its own)."""
+        member = -span_offset
+        if (
+            member < 0
+            or member + 16 > span_size
+            or next_offset + 8 > 16
+            or head % 8
+            or not 0 <= head < 1 << 64
+            or (after is not None and not 0 < after < 1 << 64)
+        ):
+            return RemoteListWalk((), ListEnd.FAULT, {})
+        request = FollowList(
+            head, member, span_size, min(limit, MAX_LIST_NODES), next_offset, after or 0
+        )
+        index, pages = self._call(request, (ListReply,))
+        assert isinstance(index, ListReply)
+        return RemoteListWalk(index.entries, index.end, _values(index.pages, pages))
+
+    def begin_scan(self) -> None:
+        """A scan starts: the hypervisor refreshes its registers and page tables (and,
+        with ``pause``, stops the guest until :meth:`end_scan`)."""
+        self._call(BeginScan(self.pause), (Ack,))
+
+    # --- more requests -----------------------------------------------------------------
+
+    def end_scan(self) -> None:
+        """The scan is over: the hypervisor resumes the guest if it paused it."""
+        self._call(EndScan(), (Ack,))
+
+    def vmcoreinfo_notes(self) -> tuple[bytes, ...]:
+        """Every VMCOREINFO note the hypervisor found in guest RAM (genuine or planted)."""
+        index, _ = self._call(GetVmcoreinfo(), (VmcoreinfoReply,))
+        assert isinstance(index, VmcoreinfoReply)
+        return index.notes
+
+    def registers(self) -> RegistersReply:
+        """Each vCPU's control registers."""
+        index, _ = self._call(GetRegisters(), (RegistersReply,))
+        assert isinstance(index, RegistersReply)
+        return index
+
+    # --- one sealed round trip ---------------------------------------------------------
+
+    def _fail(self, code: ErrorCode, message: str) -> SessionFailed:
+        if self.failure is None:
+            self.failure = SessionFailed(code, message)
+            self.channel.close()
+        raise self.failure
+
+    def _call(self, request: Message, expect: tuple[type[Message], ...]) -> tuple[Message, list]:
+        """Seal ``request``, exchange it, open the index and its pages; fail closed."""
+        if self.failure is not None:
+            raise self.failure
+        rid = self._next_request
+        self._next_request += 1
+        try:
+            sealed = self.channel.seal(Kind.REQUEST, rid, encode(request))
+            frame = encode(Request(self.session_id, rid, sealed))
+            self.crossings += 1
+            answer = decode(self.exchange(frame, self.timeout), expect=(Reply, Error))
+            if isinstance(answer, Error):  # clear text: unauthenticated
+                self._fail(
+                    answer.code, f"hypervisor link error (unauthenticated): {answer.message}"
+                )
+            assert isinstance(answer, Reply)
+            body = self.channel.open(Kind.REPLY, rid, answer.sealed_reply)
+            index = decode(body, expect=(*expect, RequestFailed))
+            if isinstance(index, RequestFailed):
+                self._fail(index.code, f"hypervisor refused: {index.message}")
+            present = index.present() if isinstance(index, PagesReply | ListReply) else []
+            if len(answer.sealed_pages) != len(present):
+                raise InvalidSeal()  # pages dropped or added: same as a forgery
+            pages = [
+                self.channel.open(Kind.PAGE, rid, s, address=a, length=PAGE_SIZE)
+                for a, s in zip(present, answer.sealed_pages, strict=True)
+            ]
+        except (InvalidSeal, ChannelClosed):
+            self._fail(ErrorCode.INVALID_SEAL, _FORGED)
+        except (SessionExpired, ChannelExhausted) as exc:
+            self._fail(ErrorCode.TIMEOUT, f"session over: {exc}")
+        except WireTimeout as exc:
+            self._fail(ErrorCode.TIMEOUT, f"no reply from the hypervisor in time ({exc})")
+        except ExchangeFailed as exc:
+            self._fail(exc.code, f"the untrusted host could not relay: {exc}")
+        except WireError as exc:
+            self._fail(ErrorCode.BAD_FRAME, f"malformed reply: {exc}")
+        opened = len(body) + PAGE_SIZE * len(pages)
+        self.bytes_opened += opened
+        if self.sealed:
+            self.bytes_decrypted += opened
+        return index, pages
+
+
+def _ranges(addresses: Sequence[int]) -> tuple[PageRange, ...]:
+    """Consecutive pages as one range each, in the order asked."""
+    out: list[list[int]] = []
+    for a in addresses:
+        if out and a == out[-1][0] + out[-1][1] * PAGE_SIZE:
+            out[-1][1] += 1
+        else:
+            out.append([a, 1])
+    return tuple(PageRange(a, n) for a, n in out)
+
+
+def _values(entries: Sequence[PageEntry], pages: Sequence[bytes]) -> dict[int, bytes | PageFault]:
+    """Address -> page bytes, or the fault the authenticated index reports."""
+    it = iter(pages)
+    out: dict[int, bytes | PageFault] = {}
+    for e in entries:
+        if e.status is PageStatus.PRESENT:
+            out[e.address] = next(it)
+        elif e.status is PageStatus.NOT_RAM:
+            out[e.address] = PageFault(e.address, 0, None, "translates outside guest RAM")
+        else:
+            out[e.address] = PageFault(e.address, 0, None, "not present (hypervisor page walk)")
+    return out
