@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 
 from sgmonitor.errors import PageFault, PhysicalAccessError
 from sgmonitor.guest.memory import PhysicalMemory, Registers
-from sgmonitor.guest.paging import PAGE_SHIFT, PAGE_SIZE, PageWalker
+from sgmonitor.guest.paging import PAGE_SHIFT, PAGE_SIZE, PageWalker, Translation
 from sgmonitor.wire import MAX_ENTRY_SIZE, MAX_LIST_NODES, MAX_PAGES_PER_REQUEST, MAX_REPLY_PAGES
 from sgmonitor.wire import ListEnd as ListEnd
 
 __all__ = ["ListEnd", "ListWalk", "PageNotRam", "PageServer"]
 
 _U64 = 1 << 64
+_LARGE_SHIFT = 21  # 2 MiB: the smallest large page
 _POINTER = 8  # x86-64: list pointers are 8 little-endian bytes
 # The widest next-pointer offset accepted: a list_head lies inside its entry.
 MAX_NEXT_OFFSET = MAX_ENTRY_SIZE
@@ -66,6 +67,7 @@ class PageServer:
         self.max_list_pages = max_list_pages
         self._walker: PageWalker | None = None
         self._registers: Registers | None = None
+        self._large: dict[int, Translation] = {}  # 2 MiB and 1 GiB pages, by 2 MiB frame
 
     def refresh(self) -> None:
         """Re-read the vCPU registers and rebuild the kernel walker (new CR3, no cached
@@ -73,6 +75,7 @@ class PageServer:
         registers = self.memory.registers()
         self._walker = PageWalker.for_kernel(self.memory, registers)
         self._registers = registers
+        self._large.clear()
 
     begin_scan = refresh  # the PageTransport hook: a new scan starts from fresh tables
 
@@ -93,10 +96,14 @@ class PageServer:
     def read_page(self, page: int) -> bytes | PageFault:
         """The 4 KiB at page-aligned ``page``, or why it could not be read."""
         walker = self._kernel_walker()
-        try:
-            t = walker.translate(page)
-        except PageFault as fault:
-            return fault
+        t = self._large.get(page >> _LARGE_SHIFT)
+        if t is None:
+            try:
+                t = walker.translate(page)
+            except PageFault as fault:
+                return fault
+            if t.page_size > PAGE_SIZE:  # the direct map: one walk serves 512 pages
+                self._large[page >> _LARGE_SHIFT] = t
         try:
             return self.memory.read_physical(t.physical(page), PAGE_SIZE)
         except PhysicalAccessError as exc:
@@ -155,9 +162,10 @@ class PageServer:
                 return walk.result(ListEnd.LOOP)
             if len(walk.nodes) >= min(limit, MAX_LIST_NODES):
                 return walk.result(ListEnd.LIMIT)
-            if not walk.fits(node, self.max_list_pages):
+            needed = walk.needed(node)
+            if needed is not None and len(walk.pages) + len(needed) > self.max_list_pages:
                 return walk.result(ListEnd.REPLY_FULL)
-            if not walk.take(node):
+            if not walk.take(node, needed):
                 return walk.result(ListEnd.FAULT)
             seen.add(node)
             nxt = walk.pointer(node)
@@ -181,7 +189,7 @@ class _ListWalker:
     def result(self, end: ListEnd) -> ListWalk:
         return ListWalk(tuple(self.nodes), end, self.pages, self.fault)
 
-    def _needed(self, node: int) -> list[int] | None:
+    def needed(self, node: int) -> list[int] | None:
         """Pages of the node's span and next pointer not read yet; None if they leave the
         64-bit address space (a wild pointer)."""
         start, ptr = node + self.span_offset, node + self.next_offset
@@ -189,10 +197,6 @@ class _ListWalker:
             return None
         wanted = [*_pages(start, self.size), *_pages(ptr, _POINTER)]
         return [p for p in dict.fromkeys(wanted) if p not in self.pages]
-
-    def fits(self, node: int, max_pages: int) -> bool:
-        needed = self._needed(node)
-        return needed is None or len(self.pages) + len(needed) <= max_pages
 
     def _load(self, pages: Sequence[int]) -> list[bytes] | None:
         """The bytes of each page, reading those not read yet; None at the first fault."""
@@ -207,14 +211,13 @@ class _ListWalker:
             out.append(got)
         return out
 
-    def take(self, node: int) -> bool:
-        """Read the node's span (and next pointer); False, fault recorded, if it faults."""
-        needed = self._needed(node)
+    def take(self, node: int, needed: list[int] | None) -> bool:
+        """Read the node's ``needed`` pages; False, fault recorded, if one faults. Pages
+        read before are known good: the first fault ends the walk."""
         if needed is None:
             self.fault = PageFault(node, 0, None, "list node outside the address space")
             return False
-        start, ptr = node + self.span_offset, node + self.next_offset
-        if self._load([*_pages(start, self.size), *_pages(ptr, _POINTER)]) is None:
+        if self._load(needed) is None:
             return False
         self.nodes.append(node)
         return True
