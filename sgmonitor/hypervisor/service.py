@@ -162,7 +162,7 @@ class _Session:
     served: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a set member
 class _Connection:
     sock: socket.socket
     sessions: dict[bytes, _Session] = field(default_factory=dict)
