@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from sgmonitor.errors import SGMonitorError
+
+T = TypeVar("T")
 
 
 class QmpError(SGMonitorError):
@@ -16,24 +20,40 @@ class QmpError(SGMonitorError):
 
 
 class Qmp:
-    """One QMP session; use as a context manager or call :meth:`close`."""
+    """One QMP session; use as a context manager or call :meth:`close`.
+
+    Every call has a deadline: QEMU serves one QMP client per socket, so a second
+    client (another tool holding the monitor) would otherwise wait forever.
+    """
 
     def __init__(self, socket_path: str, timeout: float = 10.0) -> None:
-        self._monitor = QEMUMonitorProtocol(socket_path)
-        try:
-            self._monitor.connect(negotiate=True)
-        except (OSError, Exception) as exc:  # qemu.qmp raises its own ConnectError family
-            raise QmpError(f"cannot reach QMP at {socket_path}: {exc}") from exc
         self._timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._client = QMPClient("sgmonitor")
+        try:
+            self._run(self._client.connect(socket_path))
+        except TimeoutError:
+            self._loop.close()
+            raise QmpError(
+                f"QMP at {socket_path} did not greet us in {timeout}s "
+                "(is another client holding the monitor?)"
+            ) from None
+        except (OSError, QMPError) as exc:
+            self._loop.close()
+            raise QmpError(f"cannot reach QMP at {socket_path}: {exc}") from exc
+
+    def _run(self, step: Awaitable[T]) -> T:
+        return self._loop.run_until_complete(asyncio.wait_for(step, self._timeout))
 
     def command(self, name: str, **arguments: Any) -> Any:
         try:
-            reply = self._monitor.cmd_raw(name, arguments or None)
-        except Exception as exc:
+            return self._run(self._client.execute(name, arguments or None))
+        except ExecuteError as exc:
+            raise QmpError(f"QMP {name}: {exc.error.desc}") from exc
+        except TimeoutError:
+            raise QmpError(f"QMP {name}: no answer in {self._timeout}s") from None
+        except (OSError, QMPError, EOFError) as exc:
             raise QmpError(f"QMP {name} failed: {exc}") from exc
-        if "error" in reply:
-            raise QmpError(f"QMP {name}: {reply['error'].get('desc', reply['error'])}")
-        return reply.get("return")
 
     def hmp(self, command_line: str) -> str:
         """Run a human-monitor command and return its text output."""
@@ -71,8 +91,11 @@ class Qmp:
         raise QmpError("the guest has no shared memory-backend-file (start QEMU with share=on)")
 
     def close(self) -> None:
-        with contextlib.suppress(EOFError, OSError):  # QEMU already hung up after ``quit``
-            self._monitor.close()
+        if self._loop.is_closed():
+            return
+        with contextlib.suppress(EOFError, OSError, QMPError, asyncio.TimeoutError):
+            self._run(self._client.disconnect())  # QEMU may have hung up after ``quit``
+        self._loop.close()
 
     def __enter__(self) -> Qmp:
         return self

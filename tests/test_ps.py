@@ -1,0 +1,221 @@
+"""``sgmonitor ps`` against the guest's own /proc view, on every lab configuration,
+from the live guest and from an ELF core, and against hostile guest data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from guests import MAIN, GuestUnderTest, only
+
+from sgmonitor.guest.qemu import QemuGuest
+from sgmonitor.guest.qmp import Qmp
+from sgmonitor.kernel.helpers.sched import for_each_process
+from sgmonitor.kernel.kallsyms import (
+    MAX_IMAGE_SIZE,
+    VmlinuxFile,
+    decode_kallsyms,
+    find_kallsyms_tables,
+)
+from sgmonitor.lab import machine
+from sgmonitor.lab.kernel import fetch_kernel
+from sgmonitor.traditional import open_guest_kernel
+
+pytestmark = pytest.mark.guest
+
+EXIT_COULD_NOT_CHECK = 3
+
+
+def ps(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sgmonitor", "ps", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def ps_json(*args: str) -> list[dict[str, object]]:
+    result = ps(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def same_as_guest(records: list[dict[str, object]], truth: machine.Truth) -> None:
+    """Every process the guest lists, and no other, with its ppid, uid and name.
+
+    A workqueue worker's /proc name ends in the work it last ran ("kworker/0:1-events");
+    that suffix is volatile by design, so for those only the part before it must match.
+    """
+    ours = {r["pid"]: r for r in records}
+    theirs = {p["pid"]: p for p in truth.processes}
+    assert sorted(ours) == sorted(theirs)
+    for pid, mine in ours.items():
+        guest_view = theirs[pid]
+        assert (mine["ppid"], mine["uid"]) == (guest_view["ppid"], guest_view["uid"]), pid
+        name = str(guest_view["comm"])
+        if str(mine["comm"]).startswith("kworker/"):
+            assert name.split("+")[0].split("-")[0] == mine["comm"], pid
+        else:
+            assert mine["name"] == name, pid
+        assert str(mine["name"]).startswith(str(mine["comm"])), pid
+        assert mine["tgid"] == pid and mine["state"] in "RSDTtXZPI"
+
+
+def test_ps_lists_exactly_what_the_guest_lists(guest: GuestUnderTest) -> None:
+    truth = machine.truth(guest.info, fresh=True)
+    records = ps_json("--qemu", guest.info.qmp)
+    same_as_guest(records, truth)
+    workers = [r for r in records if r["comm"] == "sleep" and r["ppid"] == 1]
+    assert len(workers) == guest.config.workload.procs
+    assert sum(r["ppid"] == 2 for r in records) >= 20  # kernel threads, under kthreadd
+
+
+@contextlib.contextmanager
+def held_still(qmp_socket: str) -> Iterator[None]:
+    """Keep the guest stopped without holding its monitor (QEMU serves one QMP client at
+    a time, and ``sgmonitor ps`` needs it)."""
+    with Qmp(qmp_socket) as qmp:
+        qmp.stop()
+    try:
+        yield
+    finally:
+        with Qmp(qmp_socket) as qmp:
+            qmp.cont()
+
+
+def test_ps_from_an_elf_core_equals_the_live_guest(guest: GuestUnderTest, tmp_path: Path) -> None:
+    core = tmp_path / "guest.core"
+    with held_still(guest.info.qmp):
+        with Qmp(guest.info.qmp) as qmp:
+            qmp.command("dump-guest-memory", paging=False, protocol=f"file:{core}")
+        live_records = ps_json("--qemu", guest.info.qmp)
+    assert ps_json("--core", str(core)) == live_records
+
+
+def test_vendor_vmlinux_is_checked(guest: GuestUnderTest) -> None:
+    own = ps("--qemu", guest.info.qmp, "--vmlinux", guest.info.vmlinux, "--json")
+    assert own.returncode == 0, own.stderr
+    other_flavor = "amd64" if guest.config.flavor == "cloud" else "cloud"
+    wrong = ps("--qemu", guest.info.qmp, "--vmlinux", str(fetch_kernel(other_flavor).vmlinux))
+    assert wrong.returncode == EXIT_COULD_NOT_CHECK
+    assert "BTF" in wrong.stderr and "differs" in wrong.stderr
+    assert wrong.stdout == ""
+
+
+@only(MAIN)
+def test_system_map_is_used_when_it_fits(guest: GuestUnderTest, tmp_path: Path) -> None:
+    """A System.map made from the vendor vmlinux's own kallsyms works; one that is off
+    by a page is refused rather than used."""
+    vendor = VmlinuxFile(guest.info.vmlinux)  # link-time addresses, as in System.map
+    image = range(vendor.ranges[0].start, vendor.ranges[0].start + MAX_IMAGE_SIZE)
+    symbols = decode_kallsyms(vendor, find_kallsyms_tables(vendor, image), image)
+    entries = list(zip(symbols.addresses, symbols.types, symbols.names, strict=True))
+    good, bad = tmp_path / "System.map", tmp_path / "System.map.bad"
+    good.write_text("".join(f"{a:016x} {t} {n}\n" for a, t, n in entries))
+    bad.write_text("".join(f"{a + 0x1000:016x} {t} {n}\n" for a, t, n in entries))
+    with held_still(guest.info.qmp):
+        with_map = ps_json("--qemu", guest.info.qmp, "--system-map", str(good))
+        assert with_map == ps_json("--qemu", guest.info.qmp)
+    refused = ps("--qemu", guest.info.qmp, "--system-map", str(bad))
+    assert refused.returncode == EXIT_COULD_NOT_CHECK and "System.map" in refused.stderr
+
+
+# -- hostile guest data: written into the paused guest's RAM file by the test --------
+
+
+@contextlib.contextmanager
+def tampered(live: QemuGuest, patches: dict[int, bytes]) -> Iterator[None]:
+    """Write ``patches`` (guest-physical address -> bytes) into the paused guest's RAM
+    file, and put the original bytes back afterwards."""
+    saved = {gpa: live.read_physical(gpa, len(data)) for gpa, data in patches.items()}
+    fd = os.open(live.path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0) as ram:
+            for gpa, data in patches.items():
+                offset = _file_offset(live, gpa)
+                ram[offset : offset + len(data)] = data
+            try:
+                yield
+            finally:
+                for gpa, data in saved.items():
+                    offset = _file_offset(live, gpa)
+                    ram[offset : offset + len(data)] = data
+    finally:
+        os.close(fd)
+
+
+def _file_offset(live: QemuGuest, gpa: int) -> int:
+    seg = next(s for s in live.segments if s.address <= gpa < s.end)
+    return seg.file_offset + gpa - seg.address
+
+
+def _pointer(value: int) -> bytes:
+    return value.to_bytes(8, "little")
+
+
+def assert_could_not_check(qmp: str, *expected: str) -> None:
+    started = time.monotonic()
+    result = ps("--qemu", qmp, timeout=60)
+    assert result.returncode == EXIT_COULD_NOT_CHECK, result.stderr
+    assert result.stdout == ""
+    assert any(word in result.stderr for word in expected), result.stderr
+    assert time.monotonic() - started < 30, "a hostile guest must not make ps slow"
+
+
+@only(MAIN)
+@pytest.mark.parametrize(
+    "how", ["cycle-skipping-head", "cycle-consistent-prev", "wild", "unmapped"]
+)
+def test_hostile_task_list_is_a_bounded_error(guest: GuestUnderTest, how: str) -> None:
+    with held_still(guest.info.qmp), QemuGuest(guest.info.qmp) as live:
+        kernel = open_guest_kernel(live)
+        tasks = list(for_each_process(kernel))
+        memory = kernel.memory
+        first, second, later = (tasks[i].tasks for i in (3, 4, 10))  # struct list_head
+        patches: dict[int, bytes] = {}
+        if how == "cycle-skips-head":  # later -> first: a ring that never reaches init_task
+            patches[memory.translate(later.next.address_)] = _pointer(first.address_)
+        elif how == "cycle-keeps-prev":  # prev links kept consistent, still a ring
+            patches[memory.translate(later.next.address_)] = _pointer(first.address_)
+            patches[memory.translate(first.prev.address_)] = _pointer(later.address_)
+        elif how == "wild":
+            patches[memory.translate(second.next.address_)] = _pointer(0xDEAD_0000_0000_0000)
+        else:  # canonical kernel address with nothing mapped there
+            patches[memory.translate(second.next.address_)] = _pointer(0xFFFF_FFFF_FF7F_0000)
+        live.qmp.close()  # let ps have the monitor
+        with tampered(live, patches):
+            assert_could_not_check(guest.info.qmp, "cycle", "seen twice", "broken", "unreadable")
+    assert ps("--qemu", guest.info.qmp).returncode == 0  # restored: the guest is fine
+
+
+@only(MAIN)
+@pytest.mark.parametrize("how", ["truncated", "lying-type-length", "bad-magic"])
+def test_hostile_btf_is_rejected(guest: GuestUnderTest, how: str) -> None:
+    with held_still(guest.info.qmp), QemuGuest(guest.info.qmp) as live:
+        kernel = open_guest_kernel(live)
+        start = kernel.symbols["__start_BTF"]
+        header = kernel.memory.read(start, 24)
+        header_at = kernel.memory.translate(start)
+        hdr_len = int.from_bytes(header[4:8], "little")
+        type_len = int.from_bytes(header[12:16], "little")
+        str_off = int.from_bytes(header[16:20], "little")
+        if how == "truncated":  # the string section claims to run far past __stop_BTF
+            patch = {header_at + 20: (0x7FFF_FFF0 - str_off).to_bytes(4, "little")}
+        elif how == "lying-type-length":  # types claimed to run into the strings
+            patch = {header_at + 12: (type_len + 4096).to_bytes(4, "little")}
+        else:
+            patch = {header_at: b"\x00\x00"}
+        assert hdr_len == 24
+        live.qmp.close()  # let ps have the monitor
+        with tampered(live, patch):
+            assert_could_not_check(guest.info.qmp, "BTF")
