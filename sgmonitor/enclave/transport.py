@@ -71,7 +71,7 @@ class SessionFailed(SGMonitorError):
     ``Error``, or an authenticated refusal. Never guest data; open a new session."""
 
     def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(f"{code.name}: {message}")
+        super().__init__(message)
         self.code = code
 
 

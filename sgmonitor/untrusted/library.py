@@ -94,6 +94,7 @@ __all__ = [
     "SecureMonitor",
     "private_hypervisor",
     "scan_qemu",
+    "start_hypervisor",
 ]
 
 log = logging.getLogger("sgmonitor.untrusted")
@@ -120,6 +121,7 @@ class EnclaveCallFailed(LibraryError):
     def __init__(self, name: str, code: ErrorCode, message: str) -> None:
         super().__init__(f"{name}: {code.name}: {message}")
         self.code = code
+        self.detail = message
 
 
 class ScanError(EnclaveCallFailed):
@@ -399,6 +401,13 @@ class SecureMonitor:
         self._hv_call(msg, (SessionOpened,), self.timeout)
         self.session_id = session_id
 
+    def new_session(self) -> None:
+        """Close the current session (if any) and open a fresh one: new key, new id."""
+        assert self.enclave is not None, "open() first"
+        if self.session_id is not None:
+            self._session_failed()
+        self.open_session()
+
     def scan(
         self, check: str = "pslist", *, cache_budget: int | None = None
     ) -> tuple[list[dict[str, int | str]], dict[str, object]]:
@@ -427,7 +436,7 @@ class SecureMonitor:
             )
         except EnclaveCallFailed as exc:
             self._session_failed()
-            raise ScanError("ecall_run_scan", exc.code, str(exc)) from None
+            raise ScanError(f"{check} on {self.vm}", exc.code, exc.detail) from None
         report = out["report"]
         assert isinstance(report, bytes)
         doc = json.loads(report)
@@ -531,37 +540,33 @@ class PrivateHypervisor:
 
     socket: str
     public_key: X25519PublicKey
-    vm: str
+    guests: tuple[str, ...]
     pid: int
+
+    @property
+    def vm(self) -> str:
+        """The first (for a private service: the only) guest's name."""
+        return self.guests[0]
 
 
 @contextlib.contextmanager
-def private_hypervisor(
-    qmp_socket: str,
-    vm: str = "guest",
+def start_hypervisor(
+    guests: Mapping[str, str],
     *,
     allow_unsealed: bool = False,
     start_timeout: float = 30.0,
 ) -> Iterator[PrivateHypervisor]:
-    """Start ``python -m sgmonitor.hypervisor`` for one QMP socket with a throwaway key,
-    wait for its ready line, and stop it afterwards (it also exits if we die: its
-    stdin is our pipe)."""
+    """Start ``python -m sgmonitor.hypervisor`` for ``guests`` (name -> QMP socket) with
+    a throwaway key, wait for its ready line, and stop it afterwards (it also exits if
+    we die: its stdin is our pipe)."""
     home = Path(tempfile.mkdtemp(prefix="sgm-hv-"))
     key = generate_private_key()
     save_private_key(home / "hv.pem", key)
     sock_path = str(home / "hv.sock")
-    argv = [
-        sys.executable,
-        "-m",
-        "sgmonitor.hypervisor",
-        "--socket",
-        sock_path,
-        "--key",
-        str(home / "hv.pem"),
-        "--guest",
-        f"{vm}={qmp_socket}",
-        "--exit-with-stdin",
-    ]
+    argv = [sys.executable, "-m", "sgmonitor.hypervisor", "--socket", sock_path]
+    argv += ["--key", str(home / "hv.pem"), "--exit-with-stdin"]
+    for name, qmp in guests.items():
+        argv += ["--guest", f"{name}={qmp}"]
     if allow_unsealed:
         argv.append("--allow-unsealed")
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=_ROOT)
@@ -569,7 +574,7 @@ def private_hypervisor(
         info = _ready_line(proc, start_timeout)
         if info.get("fingerprint") != fingerprint(key.public_key()):
             raise HypervisorUnavailable("the private hypervisor service reports another key")
-        yield PrivateHypervisor(sock_path, key.public_key(), vm, proc.pid)
+        yield PrivateHypervisor(sock_path, key.public_key(), tuple(guests), proc.pid)
     finally:
         assert proc.stdin is not None and proc.stdout is not None
         with contextlib.suppress(OSError):
@@ -578,6 +583,15 @@ def private_hypervisor(
         _reap(proc, 5.0)
         proc.stdout.close()
         shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_hypervisor(
+    qmp_socket: str, vm: str = "guest", *, allow_unsealed: bool = False
+) -> Iterator[PrivateHypervisor]:
+    """A hypervisor service for one QMP socket, for one run (see :func:`start_hypervisor`)."""
+    with start_hypervisor({vm: qmp_socket}, allow_unsealed=allow_unsealed) as hv:
+        yield hv
 
 
 def _ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, object]:
