@@ -97,6 +97,10 @@ class Qmp:
             self._run(self._client.disconnect())  # QEMU may have hung up after ``quit``
         self._loop.close()
 
+    def __del__(self) -> None:  # an unclosed session must not leave asyncio tasks behind
+        with contextlib.suppress(Exception):
+            self.close()
+
     def __enter__(self) -> Qmp:
         return self
 

@@ -1,0 +1,82 @@
+"""Cold start and warm scan of ``sgmonitor ps`` against the guest's process count.
+
+    .venv/bin/python benchmarks/ps_scaling.py [--procs 200 5000] [--runs 10]
+
+For each size it boots a lab guest (1 GiB RAM for the large one), then measures
+- cold: wall time of ``sgmonitor ps --qemu SOCK --json`` as a new process (Python start,
+  QMP, vmcoreinfo scan, kallsyms, BTF, scan, output), best and mean of 5 runs;
+- warm: one scan (``list_processes``) with the kernel already open and the translation
+  cache cleared each time, guest paused, mean and spread of --runs runs.
+Nothing but the QMP socket is given to ps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from sgmonitor.guest.qemu import QemuGuest
+from sgmonitor.ids.pslist import list_processes
+from sgmonitor.lab import machine
+from sgmonitor.lab.initramfs import Workload
+from sgmonitor.traditional import open_guest_kernel
+
+
+def cold_runs(qmp: str, runs: int = 5) -> list[float]:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "sgmonitor", "ps", "--qemu", qmp, "--json"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def warm_runs(qmp: str, runs: int) -> tuple[int, list[float]]:
+    with QemuGuest(qmp) as live, live.paused():
+        kernel = open_guest_kernel(live)
+        count = len(list_processes(kernel))
+        times = []
+        for _ in range(runs):
+            kernel.memory.walker.invalidate()
+            start = time.perf_counter()
+            list_processes(kernel)
+            times.append(time.perf_counter() - start)
+    return count, times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--procs", type=int, nargs="+", default=[200, 5000])
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+    print(
+        "| extra procs | processes | cold best (s) | cold mean (s) | warm mean (ms) "
+        "| warm stdev (ms) | warm per process (µs) |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for procs in args.procs:
+        name = f"bench{os.getpid()}-{procs}"
+        mem = 256 if procs <= 1000 else 1024
+        guest = machine.start(name, machine.MachineConfig(mem_mib=mem, workload=Workload(procs)))
+        try:
+            cold = cold_runs(guest.qmp)
+            count, warm = warm_runs(guest.qmp, args.runs)
+        finally:
+            machine.stop(name)
+        mean = statistics.mean(warm)
+        print(
+            f"| {procs} | {count} | {min(cold):.3f} | {statistics.mean(cold):.3f} "
+            f"| {mean * 1e3:.1f} | {statistics.stdev(warm) * 1e3:.1f} | {mean / count * 1e6:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
