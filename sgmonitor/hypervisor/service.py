@@ -114,6 +114,7 @@ class GuestHandle:
         self.server: PageServer | None = None
         self.pauses = 0
         self.we_paused = False
+        self.sessions = 0  # open sessions on this guest
         self.vmcoreinfo: list[tuple[int, bytes]] | None = None  # (address, note) found
 
     def ensure_open(self) -> PageServer:
@@ -125,11 +126,19 @@ class GuestHandle:
 
     def reset(self) -> None:
         """Forget the guest connection after a failure; the next use reopens it."""
+        self.release()
+        self.vmcoreinfo = None
+
+    def release(self) -> None:
+        """Let go of QMP and the RAM mapping (QEMU serves one QMP client at a time, so
+        the service holds it only while a session needs it); resume what we paused."""
         if self.memory is not None:
+            with contextlib.suppress(Exception):
+                if self.we_paused and isinstance(self.memory, QemuGuest):
+                    self.memory.qmp.cont()
             with contextlib.suppress(Exception):
                 self.memory.close()
         self.memory = self.server = None
-        self.vmcoreinfo = None
         self.pauses, self.we_paused = 0, False
 
     def pause(self) -> bool:
@@ -408,6 +417,7 @@ class HypervisorService:
             except Exception as exc:
                 guest.reset()
                 raise _Refused(ErrorCode.GUEST_UNAVAILABLE, f"guest {msg.vm!r}: {exc}") from None
+            guest.sessions += 1
         conn.sessions[msg.session_id] = _Session(msg.vm, channel, guest)
         return SessionOpened(msg.session_id)
 
@@ -424,6 +434,11 @@ class HypervisorService:
         session.channel.close()
         if session.paused_at is not None:
             self._unpause(session)
+        with session.guest.lock:
+            session.guest.sessions -= 1
+            if session.guest.sessions <= 0:
+                session.guest.sessions = 0
+                session.guest.release()
 
     def _unpause(self, session: _Session) -> None:
         session.paused_at = None
