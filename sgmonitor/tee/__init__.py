@@ -10,6 +10,8 @@ import importlib
 from collections.abc import Mapping
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from sgmonitor.tee.backend import ENCLAVE_SOURCES, EvidenceVerifier, TeeBackend
 
 # The one place that maps backend names to implementations; callers pick by name
@@ -59,4 +61,27 @@ def load_backend(
         config=config,
         sigstruct=sigstruct,
         options=dict(options or {}),
+    )
+
+
+def sign_enclave_for(
+    name: str,
+    signing_key: Ed25519PrivateKey,
+    *,
+    root: Path,
+    config: bytes,
+    isv_prod_id: int = 1,
+    isv_svn: int = 1,
+    debug: bool = True,
+) -> bytes:
+    """The signer's step for backend ``name``: measure ``ENCLAVE_SOURCES`` under
+    ``root`` with ``config`` and sign it, for :func:`load_backend` to check."""
+    return backend_class(name).sign(
+        signing_key,
+        root=root,
+        sources=ENCLAVE_SOURCES,
+        config=config,
+        isv_prod_id=isv_prod_id,
+        isv_svn=isv_svn,
+        debug=debug,
     )

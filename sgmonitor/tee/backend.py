@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from sgmonitor.errors import SGMonitorError
 
 __all__ = [
@@ -102,6 +104,22 @@ class TeeBackend(ABC):
         """Start as the enclave whose files under ``root`` and ``config`` the signer's
         ``sigstruct`` vouches for (EINIT); refuse with :class:`EnclaveLoadError` if they
         measure differently. ``options`` are backend-specific (e.g. a platform key)."""
+
+    @classmethod
+    @abstractmethod
+    def sign(
+        cls,
+        signing_key: Ed25519PrivateKey,
+        *,
+        root: Path,
+        sources: Sequence[str],
+        config: bytes,
+        isv_prod_id: int,
+        isv_svn: int,
+        debug: bool,
+    ) -> bytes:
+        """The signer's tool (like ``gramine-sgx-sign``): measure the enclave's files and
+        ``config`` and return the signature structure :meth:`launch` checks."""
 
     @abstractmethod
     def identity(self) -> EnclaveIdentity:

@@ -268,6 +268,24 @@ class SimBackend(TeeBackend):
             platform = SimPlatform.generate()
         return cls(identity, platform)
 
+    @classmethod
+    def sign(
+        cls,
+        signing_key: Ed25519PrivateKey,
+        *,
+        root: Path,
+        sources: Sequence[str],
+        config: bytes,
+        isv_prod_id: int,
+        isv_svn: int,
+        debug: bool,
+    ) -> bytes:
+        """MRENCLAVE of the files and ``config``, signed (:func:`sign_enclave`)."""
+        mrenclave = measure_enclave(root, sources, config)
+        return sign_enclave(
+            signing_key, mrenclave, isv_prod_id=isv_prod_id, isv_svn=isv_svn, debug=debug
+        )
+
     def identity(self) -> EnclaveIdentity:
         """The identity checked at load."""
         return self._identity

@@ -53,9 +53,7 @@ from sgmonitor.keywrap import (
     public_key_to_pem,
     save_private_key,
 )
-from sgmonitor.tee import edl
-from sgmonitor.tee.backend import ENCLAVE_SOURCES
-from sgmonitor.tee.sim import measure_enclave, sign_enclave
+from sgmonitor.tee import edl, sign_enclave_for
 from sgmonitor.wire import (
     Call,
     CallDirection,
@@ -186,8 +184,7 @@ class EnclaveHost:
         self._dir = Path(tempfile.mkdtemp(prefix="sgm-enclave-"))
         self._next_call = 1
         key = signing_key or _dev_signer()
-        mrenclave = measure_enclave(_ROOT, ENCLAVE_SOURCES, config)
-        sigstruct = sign_enclave(key, mrenclave, isv_prod_id=1, isv_svn=1, debug=True)
+        sigstruct = sign_enclave_for(backend, key, root=_ROOT, config=config)
         (self._dir / "enclave.json").write_bytes(config)
         (self._dir / "enclave.sig").write_bytes(sigstruct)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
