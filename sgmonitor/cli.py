@@ -12,6 +12,7 @@ from pathlib import Path
 from sgmonitor.errors import GuestDataError, SGMonitorError
 from sgmonitor.lab.kernel import FLAVORS, LabError
 
+MODES = ("traditional", "secure-plain", "secure")
 # Guest data was hostile or inconsistent: the IDS could not check, which is not "clean".
 EXIT_COULD_NOT_CHECK = 3
 
@@ -115,7 +116,22 @@ def _print_processes(records: list[dict[str, object]], as_json: bool) -> None:
 
 
 def _ps(args: argparse.Namespace) -> int:
+    mode = args.mode or ("traditional" if args.core else "secure")
+    if mode != "traditional":
+        if args.core or args.ram:
+            raise SGMonitorError("--core and --ram are read in this process: --mode traditional")
+        if args.vmlinux or args.system_map or args.btf_sha256:
+            raise SGMonitorError(
+                "--vmlinux, --system-map and --btf-sha256 apply to --mode traditional only"
+            )
+        from sgmonitor.untrusted.library import scan_qemu
+
+        records, _ = scan_qemu(args.qemu, mode=mode, cache_budget=args.cache_budget << 20)
+        _print_processes([dict(r) for r in records], args.json)
+        return 0
+
     from sgmonitor.ids.pslist import list_processes
+    from sgmonitor.traditional import open_guest_kernel
 
     options = {
         "vendor_vmlinux": args.vmlinux,
@@ -124,17 +140,15 @@ def _ps(args: argparse.Namespace) -> int:
     }
     if args.core:
         from sgmonitor.guest.elfcore import ElfCore
-        from sgmonitor.traditional import open_guest_kernel
 
         with ElfCore(args.core) as core:
-            records = list_processes(open_guest_kernel(core, **options))
+            found = list_processes(open_guest_kernel(core, **options))
     else:
         from sgmonitor.guest.qemu import QemuGuest
-        from sgmonitor.traditional import open_guest_kernel
 
         with QemuGuest(args.qemu, args.ram) as live, live.paused():
-            records = list_processes(open_guest_kernel(live, **options))
-    _print_processes([r.as_dict() for r in records], args.json)
+            found = list_processes(open_guest_kernel(live, **options))
+    _print_processes([r.as_dict() for r in found], args.json)
     return 0
 
 
@@ -148,12 +162,65 @@ def _add_ps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     source = ps.add_mutually_exclusive_group(required=True)
     source.add_argument("--qemu", metavar="QMP_SOCKET", help="a running QEMU guest's QMP socket")
     source.add_argument("--core", metavar="FILE", help="an ELF core from dump-guest-memory")
+    ps.add_argument(
+        "--mode",
+        choices=("secure", "secure-plain", "traditional"),
+        help="secure (default for --qemu): enclave + hypervisor service, sealed pages; "
+        "secure-plain: the same path UNSEALED, for experiments only; traditional: read "
+        "guest RAM in this process (default for --core)",
+    )
+    ps.add_argument(
+        "--cache-budget", type=int, default=32, metavar="MIB", help="enclave page cache (MiB)"
+    )
     ps.add_argument("--ram", metavar="FILE", help="the guest RAM file (default: ask QMP)")
     ps.add_argument("--json", action="store_true", help="JSON Lines instead of a table")
     ps.add_argument("--vmlinux", type=Path, help="vendor vmlinux: refuse a guest whose BTF differs")
     ps.add_argument("--system-map", type=Path, help="System.map to take symbols from")
     ps.add_argument("--btf-sha256", metavar="HEX", help="refuse a guest whose BTF hash differs")
     ps.set_defaults(func=_ps)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from sgmonitor import bench
+
+    def progress(message: str) -> None:
+        print(f"bench: {message}", file=sys.stderr, flush=True)
+
+    results = bench.run_benchmark(
+        args.processes, args.modes, [b << 20 for b in args.budgets], args.runs, progress
+    )
+    if args.plot:
+        bench.plot(results, args.plot)
+    if args.json:
+        print(json.dumps({"runs": [r.as_dict() for r in results]}, indent=2))
+    else:
+        print(bench.table(results))
+    return 0 if all(r.records_match_traditional for r in results) else 1
+
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="the paper's Figure 9/10: scan time of each mode on lab guests, in one run",
+        description="Boot a lab guest per process count and time the process-list scan in "
+        "each mode on it. Default: Figure 9 (~166 and ~1,000 processes, 10 runs each). "
+        "Figure 10: --processes 100 500 1000 2000 5000 --modes traditional secure "
+        "--budgets 32 1 --plot fig10.png",
+    )
+    bench.add_argument("--processes", type=int, nargs="+", default=[166, 1000])
+    bench.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    bench.add_argument(
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=[32],
+        metavar="MIB",
+        help="enclave page-cache budgets to run the secure modes with (MiB)",
+    )
+    bench.add_argument("--runs", type=int, default=10)
+    bench.add_argument("--json", action="store_true", help="one JSON document: {runs: [...]}")
+    bench.add_argument("--plot", metavar="PNG", help="also draw time against process count")
+    bench.set_defaults(func=_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -163,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_lab(sub)
     _add_ps(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -22,7 +22,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
@@ -32,7 +32,7 @@ from sgmonitor.enclave.memory import DEFAULT_BUDGET, RemoteMemory
 from sgmonitor.enclave.transport import ExchangeFailed, SealedTransport, SessionFailed
 from sgmonitor.errors import GuestDataError, SGMonitorError
 from sgmonitor.ids.pslist import list_processes
-from sgmonitor.kernel.kernel import open_kernel
+from sgmonitor.kernel.kernel import Kernel, open_kernel
 from sgmonitor.keywrap import public_key_from_pem, wrap_session_key
 from sgmonitor.tee import edl
 from sgmonitor.tee.backend import REPORT_DATA_LEN, TeeBackend
@@ -192,6 +192,9 @@ class _Session:
     channel: SealingChannel
     transport: SealedTransport
     memory: RemoteMemory | None = None
+    # Symbols and types of the guest kernel, found on the first scan: they do not
+    # change while that kernel runs, so later scans only re-read guest data.
+    kernel: Kernel | None = None
 
 
 class EnclaveProgram:
@@ -281,7 +284,7 @@ class EnclaveProgram:
             )
         transport.timeout, transport.pause = timeout, pause
         if session.memory is None or session.memory.cache.budget != budget:
-            session.memory = RemoteMemory(transport, budget)
+            session.memory, session.kernel = RemoteMemory(transport, budget), None
         memory = session.memory
         before, crossings, opened, decrypted = (
             memory.stats(),
@@ -291,11 +294,16 @@ class EnclaveProgram:
         )
         started = time.perf_counter()
         status, error, records = "ok", "", []
+        opened_kernel = session.kernel is None
         try:
             try:
                 memory.begin_scan()
-                records = _pslist(memory, transport.vmcoreinfo_notes())
+                if session.kernel is None:
+                    session.kernel = open_kernel(memory, transport.vmcoreinfo_notes())
+                records = [asdict(r) for r in list_processes(session.kernel)]
             except GuestDataError as exc:
+                # Perhaps the guest rebooted (new KASLR slide): find the kernel afresh.
+                session.kernel = None
                 status, error, records = "could-not-check", str(exc)[:2000], []
             finally:
                 if transport.failure is None:
@@ -313,6 +321,7 @@ class EnclaveProgram:
             bytes_received=transport.bytes_opened - opened,
             bytes_decrypted=transport.bytes_decrypted - decrypted,
             cache_budget=budget,
+            opened_kernel=opened_kernel,
         )
         report = {
             "vm": vm,
@@ -341,9 +350,3 @@ def _options(data: bytes) -> tuple[int, float, bool]:
     except (ValueError, TypeError) as exc:
         raise EnclaveCallError(ErrorCode.BAD_REQUEST, f"bad scan options: {exc}") from None
     return budget, timeout_ms / 1000, pause
-
-
-def _pslist(memory: RemoteMemory, notes: Sequence[bytes]) -> list[dict[str, int | str]]:
-    """The process list (Figure 5) over ``memory``: vmcoreinfo -> kallsyms -> BTF."""
-    kernel = open_kernel(memory, notes)
-    return [asdict(r) for r in list_processes(kernel)]
