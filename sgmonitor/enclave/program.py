@@ -286,11 +286,12 @@ class EnclaveProgram:
         if session.memory is None or session.memory.cache.budget != budget:
             session.memory, session.kernel = RemoteMemory(transport, budget), None
         memory = session.memory
-        before, crossings, opened, decrypted = (
+        before, crossings, opened, decrypted, waited = (
             memory.stats(),
             transport.crossings,
             transport.bytes_opened,
             transport.bytes_decrypted,
+            transport.crossing_s,
         )
         started = time.perf_counter()
         status, error, records = "ok", "", []
@@ -322,6 +323,7 @@ class EnclaveProgram:
             bytes_decrypted=transport.bytes_decrypted - decrypted,
             cache_budget=budget,
             opened_kernel=opened_kernel,
+            crossing_s=transport.crossing_s - waited,
         )
         report = {
             "vm": vm,

@@ -16,6 +16,7 @@ too, and is never taken as a statement about the guest.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -122,6 +123,7 @@ class SealedTransport:
         self.crossings = 0  # every OCALL this transport made
         self.bytes_opened = 0  # payload bytes of opened replies and pages
         self.bytes_decrypted = 0  # the same, when the suite encrypts
+        self.crossing_s = 0.0  # time spent outside the enclave waiting for OCALLs
 
     # --- PageTransport -----------------------------------------------------------------
 
@@ -206,7 +208,12 @@ class SealedTransport:
             sealed = self.channel.seal(Kind.REQUEST, rid, encode(request))
             frame = encode(Request(self.session_id, rid, sealed))
             self.crossings += 1
-            answer = decode(self.exchange(frame, self.timeout), expect=(Reply, Error))
+            started = time.perf_counter()
+            try:
+                reply = self.exchange(frame, self.timeout)
+            finally:
+                self.crossing_s += time.perf_counter() - started
+            answer = decode(reply, expect=(Reply, Error))
             if isinstance(answer, Error):  # clear text: unauthenticated
                 self._fail(
                     answer.code, f"hypervisor link error (unauthenticated): {answer.message}"
