@@ -219,3 +219,40 @@ def test_hostile_btf_is_rejected(guest: GuestUnderTest, how: str) -> None:
         live.qmp.close()  # let ps have the monitor
         with tampered(live, patch):
             assert_could_not_check(guest.info.qmp, "BTF")
+
+
+@only(MAIN)
+def test_the_three_modes_agree(guest: GuestUnderTest) -> None:
+    """The same IDS code over the in-process path, the unsealed secure path and the
+    sealed one lists the same processes (the guest is held still across the three)."""
+    with held_still(guest.info.qmp):
+        traditional = ps_json("--qemu", guest.info.qmp, "--mode", "traditional")
+        plain = ps_json("--qemu", guest.info.qmp, "--mode", "secure-plain")
+        secure = ps_json("--qemu", guest.info.qmp)  # secure is the default for --qemu
+    assert traditional == plain == secure
+    assert len(secure) > guest.config.workload.procs
+
+
+@only(MAIN)
+def test_options_that_need_the_traditional_path_are_refused_in_secure_mode(
+    guest: GuestUnderTest,
+) -> None:
+    refused = ps("--qemu", guest.info.qmp, "--mode", "secure", "--vmlinux", guest.info.vmlinux)
+    assert refused.returncode == 1 and "traditional" in refused.stderr
+
+
+def test_bench_json_has_every_mode_and_the_same_list() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sgmonitor", "bench", "--processes", "60", "--runs", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    runs = json.loads(result.stdout)["runs"]
+    assert [r["mode"] for r in runs] == ["traditional", "secure-plain", "secure"]
+    for run in runs:
+        assert {"mode", "processes", "cache_budget", "mean_s", "stdev_s", "crossings"} <= set(run)
+        assert run["records_match_traditional"] and run["processes"] >= 60 and run["mean_s"] > 0
+    assert runs[0]["crossings"] == 0 and runs[2]["crossings"] > 0
+    assert runs[2]["cache_budget"] == 32 << 20
