@@ -103,10 +103,17 @@ def test_ps_from_an_elf_core_equals_the_live_guest(guest: GuestUnderTest, tmp_pa
 
 
 def test_vendor_vmlinux_is_checked(guest: GuestUnderTest) -> None:
-    own = ps("--qemu", guest.info.qmp, "--vmlinux", guest.info.vmlinux, "--json")
+    own = ps("--qemu", guest.info.qmp, "--mode", "traditional", "--vmlinux", guest.info.vmlinux)
     assert own.returncode == 0, own.stderr
     other_flavor = "amd64" if guest.config.flavor == "cloud" else "cloud"
-    wrong = ps("--qemu", guest.info.qmp, "--vmlinux", str(fetch_kernel(other_flavor).vmlinux))
+    wrong = ps(
+        "--qemu",
+        guest.info.qmp,
+        "--mode",
+        "traditional",
+        "--vmlinux",
+        str(fetch_kernel(other_flavor).vmlinux),
+    )
     assert wrong.returncode == EXIT_COULD_NOT_CHECK
     assert "BTF" in wrong.stderr and "differs" in wrong.stderr
     assert wrong.stdout == ""
@@ -124,9 +131,11 @@ def test_system_map_is_used_when_it_fits(guest: GuestUnderTest, tmp_path: Path) 
     good.write_text("".join(f"{a:016x} {t} {n}\n" for a, t, n in entries))
     bad.write_text("".join(f"{a + 0x1000:016x} {t} {n}\n" for a, t, n in entries))
     with held_still(guest.info.qmp):
-        with_map = ps_json("--qemu", guest.info.qmp, "--system-map", str(good))
-        assert with_map == ps_json("--qemu", guest.info.qmp)
-    refused = ps("--qemu", guest.info.qmp, "--system-map", str(bad))
+        with_map = ps_json(
+            "--qemu", guest.info.qmp, "--mode", "traditional", "--system-map", str(good)
+        )
+        assert with_map == ps_json("--qemu", guest.info.qmp, "--mode", "traditional")
+    refused = ps("--qemu", guest.info.qmp, "--mode", "traditional", "--system-map", str(bad))
     assert refused.returncode == EXIT_COULD_NOT_CHECK and "System.map" in refused.stderr
 
 
@@ -163,9 +172,9 @@ def _pointer(value: int) -> bytes:
     return value.to_bytes(8, "little")
 
 
-def assert_could_not_check(qmp: str, *expected: str) -> None:
+def assert_could_not_check(qmp: str, mode: str, *expected: str) -> None:
     started = time.monotonic()
-    result = ps("--qemu", qmp, timeout=60)
+    result = ps("--qemu", qmp, "--mode", mode, timeout=60)
     assert result.returncode == EXIT_COULD_NOT_CHECK, result.stderr
     assert result.stdout == ""
     assert any(word in result.stderr for word in expected), result.stderr
@@ -173,10 +182,9 @@ def assert_could_not_check(qmp: str, *expected: str) -> None:
 
 
 @only(MAIN)
-@pytest.mark.parametrize(
-    "how", ["cycle-skipping-head", "cycle-consistent-prev", "wild", "unmapped"]
-)
-def test_hostile_task_list_is_a_bounded_error(guest: GuestUnderTest, how: str) -> None:
+@pytest.mark.parametrize("mode", ["traditional", "secure"])
+@pytest.mark.parametrize("how", ["cycle-skips-head", "cycle-keeps-prev", "wild", "unmapped"])
+def test_hostile_task_list_is_a_bounded_error(guest: GuestUnderTest, how: str, mode: str) -> None:
     with held_still(guest.info.qmp), QemuGuest(guest.info.qmp) as live:
         kernel = open_guest_kernel(live)
         tasks = list(for_each_process(kernel))
@@ -190,17 +198,22 @@ def test_hostile_task_list_is_a_bounded_error(guest: GuestUnderTest, how: str) -
             patches[memory.translate(first.prev.address_)] = _pointer(later.address_)
         elif how == "wild":
             patches[memory.translate(second.next.address_)] = _pointer(0xDEAD_0000_0000_0000)
-        else:  # canonical kernel address with nothing mapped there
+        elif how == "unmapped":  # a canonical kernel address with nothing mapped there
             patches[memory.translate(second.next.address_)] = _pointer(0xFFFF_FFFF_FF7F_0000)
+        else:
+            raise AssertionError(how)
         live.qmp.close()  # let ps have the monitor
         with tampered(live, patches):
-            assert_could_not_check(guest.info.qmp, "cycle", "seen twice", "broken", "unreadable")
+            assert_could_not_check(
+                guest.info.qmp, mode, "cycle", "seen twice", "broken", "unreadable"
+            )
     assert ps("--qemu", guest.info.qmp).returncode == 0  # restored: the guest is fine
 
 
 @only(MAIN)
+@pytest.mark.parametrize("mode", ["traditional", "secure"])
 @pytest.mark.parametrize("how", ["truncated", "lying-type-length", "bad-magic"])
-def test_hostile_btf_is_rejected(guest: GuestUnderTest, how: str) -> None:
+def test_hostile_btf_is_rejected(guest: GuestUnderTest, how: str, mode: str) -> None:
     with held_still(guest.info.qmp), QemuGuest(guest.info.qmp) as live:
         kernel = open_guest_kernel(live)
         start = kernel.symbols["__start_BTF"]
@@ -213,12 +226,14 @@ def test_hostile_btf_is_rejected(guest: GuestUnderTest, how: str) -> None:
             patch = {header_at + 20: (0x7FFF_FFF0 - str_off).to_bytes(4, "little")}
         elif how == "lying-type-length":  # types claimed to run into the strings
             patch = {header_at + 12: (type_len + 4096).to_bytes(4, "little")}
-        else:
+        elif how == "bad-magic":
             patch = {header_at: b"\x00\x00"}
+        else:
+            raise AssertionError(how)
         assert hdr_len == 24
         live.qmp.close()  # let ps have the monitor
         with tampered(live, patch):
-            assert_could_not_check(guest.info.qmp, "BTF")
+            assert_could_not_check(guest.info.qmp, mode, "BTF")
 
 
 @only(MAIN)
