@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 import sgmonitor
 from sgmonitor.channel import Suite
-from sgmonitor.errors import SGMonitorError
+from sgmonitor.errors import GuestDataError, SGMonitorError
 from sgmonitor.keywrap import (
     fingerprint,
     generate_private_key,
@@ -127,7 +127,7 @@ class ScanError(EnclaveCallFailed):
     never a result about the guest."""
 
 
-class CouldNotCheck(LibraryError):
+class CouldNotCheck(LibraryError, GuestDataError):
     """The scan ran but guest data did not make sense: report "could not check"."""
 
 
