@@ -17,8 +17,9 @@ Three families share the format:
   Hello, HelloReply, OpenSession, SessionOpened, CloseSession, SessionClosed,
   Request, Reply, Error;
 - sealed bodies (enclave <-> hypervisor, only ever inside the channel):
-  ReadPages, FollowList, GetVmcoreinfo, GetRegisters, BeginScan, EndScan and their
-  replies PagesReply, ListReply, VmcoreinfoReply, RegistersReply, Ack, RequestFailed;
+  ReadPages, FollowList, GetVmcoreinfo, GetRegisters, BeginScan, EndScan, Batch and
+  their replies PagesReply, ListReply, VmcoreinfoReply, RegistersReply, Ack,
+  BatchReply, RequestFailed;
 - enclave boundary (untrusted library <-> enclave process): Call, Return, CallFailed
   carrying the ECALLs and OCALLs declared in ``sgmonitor.tee.edl``.
 """
@@ -38,6 +39,7 @@ from sgmonitor.errors import SGMonitorError
 
 __all__ = [
     "HV_NONCE_LEN",
+    "MAX_BATCH",
     "MAX_CALL_ARGS",
     "MAX_ENTRY_SIZE",
     "MAX_FRAME",
@@ -51,6 +53,8 @@ __all__ = [
     "PAGE_SIZE",
     "WIRE_VERSION",
     "Ack",
+    "Batch",
+    "BatchReply",
     "BeginScan",
     "Call",
     "CallDirection",
@@ -108,6 +112,7 @@ MAX_SEALED_REPLY = 1024 * 1024
 MAX_SEALED_PAGE = PAGE_SIZE + 256  # tag (16) or, unsealed, the clear-text AD
 MAX_WRAPPED_KEY = 1024
 MAX_STATEMENT = 64 * 1024
+MAX_BATCH = 4  # requests in one Batch (BeginScan, FollowList, ReadPages, EndScan)
 MAX_VMCOREINFO_NOTES = 16  # candidates (genuine and planted) in one reply
 MAX_VMCOREINFO_NOTE = 8192  # header, name and a one-page text
 MAX_ERROR_TEXT = 1024
@@ -742,6 +747,51 @@ class EndScan(_Empty):
     Answered by :class:`Ack`."""
 
 
+@_message(0x27)
+@dataclass(frozen=True)
+class Batch(Message):
+    """Enclave -> hypervisor (sealed): several requests served in order, in one crossing
+    and under one guest lock, answered by one :class:`BatchReply` (e.g. BeginScan with a
+    scan's first FollowList and the pages it is expected to need).
+
+    At most ``MAX_BATCH`` requests among ReadPages, FollowList (at most one), BeginScan,
+    EndScan and GetRegisters; together the ReadPages ask for at most
+    ``MAX_PAGES_PER_REQUEST`` pages, and a FollowList in a batch gets what is left of
+    ``MAX_REPLY_PAGES``. Each request travels as a nested ``version | type | body``.
+    """
+
+    requests: tuple[Message, ...]
+
+    def __post_init__(self) -> None:
+        _tuple("Batch", "requests", self.requests, MAX_BATCH, _BATCHABLE)
+        if not self.requests:
+            raise WireError("Batch: no requests")
+        if sum(isinstance(m, FollowList) for m in self.requests) > 1:
+            raise WireError("Batch: more than one FollowList")
+        pages = sum(len(m.pages()) for m in self.requests if isinstance(m, ReadPages))
+        if pages > MAX_PAGES_PER_REQUEST:
+            raise WireError(f"Batch: {pages} pages, limit {MAX_PAGES_PER_REQUEST}")
+
+    def _encode(self, w: _Writer) -> None:
+        w.u32(len(self.requests))
+        for m in self.requests:
+            w.blob(encode(m))
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        n = r.count("requests", MAX_BATCH, 6)
+        return cls(
+            tuple(
+                decode(r.blob("request", MAX_SEALED_REQUEST), expect=_BATCHABLE) for _ in range(n)
+            )
+        )
+
+    def list_page_budget(self) -> int:
+        """The reply pages a FollowList of this batch may fill."""
+        asked = sum(len(m.pages()) for m in self.requests if isinstance(m, ReadPages))
+        return MAX_REPLY_PAGES - asked
+
+
 # --- sealed reply bodies ------------------------------------------------------------
 
 
@@ -939,6 +989,44 @@ class Ack(Message):
         return cls(bool(flag))
 
 
+@_message(0x36)
+@dataclass(frozen=True)
+class BatchReply(Message):
+    """Hypervisor -> enclave (sealed index) for Batch: one reply per request, in order
+    (each a PagesReply, ListReply, Ack, RegistersReply or RequestFailed). The sealed
+    pages of all of them follow, in reply order."""
+
+    replies: tuple[Message, ...]
+
+    def __post_init__(self) -> None:
+        _tuple("BatchReply", "replies", self.replies, MAX_BATCH, _BATCH_REPLIES)
+        if not self.replies:
+            raise WireError("BatchReply: no replies")
+        entries = sum(len(m.pages) for m in self.replies if isinstance(m, PagesReply | ListReply))
+        if entries > MAX_REPLY_PAGES:
+            raise WireError(f"BatchReply: {entries} page entries, limit {MAX_REPLY_PAGES}")
+
+    def _encode(self, w: _Writer) -> None:
+        w.u32(len(self.replies))
+        for m in self.replies:
+            w.blob(encode(m))
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        n = r.count("replies", MAX_BATCH, 6)
+        return cls(
+            tuple(
+                decode(r.blob("reply", MAX_SEALED_REPLY), expect=_BATCH_REPLIES) for _ in range(n)
+            )
+        )
+
+    def present(self) -> list[int]:
+        """Addresses of the sealed pages that follow, in their order."""
+        return [
+            a for m in self.replies if isinstance(m, PagesReply | ListReply) for a in m.present()
+        ]
+
+
 @_message(0x3F)
 @dataclass(frozen=True)
 class RequestFailed(Message):
@@ -960,6 +1048,15 @@ class RequestFailed(Message):
         code = r.enum(ErrorCode, "error code", r.u16("code"))
         return cls(code, r.text("message", MAX_ERROR_TEXT))
 
+
+_BATCHABLE: tuple[type[Message], ...] = (ReadPages, FollowList, BeginScan, EndScan, GetRegisters)
+_BATCH_REPLIES: tuple[type[Message], ...] = (
+    PagesReply,
+    ListReply,
+    Ack,
+    RegistersReply,
+    RequestFailed,
+)
 
 # --- enclave boundary (ECALL / OCALL) -----------------------------------------------
 

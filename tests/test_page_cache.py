@@ -286,3 +286,74 @@ def test_a_good_list_walk_costs_one_crossing_per_window(
     entries, error = walk(memory, ring.head)
     assert error is None and len(entries) == 40
     assert len(transport.calls) == memory.stats().crossings == crossings
+
+
+# -- what a scan needs, learned from the scan before ----------------------------------
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_learned_prediction_never_changes_what_the_walk_finds(
+    tmp_path: Path, corruption: str
+) -> None:
+    """A scan learned on a good list, then the guest corrupts it: the next scan fetches
+    the predicted pages afresh and the walk finds exactly what an in-process walk finds."""
+    ring = task_ring(40)
+    image_path = tmp_path / "good"
+    image_path.mkdir()
+    memory = RemoteMemory(CountingTransport(PageServer(ring.tables.image(image_path))))
+    for view in (memory, NoPrefetch(memory)):  # learn: with and without the list hint
+        memory.begin_scan()
+        assert walk(view, ring.head)[1] is None
+    CORRUPTIONS[corruption](ring)
+    bad_path = tmp_path / "bad"
+    bad_path.mkdir()
+    image = ring.tables.image(bad_path)
+    memory.transport = transport = CountingTransport(PageServer(image))
+    plain = VirtualMemory(PageWalker.for_kernel(image, image.registers()))
+    memory.begin_scan()
+    assert walk(NoPrefetch(memory), ring.head) == walk(plain, ring.head)
+    assert memory.stats().predicted > 0
+    assert transport.calls and all(len(c[1]) > 1 for c in transport.calls[:1])
+
+
+def test_prediction_rides_in_the_first_crossing_and_reads_afresh(tmp_path: Path) -> None:
+    region = patterned(16)
+    memory, transport = remote(region, tmp_path)
+    memory.begin_scan()
+    for page in (2, 5, 9):  # three misses, three crossings
+        memory.read(region.va + page * PAGE, 2)
+    assert len(transport.calls) == 3
+    with (tmp_path / "ram.img").open("r+b") as f:  # the guest writes between scans
+        f.seek(region.physical(region.va + 5 * PAGE))
+        f.write(b"\x77\x77")
+    memory.begin_scan()
+    assert len(memory.cache) == 0
+    assert memory.read(region.va + 9 * PAGE, 2) == b"\x09\x00"
+    asked = transport.calls[-1][1]
+    assert sorted(asked) == [region.va + p * PAGE for p in (2, 5, 9)]  # one crossing
+    assert memory.read(region.va + 5 * PAGE, 2) == b"\x77\x77"  # this scan's bytes
+    assert memory.read(region.va + 2 * PAGE, 2) == b"\x02\x00"
+    assert len(transport.calls) == 4
+    stats = memory.stats()
+    assert (stats.predicted, stats.predicted_used) == (2, 2)
+    memory.begin_scan()  # pages a scan did not read are not predicted again
+    memory.read(region.va + 9 * PAGE, 2)
+    assert sorted(transport.calls[-1][1]) == [region.va + p * PAGE for p in (2, 5, 9)]
+    memory.begin_scan()
+    memory.read(region.va + 9 * PAGE, 2)
+    assert transport.calls[-1][1] == (region.va + 9 * PAGE,)
+
+
+def test_predicted_pages_stay_within_the_budget(tmp_path: Path) -> None:
+    region = patterned(600, alias=32)
+    memory, transport = remote(region, tmp_path, budget=MIB)  # 256 pages
+    memory.begin_scan()
+    for page in range(0, 600, 2):
+        memory.read(region.va + page * PAGE, 8)
+    memory.begin_scan()
+    memory.read(region.va + PAGE, 8)
+    assert len(transport.calls[-1][1]) <= 1 + MIB // 4 // PAGE
+    assert memory.cache.used + memory.cache.reserved <= MIB
+    for page in range(0, 600, 2):
+        assert memory.read(region.va + page * PAGE, 2) == region.read(region.va + page * PAGE, 2)
+    assert memory.cache.used + memory.cache.reserved <= MIB

@@ -112,6 +112,32 @@ messages = st.one_of(
     ),
     st.builds(wire.Return, u64, st.lists(value, max_size=4).map(tuple)),
     st.builds(wire.CallFailed, u64, st.sampled_from(ErrorCode), st.text(max_size=20)),
+    st.builds(
+        wire.Batch,
+        st.tuples(
+            st.builds(wire.BeginScan, st.booleans()),
+            follow_list(),
+            st.builds(
+                ReadPages,
+                st.lists(
+                    st.builds(PageRange, range_addr, st.integers(1, 8)), min_size=1, max_size=4
+                ).map(tuple),
+            ),
+        ),
+    ),
+    st.builds(
+        wire.BatchReply,
+        st.tuples(
+            st.builds(wire.Ack, st.booleans()),
+            st.builds(
+                wire.ListReply,
+                st.lists(u64, max_size=8).map(tuple),
+                st.sampled_from(ListEnd),
+                page_entries,
+            ),
+            st.builds(wire.PagesReply, page_entries),
+        ),
+    ),
 )
 
 
@@ -344,3 +370,28 @@ def test_send_encoded_relays_opaque_bytes(pair: tuple[socket.socket, socket.sock
     assert wire.recv_encoded(b, timeout=1) == data
     with pytest.raises(WireError):
         wire.send_encoded(a, b"\x01", timeout=1)
+
+
+def test_batch_limits() -> None:
+    walk = FollowList(8, 0, 16, 1)
+    pages = ReadPages((PageRange(0, wire.MAX_PAGES_PER_REQUEST),))
+    batch = wire.Batch((wire.BeginScan(True), walk, pages))
+    assert decode(encode(batch)) == batch
+    assert batch.list_page_budget() == wire.MAX_REPLY_PAGES - wire.MAX_PAGES_PER_REQUEST
+    for bad in [
+        (),
+        (walk, walk),  # one FollowList per batch
+        (pages, ReadPages((PageRange(0, 1),))),  # more pages than one ReadPages
+        (wire.GetVmcoreinfo(),),  # not batchable
+        (wire.BeginScan(),) * (wire.MAX_BATCH + 1),
+    ]:
+        with pytest.raises(WireError):
+            wire.Batch(bad)  # type: ignore[arg-type]
+    with pytest.raises(WireError, match="unexpected Batch"):  # no batch in a batch
+        body = encode(wire.Batch((wire.EndScan(),)))
+        decode(encode(wire.Batch((wire.EndScan(),)))[:2] + struct.pack(">II", 1, len(body)) + body)
+    many = tuple(PageEntry(i * PAGE_SIZE, PageStatus.PRESENT) for i in range(1025))
+    with pytest.raises(WireError, match="page entries"):  # 2,050 entries in all
+        wire.BatchReply((wire.PagesReply(many), wire.PagesReply(many)))
+    with pytest.raises(WireError, match="holds a VmcoreinfoReply"):
+        wire.BatchReply((wire.VmcoreinfoReply(()),))  # type: ignore[arg-type]

@@ -35,10 +35,11 @@ class CountingTransport:
         limit: int,
         *,
         after: int | None = None,
+        pages: Sequence[int] = (),
     ) -> ListWalk:
         self.calls.append(("follow_list", (head, next_offset, span_offset, span_size, limit)))
         return self.server.follow_list(
-            head, next_offset, span_offset, span_size, limit, after=after
+            head, next_offset, span_offset, span_size, limit, after=after, pages=pages
         )
 
     def begin_scan(self) -> None:

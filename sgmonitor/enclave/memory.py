@@ -11,6 +11,12 @@ and the counters say how many crossings a scan took.
 The cache lives for one scan: :meth:`RemoteMemory.begin_scan` empties it, so a periodic
 IDS never judges the guest by pages read during an earlier scan. Faults are cached too
 (negative entries), so a wild pointer read in a loop costs one crossing per scan.
+
+What a scan will read is learned from the one before: the pages the previous scan of
+the session had to fetch one miss at a time (second-level pointers such as a task's
+``cred``) are asked for again, fresh, in the new scan's first crossing. Like the list
+prefetch this is only a hint about *which* pages to fetch: every page is read during
+the current scan, and the walk validates whatever it reads.
 """
 
 from __future__ import annotations
@@ -79,8 +85,10 @@ class PageTransport(Protocol):
         limit: int,
         *,
         after: int | None = None,
+        pages: Sequence[int] = (),
     ) -> ListPages:
-        """Follow a kernel list on the trusted side (see ``PageServer.follow_list``)."""
+        """Follow a kernel list on the trusted side (see ``PageServer.follow_list``);
+        also read ``pages`` (at most ``MAX_PAGES_PER_REQUEST``) in the same crossing."""
         ...
 
 
@@ -100,6 +108,8 @@ class CacheStats:
     faults_fetched: int = 0
     bytes_fetched: int = 0  # page bytes received (and, over the sealed channel, decrypted)
     prefetches: int = 0
+    predicted: int = 0  # pages fetched because the previous scan needed them
+    predicted_used: int = 0  # ... and read by this scan
 
     def since(self, earlier: CacheStats) -> CacheStats:
         """Counters as differences, sizes as now."""
@@ -123,10 +133,12 @@ class PageCache:
             raise ValueError(f"a cache budget of {budget} bytes holds no page")
         self.budget = budget
         self.used = 0
+        self.reserved = 0  # budget bytes held outside the cache (RemoteMemory's staged pages)
         self._entries: OrderedDict[int, bytes | PageFault] = OrderedDict()
         self.hits = self.misses = self.evictions = 0
         self.crossings = self.pages_fetched = self.faults_fetched = 0
         self.bytes_fetched = self.prefetches = 0
+        self.predicted = self.predicted_used = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -151,7 +163,7 @@ class PageCache:
             self.used -= _cost(old)
         self._entries[page] = value
         self.used += _cost(value)
-        while self.used > self.budget:
+        while self.used + self.reserved > self.budget and self._entries:
             _, evicted = self._entries.popitem(last=False)
             self.used -= _cost(evicted)
             self.evictions += 1
@@ -194,13 +206,28 @@ class RemoteMemory:
     def __init__(self, transport: PageTransport, cache_budget: int = DEFAULT_BUDGET) -> None:
         self.transport = transport
         self.cache = PageCache(cache_budget)
+        # Pages fetched because the previous scan needed them, not read yet (their bytes
+        # are charged to the cache budget as ``reserved``), and what to ask for.
+        self._staged: dict[int, bytes | PageFault] = {}
+        self._predict: list[int] = []
+        self._needed: list[int] = []  # this scan's misses and staged pages it read
+        self.max_predicted = min(MAX_PAGES_PER_REQUEST, cache_budget // 4 // PAGE_SIZE)
 
     def begin_scan(self) -> None:
         """Start a scan: drop every cached page and fault, let the transport refresh."""
         self.cache.clear()
+        self._staged.clear()
+        self.cache.reserved = 0
+        self._predict = list(dict.fromkeys(self._needed))[: self.max_predicted]
+        self._needed = []
         refresh = getattr(self.transport, "begin_scan", None)
         if refresh is not None:
             refresh()
+
+    def learn_from_here(self) -> None:
+        """Forget the misses of this scan so far (e.g. reading symbols and types, which a
+        session does once): the next scan is predicted from what follows."""
+        self._needed = []
 
     def stats(self) -> CacheStats:
         return self.cache.stats()
@@ -220,7 +247,11 @@ class RemoteMemory:
         if offset + size <= PAGE_SIZE:  # the common case: one page
             data = self.cache.get(first)
             if data is None:
-                data = self._fetch([first])[first]
+                data = self._staged.pop(first, None)
+                if data is None:
+                    data = self._fetch([first])[first]
+                else:
+                    self._unstage(first, data)
             if isinstance(data, PageFault):
                 raise _fault_at(data, address)
             return data[offset : offset + size]
@@ -229,6 +260,10 @@ class RemoteMemory:
         missing = []
         for page in pages:
             cached = self.cache.get(page)
+            if cached is None:
+                cached = self._staged.pop(page, None)
+                if cached is not None:
+                    self._unstage(page, cached)
             if cached is None:
                 missing.append(page)
             else:
@@ -244,20 +279,60 @@ class RemoteMemory:
         return b"".join(parts)[offset : offset + size]
 
     def _fetch(self, pages: list[int]) -> dict[int, bytes | PageFault]:
-        """Fetch ``pages`` in as few crossings as the request limit allows; cache them."""
+        """Fetch ``pages`` in as few crossings as the request limit allows; cache them.
+        The first crossing of a scan also brings the predicted pages."""
+        self._needed += pages
         out: dict[int, bytes | PageFault] = {}
-        for i in range(0, len(pages), MAX_PAGES_PER_REQUEST):
-            batch = pages[i : i + MAX_PAGES_PER_REQUEST]
+        first, asked = pages[:MAX_PAGES_PER_REQUEST], set(pages)
+        extra = self._take_prediction(asked, MAX_PAGES_PER_REQUEST - len(first))
+        batches = [first + extra]
+        batches += [
+            pages[i : i + MAX_PAGES_PER_REQUEST]
+            for i in range(MAX_PAGES_PER_REQUEST, len(pages), MAX_PAGES_PER_REQUEST)
+        ]
+        for batch in batches:
             reply = self.transport.read_pages(batch)
             self.cache.crossings += 1
             if len(reply) != len(batch):
                 raise TransportError(f"asked for {len(batch)} pages, got {len(reply)}")
             for page, value in zip(batch, reply, strict=True):
-                self._store(page, value)
-                out[page] = value
+                if page not in asked:
+                    self._stage(page, value)
+                else:
+                    self._store(page, value)
+                    out[page] = value
         return out
 
+    def _take_prediction(self, exclude: set[int], room: int) -> list[int]:
+        """The predicted pages still to fetch (once per scan), at most ``room``."""
+        if not self._predict or room <= 0:
+            return []
+        taken = [p for p in self._predict if p not in exclude and p not in self.cache][:room]
+        self._predict = []
+        return taken
+
+    def _stage(self, page: int, value: bytes | PageFault) -> None:
+        """Keep a predicted page until the scan reads it, within the budget's quarter."""
+        self._check(page, value)
+        self.cache.predicted += 1
+        cost = _cost(value)
+        if page in self._staged or self.cache.reserved + cost > self.cache.budget // 4:
+            return
+        self._staged[page] = value
+        self.cache.reserved += cost
+
+    def _unstage(self, page: int, value: bytes | PageFault) -> None:
+        """A staged page is read: it moves to the cache (and is predicted next time)."""
+        self.cache.reserved -= _cost(value)
+        self.cache.predicted_used += 1
+        self._needed.append(page)
+        self.cache.put(page, value)
+
     def _store(self, page: int, value: bytes | PageFault) -> None:
+        self._check(page, value)
+        self.cache.put(page, value)
+
+    def _check(self, page: int, value: bytes | PageFault) -> None:
         if isinstance(value, bytes) and len(value) == PAGE_SIZE:
             self.cache.pages_fetched += 1
             self.cache.bytes_fetched += PAGE_SIZE
@@ -265,7 +340,6 @@ class RemoteMemory:
             self.cache.faults_fetched += 1
         else:
             raise TransportError(f"page {page:#x}: neither {PAGE_SIZE} bytes nor a fault")
-        self.cache.put(page, value)
 
     def prefetch_list(
         self,
@@ -291,14 +365,24 @@ class RemoteMemory:
         per_entry = (span_size + 2 * PAGE_SIZE - 1) // PAGE_SIZE
         window = max(1, self.cache.budget // 2 // PAGE_SIZE // per_entry)
         count = min(limit, window, MAX_LIST_NODES)
-        walk = self.transport.follow_list(
-            head, next_offset, span_offset, span_size, count, after=after
-        )
+        extra = self._take_prediction(set(), MAX_PAGES_PER_REQUEST)
+        if extra:
+            walk = self.transport.follow_list(
+                head, next_offset, span_offset, span_size, count, after=after, pages=extra
+            )
+        else:
+            walk = self.transport.follow_list(
+                head, next_offset, span_offset, span_size, count, after=after
+            )
         self.cache.crossings += 1
         self.cache.prefetches += 1
+        staged = set(extra)
         for page, value in walk.pages.items():
             if page & _PAGE_MASK or not 0 <= page < _U64:
                 raise TransportError(f"follow_list returned unaligned page {page:#x}")
-            self._store(page, value)
+            if page in staged:
+                self._stage(page, value)
+            else:
+                self._store(page, value)
         more = walk.end in (ListEnd.LIMIT, ListEnd.REPLY_FULL) and len(walk.nodes) < limit
         return walk.nodes[-1] if more and walk.nodes else None

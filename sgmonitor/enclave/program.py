@@ -301,6 +301,7 @@ class EnclaveProgram:
                 memory.begin_scan()
                 if session.kernel is None:
                     session.kernel = open_kernel(memory, transport.vmcoreinfo_notes())
+                    memory.learn_from_here()  # later scans do not open the kernel
                 records = [asdict(r) for r in list_processes(session.kernel)]
             except GuestDataError as exc:
                 # Perhaps the guest rebooted (new KASLR slide): find the kernel afresh.

@@ -35,6 +35,8 @@ from sgmonitor.wire import (
     MAX_PAGES_PER_REQUEST,
     PAGE_SIZE,
     Ack,
+    Batch,
+    BatchReply,
     BeginScan,
     EndScan,
     Error,
@@ -124,6 +126,9 @@ class SealedTransport:
         self.bytes_opened = 0  # payload bytes of opened replies and pages
         self.bytes_decrypted = 0  # the same, when the suite encrypts
         self.crossing_s = 0.0  # time spent outside the enclave waiting for OCALLs
+        # A BeginScan not sent yet: it rides in the scan's first request (one Batch).
+        self._begin: BeginScan | None = None
+        self.paused = False  # the hypervisor said the guest is paused for this scan
 
     # --- PageTransport -----------------------------------------------------------------
 
@@ -131,7 +136,12 @@ class SealedTransport:
         """Each page-aligned address -> its 4 KiB or its authenticated fault, in order."""
         if not 0 < len(addresses) <= MAX_PAGES_PER_REQUEST:
             raise ValueError(f"read_pages takes 1..{MAX_PAGES_PER_REQUEST} addresses")
-        index, pages = self._call(ReadPages(_ranges(addresses)), (PagesReply,))
+        ((index, pages),) = self._call_all([ReadPages(_ranges(addresses))], [PagesReply])
+        return self._page_values(index, pages, addresses)
+
+    def _page_values(
+        self, index: Message, pages: list[bytes], addresses: Sequence[int]
+    ) -> list[bytes | PageFault]:
         assert isinstance(index, PagesReply)
         if [p.address for p in index.pages] != list(addresses):
             self._fail(ErrorCode.BAD_REQUEST, "the reply index names other pages than asked")
@@ -147,9 +157,12 @@ class SealedTransport:
         limit: int,
         *,
         after: int | None = None,
+        pages: Sequence[int] = (),
     ) -> RemoteListWalk:
         """Have the hypervisor walk a ``list_head`` list (a prefetch hint: a layout the
-        wire can't express returns an empty walk, and the enclave reads on its own)."""
+        wire can't express returns an empty walk, and the enclave reads on its own).
+        ``pages`` (at most ``MAX_PAGES_PER_REQUEST``) are read in the same crossing and
+        returned with the walk's."""
         member = -span_offset
         if (
             member < 0
@@ -163,34 +176,86 @@ class SealedTransport:
         request = FollowList(
             head, member, span_size, min(limit, MAX_LIST_NODES), next_offset, after or 0
         )
-        index, pages = self._call(request, (ListReply,))
+        if not pages:
+            ((index, found),) = self._call_all([request], [ListReply])
+            assert isinstance(index, ListReply)
+            return RemoteListWalk(index.entries, index.end, _values(index.pages, found))
+        if len(pages) > MAX_PAGES_PER_REQUEST:
+            raise ValueError(f"follow_list reads at most {MAX_PAGES_PER_REQUEST} more pages")
+        (index, found), (more, extra) = self._call_all(
+            [request, ReadPages(_ranges(pages))], [ListReply, PagesReply]
+        )
         assert isinstance(index, ListReply)
-        return RemoteListWalk(index.entries, index.end, _values(index.pages, pages))
+        values = dict(zip(pages, self._page_values(more, extra, pages), strict=True))
+        values.update(_values(index.pages, found))
+        return RemoteListWalk(index.entries, index.end, values)
 
     def begin_scan(self) -> None:
         """A scan starts: the hypervisor refreshes its registers and page tables (and,
-        with ``pause``, stops the guest until :meth:`end_scan`)."""
-        self._call(BeginScan(self.pause), (Ack,))
+        with ``pause``, stops the guest until :meth:`end_scan`). Sent with the scan's
+        first request, in the same crossing."""
+        self._begin = BeginScan(self.pause)
+        self.paused = False
 
     # --- more requests -----------------------------------------------------------------
 
     def end_scan(self) -> None:
-        """The scan is over: the hypervisor resumes the guest if it paused it."""
-        self._call(EndScan(), (Ack,))
+        """The scan is over: the hypervisor resumes the guest if it paused it (a scan
+        that paused nothing, or made no request at all, needs no crossing for that)."""
+        if self._begin is not None:
+            self._begin = None  # nothing was asked, nothing was paused
+            return
+        if self.paused:
+            self._call_all([EndScan()], [Ack])
+            self.paused = False
 
     def vmcoreinfo_notes(self) -> tuple[bytes, ...]:
         """Every VMCOREINFO note the hypervisor found in guest RAM (genuine or planted)."""
+        if self._begin is not None:  # GetVmcoreinfo can't be batched: begin first
+            self._call_all([], [])
         index, _ = self._call(GetVmcoreinfo(), (VmcoreinfoReply,))
         assert isinstance(index, VmcoreinfoReply)
         return index.notes
 
     def registers(self) -> RegistersReply:
         """Each vCPU's control registers."""
-        index, _ = self._call(GetRegisters(), (RegistersReply,))
+        ((index, _),) = self._call_all([GetRegisters()], [RegistersReply])
         assert isinstance(index, RegistersReply)
         return index
 
     # --- one sealed round trip ---------------------------------------------------------
+
+    def _call_all(
+        self, requests: list[Message], expect: list[type[Message]]
+    ) -> list[tuple[Message, list[bytes]]]:
+        """``requests`` (with a pending BeginScan first) in one crossing: one Batch when
+        more than one; each answer checked against its expected type; fail closed."""
+        begin = self._begin
+        if begin is not None:
+            requests, expect = [begin, *requests], [Ack, *expect]
+            self._begin = None
+        if len(requests) == 1:
+            out = [self._call(requests[0], (expect[0],))]
+        else:
+            index, pages = self._call(Batch(tuple(requests)), (BatchReply,))
+            assert isinstance(index, BatchReply)
+            if len(index.replies) != len(requests):
+                self._fail(ErrorCode.BAD_REQUEST, "the batch reply has another number of answers")
+            out, at = [], 0
+            for reply, wanted in zip(index.replies, expect, strict=True):
+                if isinstance(reply, RequestFailed):
+                    self._fail(reply.code, f"hypervisor refused: {reply.message}")
+                if not isinstance(reply, wanted):
+                    self._fail(ErrorCode.BAD_REQUEST, f"a {type(reply).__name__} in the batch")
+                n = len(reply.present()) if isinstance(reply, PagesReply | ListReply) else 0
+                out.append((reply, pages[at : at + n]))
+                at += n
+        if begin is None:
+            return out
+        ack = out[0][0]
+        assert isinstance(ack, Ack)
+        self.paused = ack.paused
+        return out[1:]
 
     def _fail(self, code: ErrorCode, message: str) -> SessionFailed:
         if self.failure is None:
@@ -223,7 +288,9 @@ class SealedTransport:
             index = decode(body, expect=(*expect, RequestFailed))
             if isinstance(index, RequestFailed):
                 self._fail(index.code, f"hypervisor refused: {index.message}")
-            present = index.present() if isinstance(index, PagesReply | ListReply) else []
+            present = (
+                index.present() if isinstance(index, PagesReply | ListReply | BatchReply) else []
+            )
             if len(answer.sealed_pages) != len(present):
                 raise InvalidSeal()  # pages dropped or added: same as a forgery
             pages = [

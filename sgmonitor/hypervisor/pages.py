@@ -131,6 +131,8 @@ class PageServer:
         limit: int,
         *,
         after: int | None = None,
+        max_pages: int | None = None,
+        pages: Sequence[int] = (),
     ) -> ListWalk:
         """Follow a kernel linked list and return the pages its entries span.
 
@@ -144,13 +146,27 @@ class PageServer:
         Ends on reaching ``head`` (``HEAD_REACHED``), after ``min(limit,
         MAX_LIST_NODES)`` nodes (``LIMIT``), on a node seen before (``LOOP``), on a
         pointer or entry that does not read (``FAULT``), or when the next entry would
-        exceed ``max_list_pages`` (``REPLY_FULL``). Nothing here is validated beyond
-        that: the enclave re-checks every link it reads.
+        exceed ``max_pages`` (default and at most ``max_list_pages``: ``REPLY_FULL``).
+        Nothing here is validated beyond that: the enclave re-checks every link it reads.
+
+        ``pages`` (the in-process form of a ``Batch``'s ReadPages) are read too, first,
+        and returned with the walk's own; they count against ``max_pages``.
 
         :raises ValueError: offsets or sizes outside the wire limits, ``limit < 1``
         """
         _check_list_args(head, next_offset, span_offset, span_size, limit, after)
+        budget = self.max_list_pages if max_pages is None else min(max_pages, self.max_list_pages)
+        extra = {p: v for p, v in zip(pages, self.read_pages(pages), strict=True)}
         walk = _ListWalker(self, next_offset, span_offset, span_size)
+        try:
+            return self._follow(walk, head, limit, after, budget - len(extra))
+        finally:
+            for p, v in extra.items():
+                walk.pages.setdefault(p, v)
+
+    def _follow(
+        self, walk: _ListWalker, head: int, limit: int, after: int | None, budget: int
+    ) -> ListWalk:
         first = walk.pointer(head if after is None else after)
         if first is None:
             return walk.result(ListEnd.FAULT)
@@ -163,7 +179,7 @@ class PageServer:
             if len(walk.nodes) >= min(limit, MAX_LIST_NODES):
                 return walk.result(ListEnd.LIMIT)
             needed = walk.needed(node)
-            if needed is not None and len(walk.pages) + len(needed) > self.max_list_pages:
+            if needed is not None and len(walk.pages) + len(needed) > budget:
                 return walk.result(ListEnd.REPLY_FULL)
             if not walk.take(node, needed):
                 return walk.result(ListEnd.FAULT)

@@ -48,6 +48,8 @@ from sgmonitor.wire import (
     HV_NONCE_LEN,
     MAX_VMCOREINFO_NOTES,
     Ack,
+    Batch,
+    BatchReply,
     BeginScan,
     CloseSession,
     ConnectionClosed,
@@ -84,7 +86,15 @@ from sgmonitor.wire import (
 
 __all__ = ["GuestHandle", "HypervisorService", "ServiceConfig"]
 
-_SEALED_REQUESTS = (ReadPages, FollowList, GetVmcoreinfo, GetRegisters, BeginScan, EndScan)
+_SEALED_REQUESTS = (
+    ReadPages,
+    FollowList,
+    GetVmcoreinfo,
+    GetRegisters,
+    BeginScan,
+    EndScan,
+    Batch,
+)
 _LINK_MESSAGES = (Hello, OpenSession, CloseSession, Request)
 
 
@@ -486,19 +496,38 @@ class HypervisorService:
         """The reply index and the (address, bytes) of each present page, in index order."""
         guest = session.guest
         with guest.lock:
-            try:
-                server = guest.ensure_open()
-                return self._serve_locked(session, server, request)
-            except ValueError as exc:  # beyond what the page server accepts
-                return RequestFailed(ErrorCode.BAD_REQUEST, str(exc)[:1000]), []
-            except (GuestDataError, _NoVmcoreinfo) as exc:  # the guest's state, not QEMU
-                return RequestFailed(ErrorCode.GUEST_UNAVAILABLE, str(exc)[:1000]), []
-            except (SGMonitorError, OSError, EOFError) as exc:
-                guest.reset()  # QEMU went away or QMP broke: reopen next time
-                return RequestFailed(ErrorCode.GUEST_UNAVAILABLE, str(exc)[:1000]), []
+            if not isinstance(request, Batch):
+                return self._serve_one(session, request)
+            # In order, under one lock: a BeginScan first refreshes what the rest reads.
+            replies, pages = [], []
+            for sub in request.requests:
+                index, found = self._serve_one(session, sub, request.list_page_budget())
+                replies.append(index)
+                pages += found
+            return BatchReply(tuple(replies)), pages
+
+    def _serve_one(
+        self, session: _Session, request: Message, list_pages: int | None = None
+    ) -> tuple[Message, list[tuple[int, bytes]]]:
+        """One request with the guest's lock held; failures become ``RequestFailed``."""
+        guest = session.guest
+        try:
+            server = guest.ensure_open()
+            return self._serve_locked(session, server, request, list_pages)
+        except ValueError as exc:  # beyond what the page server accepts
+            return RequestFailed(ErrorCode.BAD_REQUEST, str(exc)[:1000]), []
+        except (GuestDataError, _NoVmcoreinfo) as exc:  # the guest's state, not QEMU
+            return RequestFailed(ErrorCode.GUEST_UNAVAILABLE, str(exc)[:1000]), []
+        except (SGMonitorError, OSError, EOFError) as exc:
+            guest.reset()  # QEMU went away or QMP broke: reopen next time
+            return RequestFailed(ErrorCode.GUEST_UNAVAILABLE, str(exc)[:1000]), []
 
     def _serve_locked(
-        self, session: _Session, server: PageServer, request: Message
+        self,
+        session: _Session,
+        server: PageServer,
+        request: Message,
+        list_pages: int | None = None,
     ) -> tuple[Message, list[tuple[int, bytes]]]:
         guest = session.guest
         if isinstance(request, ReadPages):
@@ -512,6 +541,7 @@ class HypervisorService:
                 request.entry_size,
                 request.limit,
                 after=request.after or None,
+                max_pages=list_pages,
             )
             addresses = list(walk.pages)
             index, pages = _pages_reply(addresses, [walk.pages[a] for a in addresses])
