@@ -217,9 +217,9 @@ class _Writer:
 
 
 class _Reader:
-    def __init__(self, data: bytes, what: str) -> None:
-        self.data = memoryview(data)
-        self.pos = 0
+    def __init__(self, data: bytes, what: str, pos: int = 0) -> None:
+        self.data = memoryview(data)  # no copy: fields are copied out one by one
+        self.pos = pos
         self.what = what
 
     def take(self, n: int, field: str) -> bytes:
@@ -1208,7 +1208,8 @@ def decode(data: bytes, expect: tuple[type[_T], ...] | None = None) -> _T:
     """Parse one message; ``expect`` lists the types acceptable here (others: WireError)."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WireError("decode needs bytes")
-    data = bytes(data)
+    if not isinstance(data, bytes):  # a mutable buffer: parse a private copy
+        data = bytes(data)
     if len(data) > MAX_FRAME:
         raise WireError(f"message of {len(data)} bytes exceeds MAX_FRAME")
     if len(data) < 2:
@@ -1221,7 +1222,7 @@ def decode(data: bytes, expect: tuple[type[_T], ...] | None = None) -> _T:
     if expect is not None and cls not in expect:
         names = ", ".join(c.__name__ for c in expect)
         raise WireError(f"unexpected {cls.__name__} (expected {names})")
-    r = _Reader(data[2:], cls.__name__)
+    r = _Reader(data, cls.__name__, 2)  # a view past version and type, not a copy
     msg = cls._decode(r)
     r.end()
     return msg  # type: ignore[return-value]
@@ -1230,6 +1231,7 @@ def decode(data: bytes, expect: tuple[type[_T], ...] | None = None) -> _T:
 # --- stream sockets ------------------------------------------------------------------
 
 _LEN = struct.Struct(">I")
+_SMALL_FRAME = 64 * 1024
 
 
 def send_encoded(sock: socket.socket, data: bytes, timeout: float) -> None:
@@ -1238,7 +1240,11 @@ def send_encoded(sock: socket.socket, data: bytes, timeout: float) -> None:
         raise WireError(f"refusing to send a frame of {len(data)} bytes")
     try:
         sock.settimeout(timeout)
-        sock.sendall(_LEN.pack(len(data)) + bytes(data))
+        if len(data) <= _SMALL_FRAME:
+            sock.sendall(_LEN.pack(len(data)) + data)
+        else:  # a large frame is not copied to prepend its length
+            sock.sendall(_LEN.pack(len(data)))
+            sock.sendall(data)
     except TimeoutError:
         raise WireTimeout(f"send of {len(data)} bytes timed out after {timeout}s") from None
     except (BrokenPipeError, ConnectionResetError) as exc:
