@@ -357,3 +357,116 @@ def test_predicted_pages_stay_within_the_budget(tmp_path: Path) -> None:
     for page in range(0, 600, 2):
         assert memory.read(region.va + page * PAGE, 2) == region.read(region.va + page * PAGE, 2)
     assert memory.cache.used + memory.cache.reserved <= MIB
+
+
+# -- only the part of each entry the last scan read -----------------------------------
+
+
+def walk_fields(
+    memory: AddressSpace, head: int, limit: int = 1000, fields: tuple[str, ...] = ("pid",)
+) -> tuple[list[tuple[int, ...]], str | None]:
+    """As :func:`walk`, also reading ``fields`` of each task (as pslist reads pid, comm)."""
+    tm = TypedMemory(vendor_btf(), memory)
+    offsets = [tm.offsetof("struct task_struct", f) for f in fields]
+    seen: list[tuple[int, ...]] = []
+    try:
+        for task in list_for_each_entry(
+            "struct task_struct", tm.value("struct list_head *", head), "tasks", limit
+        ):
+            values = [int.from_bytes(memory.read(int(task) + o, 8), "little") for o in offsets]
+            seen.append((int(task), *values))
+    except (ValidationError, PageFault) as exc:
+        return seen, f"{type(exc).__name__}: {exc}"
+    return seen, None
+
+
+def numbered_ring(count: int) -> Ring:
+    ring = task_ring(count)
+    tm = TypedMemory(vendor_btf(), None)  # type: ignore[arg-type]
+    for field in ("pid", "thread"):
+        offset = tm.offsetof("struct task_struct", field)
+        for i, node in enumerate(ring.nodes):
+            ring.region.write(node - ring.member + offset, (1000 + i).to_bytes(8, "little"))
+    return ring
+
+
+def list_calls(transport: CountingTransport) -> list[tuple[int, ...]]:
+    return [args for name, args in transport.calls if name == "follow_list"]
+
+
+def test_later_scans_ask_only_for_the_part_of_each_entry_read(tmp_path: Path) -> None:
+    ring = numbered_ring(40)
+    memory, transport = remote(ring.region, tmp_path)
+    (tmp_path / "plain").mkdir()
+    image = ring.tables.image(tmp_path / "plain")
+    plain = VirtualMemory(PageWalker.for_kernel(image, image.registers()))
+    expected = walk_fields(plain, ring.head)
+    assert expected[1] is None and len(expected[0]) == 40
+    memory.begin_scan()
+    assert walk_fields(memory, ring.head) == expected
+    first = memory.stats()
+    assert list_calls(transport)[-1][2:4] == (-ring.member, ring.entry)  # whole entries
+    memory.begin_scan()
+    assert walk_fields(memory, ring.head) == expected
+    second = memory.stats().since(first)
+    _, _, offset, size, _ = list_calls(transport)[-1]
+    tm = TypedMemory(vendor_btf(), None)  # type: ignore[arg-type]
+    pid = tm.offsetof("struct task_struct", "pid")
+    assert size < ring.entry and offset <= -ring.member + min(pid, ring.member)
+    assert offset + size >= -ring.member + max(pid + 8, ring.member + 16)
+    assert second.crossings == 1 and second.misses == 0
+    assert second.pages_fetched < first.pages_fetched
+
+
+def test_a_read_outside_the_learned_span_is_fetched_and_learned(tmp_path: Path) -> None:
+    ring = numbered_ring(12)
+    memory, transport = remote(ring.region, tmp_path)
+    memory.begin_scan()
+    walk_fields(memory, ring.head, fields=("pid",))
+    memory.begin_scan()
+    walk_fields(memory, ring.head, fields=("pid",))
+    narrow = list_calls(transport)[-1][3]
+    memory.begin_scan()  # this scan reads more of each entry than the last one did
+    found, error = walk_fields(memory, ring.head, fields=("pid", "thread"))
+    assert error is None and [f[1:] for f in found] == [(1000 + i,) * 2 for i in range(12)]
+    assert memory.stats().misses > 0 and transport.calls[-1][0] == "read_pages"
+    memory.begin_scan()  # ... and the next one asks for that too
+    calls = len(transport.calls)
+    assert walk_fields(memory, ring.head, fields=("pid", "thread")) == (found, None)
+    assert list_calls(transport)[-1][3] > narrow and len(transport.calls) == calls + 1
+    memory.begin_scan()  # a scan that reads nothing inside entries: whole ones again
+    walk_fields(memory, ring.head, fields=())
+    memory.begin_scan()
+    assert walk_fields(memory, ring.head, fields=())[1] is None
+    memory.begin_scan()
+    walk_fields(memory, ring.head, fields=())
+    assert list_calls(transport)[-1][3] == 16  # only the list_head was read
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_a_learned_span_never_changes_what_the_walk_finds(tmp_path: Path, corruption: str) -> None:
+    """Spans learned on a good list, then the guest changes (a pid) and corrupts the
+    list: the next scan reads everything afresh and finds what an in-process walk finds."""
+    ring = numbered_ring(40)
+    good = tmp_path / "good"
+    good.mkdir()
+    memory = RemoteMemory(CountingTransport(PageServer(ring.tables.image(good))))
+    for _ in range(2):
+        memory.begin_scan()
+        assert walk_fields(memory, ring.head, fields=("pid", "thread"))[1] is None
+    assert memory.entry_spans
+    tm = TypedMemory(vendor_btf(), None)  # type: ignore[arg-type]
+    pid = tm.offsetof("struct task_struct", "pid")
+    ring.region.write(ring.nodes[1] - ring.member + pid, (4242).to_bytes(8, "little"))
+    CORRUPTIONS[corruption](ring)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    image = ring.tables.image(bad)
+    memory.transport = CountingTransport(PageServer(image))
+    for limit in (1000, 10):
+        plain = VirtualMemory(PageWalker.for_kernel(image, image.registers()))
+        expected = walk_fields(plain, ring.head, limit, ("pid", "thread"))
+        memory.begin_scan()
+        assert walk_fields(memory, ring.head, limit, ("pid", "thread")) == expected
+        if len(expected[0]) > 1:
+            assert expected[0][1][1] == 4242

@@ -17,10 +17,16 @@ the session had to fetch one miss at a time (second-level pointers such as a tas
 ``cred``) are asked for again, fresh, in the new scan's first crossing. Like the list
 prefetch this is only a hint about *which* pages to fetch: every page is read during
 the current scan, and the walk validates whatever it reads.
+
+So is the part of each list entry a walk reads: a list prefetch asks for whole entries
+the first time, and from then on only for the hull of the offsets the previous scan
+read inside that list's entries (``task_struct`` is ~10 KiB, a ``pslist`` reads ~3 KiB
+of it). A read outside that hull is a plain miss, fetched and learned for the next scan.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -192,6 +198,18 @@ def _fault_at(fault: PageFault, address: int) -> PageFault:
     return PageFault(address, fault.level, fault.entry, why)
 
 
+class _EntrySpan:
+    """What scans read inside the entries of one prefetched list: ``[lo, hi)`` relative
+    to the entry's start (empty while ``lo >= hi``), the entry being ``size`` bytes."""
+
+    __slots__ = ("hi", "lo", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.lo = size
+        self.hi = 0
+
+
 def _cost(value: bytes | PageFault) -> int:
     return len(value) if isinstance(value, bytes) else NEGATIVE_ENTRY_COST
 
@@ -212,9 +230,25 @@ class RemoteMemory:
         self._predict: list[int] = []
         self._needed: list[int] = []  # this scan's misses and staged pages it read
         self.max_predicted = min(MAX_PAGES_PER_REQUEST, cache_budget // 4 // PAGE_SIZE)
+        # The part of each prefetched list's entries the last scan read, by list layout
+        # (head, next_offset, span_offset, span_size) -> (lo, hi) relative to the entry;
+        # this scan's, and the entries prefetched in this scan (sorted starts, and the
+        # span each start belongs to) that reads are attributed to.
+        self.entry_spans: dict[tuple[int, int, int, int], tuple[int, int]] = {}
+        self._reading: dict[tuple[int, int, int, int], _EntrySpan] = {}
+        self._starts: list[int] = []
+        self._owners: list[_EntrySpan] = []
+        self._unsorted: list[tuple[int, _EntrySpan]] = []
 
     def begin_scan(self) -> None:
         """Start a scan: drop every cached page and fault, let the transport refresh."""
+        for key, span in self._reading.items():
+            if span.lo < span.hi:
+                self.entry_spans[key] = (span.lo, span.hi)
+            else:  # nothing read inside this list's entries: ask for them whole again
+                self.entry_spans.pop(key, None)
+        self._reading.clear()
+        self._starts, self._owners, self._unsorted = [], [], []
         self.cache.clear()
         self._staged.clear()
         self.cache.reserved = 0
@@ -242,6 +276,8 @@ class RemoteMemory:
             raise ValueError("negative size")
         if not 0 <= address <= _U64 - max(size, 1):
             raise PageFault(address, 0, None, "outside the 64-bit address space")
+        if self._starts or self._unsorted:
+            self._note_entry_read(address, size)
         first = address & ~_PAGE_MASK
         offset = address - first
         if offset + size <= PAGE_SIZE:  # the common case: one page
@@ -278,6 +314,29 @@ class RemoteMemory:
             parts.append(data)
         return b"".join(parts)[offset : offset + size]
 
+    def _note_entry_read(self, address: int, size: int) -> None:
+        """Widen the span of the prefetched entry ``address`` lies in (if any)."""
+        if self._unsorted:
+            merged = sorted(
+                [*zip(self._starts, self._owners, strict=True), *self._unsorted],
+                key=_first,
+            )
+            self._starts = [start for start, _ in merged]
+            self._owners = [owner for _, owner in merged]
+            self._unsorted = []
+        i = bisect_right(self._starts, address) - 1
+        if i < 0:
+            return
+        span = self._owners[i]
+        offset = address - self._starts[i]
+        if offset >= span.size:
+            return
+        if offset < span.lo:
+            span.lo = offset
+        end = min(offset + max(size, 1), span.size)
+        if end > span.hi:
+            span.hi = end
+
     def _fetch(self, pages: list[int]) -> dict[int, bytes | PageFault]:
         """Fetch ``pages`` in as few crossings as the request limit allows; cache them.
         The first crossing of a scan also brings the predicted pages."""
@@ -310,6 +369,19 @@ class RemoteMemory:
         taken = [p for p in self._predict if p not in exclude and p not in self.cache][:room]
         self._predict = []
         return taken
+
+    def _asked_span(
+        self, key: tuple[int, int, int, int], next_offset: int, span_offset: int, size: int
+    ) -> tuple[int, int]:
+        """(span_offset, span_size) to ask for: the whole entry, or the learned hull of
+        what the last scan read in it, always with the node's links (``list_head``)."""
+        learned = self.entry_spans.get(key)
+        if learned is None:
+            return span_offset, size
+        node = -span_offset  # the node's offset in its entry
+        lo = max(0, min(learned[0], node))
+        hi = min(size, max(learned[1], node + max(16, next_offset + 8)))
+        return span_offset + lo, hi - lo
 
     def _stage(self, page: int, value: bytes | PageFault) -> None:
         """Keep a predicted page until the scan reads it, within the budget's quarter."""
@@ -357,23 +429,33 @@ class RemoteMemory:
         every link it reads from the cache). One window holds at most half the cache
         budget, so prefetched pages are not evicted before the walk reaches them.
 
+        Each entry is ``[node + span_offset, +span_size)``. Once a scan of this session
+        has read inside this list's entries, only the hull of what it read (and the
+        node's links) is asked for; reads outside it miss, are fetched, and widen it.
+
         :return: the last node prefetched when more may follow (call again with
             ``after=`` that node when the walk gets there), else None
         """
         if not 0 < span_size <= MAX_ENTRY_SIZE or limit < 1 or next_offset < 0:
             return None  # beyond what the trusted side serves: let the walk read it
-        per_entry = (span_size + 2 * PAGE_SIZE - 1) // PAGE_SIZE
+        key = (head, next_offset, span_offset, span_size)
+        ask_offset, ask_size = self._asked_span(key, next_offset, span_offset, span_size)
+        per_entry = (ask_size + 2 * PAGE_SIZE - 1) // PAGE_SIZE
         window = max(1, self.cache.budget // 2 // PAGE_SIZE // per_entry)
         count = min(limit, window, MAX_LIST_NODES)
         extra = self._take_prediction(set(), MAX_PAGES_PER_REQUEST)
         if extra:
             walk = self.transport.follow_list(
-                head, next_offset, span_offset, span_size, count, after=after, pages=extra
+                head, next_offset, ask_offset, ask_size, count, after=after, pages=extra
             )
         else:
             walk = self.transport.follow_list(
-                head, next_offset, span_offset, span_size, count, after=after
+                head, next_offset, ask_offset, ask_size, count, after=after
             )
+        span = self._reading.get(key)
+        if span is None:
+            span = self._reading[key] = _EntrySpan(span_size)
+        self._unsorted += [(node + span_offset, span) for node in walk.nodes]
         self.cache.crossings += 1
         self.cache.prefetches += 1
         staged = set(extra)
@@ -386,3 +468,7 @@ class RemoteMemory:
                 self._store(page, value)
         more = walk.end in (ListEnd.LIMIT, ListEnd.REPLY_FULL) and len(walk.nodes) < limit
         return walk.nodes[-1] if more and walk.nodes else None
+
+
+def _first(item: tuple[int, _EntrySpan]) -> int:
+    return item[0]
