@@ -22,7 +22,7 @@ from __future__ import annotations
 import hmac
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
@@ -245,6 +245,20 @@ class SealingChannel(Protocol):
         now: float | None = None,
     ) -> bytes: ...
 
+    def seal_pages(
+        self, request_id: int, pages: Sequence[tuple[int, bytes]], *, now: float | None = None
+    ) -> list[bytes]: ...
+
+    def open_pages(
+        self,
+        request_id: int,
+        sealed: Sequence[bytes],
+        addresses: Sequence[int],
+        length: int,
+        *,
+        now: float | None = None,
+    ) -> list[bytes]: ...
+
     def close(self) -> None: ...
 
 
@@ -420,6 +434,68 @@ class Channel:
         st.received = seq + 1
         return plaintext
 
+    def seal_pages(
+        self, request_id: int, pages: Sequence[tuple[int, bytes]], *, now: float | None = None
+    ) -> list[bytes]:
+        """``seal(Kind.PAGE, request_id, page, address=address)`` for each ``(address,
+        page)`` in order: same bytes, each with its own sequence number and associated
+        data; what does not change per page is checked and built once."""
+        st = self._state
+        st.check_usable(now)
+        if st.sent + len(pages) > st.limit:  # let seal raise at the right message
+            return [self.seal(Kind.PAGE, request_id, p, address=a, now=now) for a, p in pages]
+        assert self._send is not None
+        encrypt, pack, suffix = self._send.encrypt, _AD_HEAD.pack, st.vm_suffix
+        head = (PROTOCOL_VERSION, st.suite_byte, _DIRECTION_BYTE[st.send_direction])
+        prefix = _NONCE_PREFIX[st.send_direction]
+        page_kind, seq, out = _KIND_BYTE[Kind.PAGE], st.sent, []
+        try:
+            for address, page in pages:
+                ad = pack(*head, page_kind, st.session_id, request_id, seq, address, len(page))
+                out.append(encrypt(prefix + seq.to_bytes(8, "big"), page, ad + suffix))
+                seq += 1
+        except struct.error as exc:
+            raise ValueError(f"associated data field out of range: {exc}") from None
+        finally:
+            st.sent = seq  # every page sealed used its sequence number
+        return out
+
+    def open_pages(
+        self,
+        request_id: int,
+        sealed: Sequence[bytes],
+        addresses: Sequence[int],
+        length: int,
+        *,
+        now: float | None = None,
+    ) -> list[bytes]:
+        """``open(Kind.PAGE, request_id, s, address=a, length=length)`` for each sealed
+        page and its expected address, in order; any failure fails the channel."""
+        st = self._state
+        if st.failed:
+            raise InvalidSeal()
+        st.check_usable(now)
+        seq, out = st.received, []
+        try:
+            if len(sealed) != len(addresses) or seq + len(sealed) > st.limit:
+                raise InvalidSeal()
+            assert self._recv is not None
+            decrypt, pack, suffix = self._recv.decrypt, _AD_HEAD.pack, st.vm_suffix
+            head = (PROTOCOL_VERSION, st.suite_byte, _DIRECTION_BYTE[st.recv_direction])
+            prefix = _NONCE_PREFIX[st.recv_direction]
+            page_kind, sid, want = _KIND_BYTE[Kind.PAGE], st.session_id, length + TAG_LEN
+            for address, message in zip(addresses, sealed, strict=True):
+                if len(message) != want:
+                    raise InvalidSeal()
+                ad = pack(*head, page_kind, sid, request_id, seq, address, length) + suffix
+                out.append(decrypt(prefix + seq.to_bytes(8, "big"), message, ad))
+                seq += 1
+        except (InvalidSeal, InvalidTag, ValueError, TypeError, OverflowError, struct.error):
+            st.failed = True
+            raise InvalidSeal() from None
+        st.received = seq
+        return out
+
     def close(self) -> None:
         """Drop the keys; later calls raise :class:`ChannelClosed`."""
         self._state.closed = True
@@ -509,6 +585,30 @@ class UnsealedChannelForExperimentsOnly:
             raise InvalidSeal() from None
         st.received = seq + 1
         return bytes(sealed[ad_len:])
+
+    def seal_pages(
+        self, request_id: int, pages: Sequence[tuple[int, bytes]], *, now: float | None = None
+    ) -> list[bytes]:
+        """:meth:`seal` of each ``(address, page)`` as ``Kind.PAGE``, in order."""
+        return [self.seal(Kind.PAGE, request_id, p, address=a, now=now) for a, p in pages]
+
+    def open_pages(
+        self,
+        request_id: int,
+        sealed: Sequence[bytes],
+        addresses: Sequence[int],
+        length: int,
+        *,
+        now: float | None = None,
+    ) -> list[bytes]:
+        """:meth:`open` of each sealed page at its expected address, in order."""
+        if len(sealed) != len(addresses):
+            self._state.failed = True
+            raise InvalidSeal()
+        return [
+            self.open(Kind.PAGE, request_id, s, address=a, length=length, now=now)
+            for a, s in zip(addresses, sealed, strict=True)
+        ]
 
     def close(self) -> None:
         """Later calls raise :class:`ChannelClosed`."""

@@ -121,6 +121,8 @@ MAX_CALL_ARGS = 16
 MAX_CALL_VALUE = MAX_FRAME - 4096  # an OCALL carries a whole hypervisor frame
 HV_NONCE_LEN = 32
 _U64 = 2**64
+_PAGE_MASK = PAGE_SIZE - 1
+_U32 = struct.Struct(">I")
 
 assert MAX_REPLY_PAGES * (MAX_SEALED_PAGE + 4) + MAX_SEALED_REPLY + 64 < MAX_CALL_VALUE
 assert TAG_LEN <= MAX_SEALED_PAGE - PAGE_SIZE
@@ -250,6 +252,26 @@ class _Reader:
         if n > limit:
             raise WireError(f"{self.what}: {field} is {n} bytes, limit {limit}")
         return self.take(n, field)
+
+    def blobs(self, n: int, field: str, limit: int) -> tuple[bytes, ...]:
+        """``n`` blobs in a row (as ``n`` calls of :meth:`blob`, one page each)."""
+        data, pos, size, out = self.data, self.pos, len(self.data), []
+        unpack = _U32.unpack_from
+        for _ in range(n):
+            if pos + 4 > size:
+                self.pos = pos
+                self.u32(field)  # raises: truncated
+            (length,) = unpack(data, pos)
+            if length > limit:
+                raise WireError(f"{self.what}: {field} is {length} bytes, limit {limit}")
+            end = pos + 4 + length
+            if end > size:
+                self.pos = pos + 4
+                self.take(length, field)  # raises: truncated
+            out.append(bytes(data[pos + 4 : end]))
+            pos = end
+        self.pos = pos
+        return tuple(out)
 
     def text(self, field: str, limit: int) -> str:
         raw = self.blob(field, limit)
@@ -524,16 +546,18 @@ class Reply(Message):
         _uint("Reply", "request_id", self.request_id)
         _bytes("Reply", "sealed_reply", self.sealed_reply, MAX_SEALED_REPLY)
         _tuple("Reply", "sealed_pages", self.sealed_pages, MAX_REPLY_PAGES, bytes)
-        for p in self.sealed_pages:
-            _bytes("Reply", "sealed page", p, MAX_SEALED_PAGE)
+        if any(len(p) > MAX_SEALED_PAGE for p in self.sealed_pages):
+            for p in self.sealed_pages:
+                _bytes("Reply", "sealed page", p, MAX_SEALED_PAGE)
 
     def _encode(self, w: _Writer) -> None:
         w.fixed(self.session_id)
         w.u64(self.request_id)
         w.blob(self.sealed_reply)
         w.u32(len(self.sealed_pages))
+        pack = _U32.pack
         for p in self.sealed_pages:
-            w.blob(p)
+            w.parts += (pack(len(p)), p)
 
     @classmethod
     def _decode(cls, r: _Reader) -> Self:
@@ -541,8 +565,7 @@ class Reply(Message):
         rid = r.u64("request_id")
         sealed = r.blob("sealed_reply", MAX_SEALED_REPLY)
         n = r.count("sealed pages", MAX_REPLY_PAGES, 4)
-        pages = tuple(r.blob("sealed page", MAX_SEALED_PAGE) for _ in range(n))
-        return cls(sid, rid, sealed, pages)
+        return cls(sid, rid, sealed, r.blobs(n, "sealed page", MAX_SEALED_PAGE))
 
 
 @_message(0x0F)
@@ -803,8 +826,12 @@ class PageEntry:
     status: PageStatus
 
     def __post_init__(self) -> None:
-        _uint("PageEntry", "address", self.address)
-        _aligned("PageEntry", "address", self.address, PAGE_SIZE)
+        a = self.address
+        if type(a) is int and 0 <= a < _U64 and not a & _PAGE_MASK:  # one per page: fast
+            _enum("PageEntry", "status", self.status, PageStatus)
+            return
+        _uint("PageEntry", "address", a)
+        _aligned("PageEntry", "address", a, PAGE_SIZE)
         _enum("PageEntry", "status", self.status, PageStatus)
 
 
@@ -815,19 +842,25 @@ def _check_pages(msg: str, pages: object) -> None:
         raise WireError(f"{msg}: a page address appears twice")
 
 
+_PAGE_ENTRY = struct.Struct(">QB")
+_PAGE_STATUS = {int(s): s for s in PageStatus}
+
+
 def _encode_pages(w: _Writer, pages: tuple[PageEntry, ...]) -> None:
     w.u32(len(pages))
-    for p in pages:
-        w.u64(p.address)
-        w.u8(p.status)
+    pack = _PAGE_ENTRY.pack
+    w.parts += [pack(p.address, p.status) for p in pages]
 
 
 def _decode_pages(r: _Reader) -> tuple[PageEntry, ...]:
-    n = r.count("pages", MAX_REPLY_PAGES, 9)
+    n = r.count("pages", MAX_REPLY_PAGES, _PAGE_ENTRY.size)
+    raw = r.take(n * _PAGE_ENTRY.size, "pages")
     out = []
-    for _ in range(n):
-        address = r.u64("page address")
-        out.append(PageEntry(address, r.enum(PageStatus, "page status", r.u8("status"))))
+    for address, raw_status in _PAGE_ENTRY.iter_unpack(raw):
+        status = _PAGE_STATUS.get(raw_status)
+        if status is None:
+            raise WireError(f"{r.what}: unknown page status {raw_status}")
+        out.append(PageEntry(address, status))
     return tuple(out)
 
 
@@ -868,22 +901,22 @@ class ListReply(Message):
 
     def __post_init__(self) -> None:
         _tuple("ListReply", "entries", self.entries, MAX_LIST_NODES, int)
-        for e in self.entries:
-            _uint("ListReply", "entry", e)
+        if not all(0 <= e < _U64 for e in self.entries):
+            for e in self.entries:
+                _uint("ListReply", "entry", e)
         _enum("ListReply", "end", self.end, ListEnd)
         _check_pages("ListReply", self.pages)
 
     def _encode(self, w: _Writer) -> None:
         w.u32(len(self.entries))
-        for e in self.entries:
-            w.u64(e)
+        w.fixed(struct.pack(f">{len(self.entries)}Q", *self.entries))
         w.u8(self.end)
         _encode_pages(w, self.pages)
 
     @classmethod
     def _decode(cls, r: _Reader) -> Self:
         n = r.count("entries", MAX_LIST_NODES, 8)
-        entries = tuple(r.u64("entry") for _ in range(n))
+        entries = struct.unpack(f">{n}Q", r.take(8 * n, "entries"))
         end = r.enum(ListEnd, "list end", r.u8("end"))
         return cls(entries, end, _decode_pages(r))
 

@@ -381,3 +381,55 @@ def test_make_channel_refuses_unsealed_unless_allowed() -> None:
             Side.ENCLAVE,
             VM,
         )
+
+
+@pytest.mark.parametrize("make", [pair, unsealed_pair], ids=["sealed", "unsealed"])
+def test_page_batches_are_page_by_page_seals_and_opens(make) -> None:  # type: ignore[no-untyped-def]
+    """seal_pages / open_pages give and accept exactly what seal / open do, per page."""
+    (enc, hv), (enc2, hv2) = make(), make()  # same keys: the same bytes
+    pages = [(0x1000 * (i + 1), bytes([i]) * 4096) for i in range(5)]
+    addresses = [a for a, _ in pages]
+    index, index2 = hv.seal(Kind.REPLY, 7, b"index"), hv2.seal(Kind.REPLY, 7, b"index")
+    batch = hv.seal_pages(7, pages)
+    assert batch == [hv2.seal(Kind.PAGE, 7, p, address=a) for a, p in pages]
+    assert hv.sent == hv2.sent == 6
+    assert enc.open(Kind.REPLY, 7, index) == b"index"
+    assert enc.open_pages(7, batch, addresses, 4096) == [p for _, p in pages]
+    assert enc2.open(Kind.REPLY, 7, index2) == b"index"
+    for a, s in zip(addresses, batch, strict=True):
+        enc2.open(Kind.PAGE, 7, s, address=a, length=4096)
+    assert enc.received == enc2.received == 6
+
+
+@pytest.mark.parametrize(
+    "attack", ["swap", "address", "request", "length", "drop", "flip", "count"]
+)
+def test_a_bad_page_in_a_batch_fails_the_channel(attack: str) -> None:
+    enc, hv = pair()
+    pages = [(0x1000 * (i + 1), bytes([i]) * 4096) for i in range(4)]
+    sealed, addresses, rid, length = hv.seal_pages(9, pages), [a for a, _ in pages], 9, 4096
+    if attack == "swap":
+        sealed[1], sealed[2] = sealed[2], sealed[1]
+    elif attack == "address":
+        addresses[3] += 0x1000
+    elif attack == "request":
+        rid = 10
+    elif attack == "length":
+        length = 4095
+    elif attack == "drop":
+        del sealed[0], addresses[0]
+    elif attack == "flip":
+        sealed[3] = sealed[3][:-1] + bytes([sealed[3][-1] ^ 1])
+    else:
+        del sealed[-1]
+    with pytest.raises(InvalidSeal):
+        enc.open_pages(rid, sealed, addresses, length)
+    with pytest.raises(InvalidSeal):  # the channel is dead
+        enc.open_pages(9, hv.seal_pages(9, pages[:1]), addresses[:1], 4096)
+
+
+def test_seal_pages_stops_at_the_message_budget() -> None:
+    _, hv = pair(limit=3)
+    with pytest.raises(ChannelExhausted):
+        hv.seal_pages(1, [(0, b"a"), (0x1000, b"b"), (0x2000, b"c"), (0x3000, b"d")])
+    assert hv.sent == 3

@@ -434,13 +434,15 @@ def test_a_read_outside_the_learned_span_is_fetched_and_learned(tmp_path: Path) 
     calls = len(transport.calls)
     assert walk_fields(memory, ring.head, fields=("pid", "thread")) == (found, None)
     assert list_calls(transport)[-1][3] > narrow and len(transport.calls) == calls + 1
-    memory.begin_scan()  # a scan that reads nothing inside entries: whole ones again
-    walk_fields(memory, ring.head, fields=())
-    memory.begin_scan()
-    assert walk_fields(memory, ring.head, fields=())[1] is None
-    memory.begin_scan()
-    walk_fields(memory, ring.head, fields=())
-    assert list_calls(transport)[-1][3] == 16  # only the list_head was read
+    memory.begin_scan()  # a span only grows: a scan reading less keeps it
+    assert walk_fields(memory, ring.head, fields=("pid",))[1] is None
+    assert list_calls(transport)[-1][3] == list_calls(transport)[-2][3]
+    (tmp_path / "again").mkdir()
+    fresh, fresh_transport = remote(ring.region, tmp_path / "again")
+    for _ in range(2):  # in a session whose scans read only the links
+        fresh.begin_scan()
+        assert walk_fields(fresh, ring.head, fields=())[1] is None
+    assert [c[3] for c in list_calls(fresh_transport)] == [ring.entry, 16]
 
 
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))

@@ -395,3 +395,22 @@ def test_batch_limits() -> None:
         wire.BatchReply((wire.PagesReply(many), wire.PagesReply(many)))
     with pytest.raises(WireError, match="holds a VmcoreinfoReply"):
         wire.BatchReply((wire.VmcoreinfoReply(()),))  # type: ignore[arg-type]
+
+
+def test_bulk_parsed_pages_fail_as_before() -> None:
+    """Page indexes and sealed pages are parsed in bulk; each bad one is still named."""
+    sid = bytes(16)
+    good = wire.encode(wire.Reply(sid, 1, b"i", (b"a" * 10, b"b" * 20)))
+    for cut in range(len(good) - 30, len(good)):
+        with pytest.raises(wire.WireError, match="truncated in sealed page"):
+            wire.decode(good[:cut])
+    big = wire.encode(wire.Reply(sid, 1, b"i", (b"a",)))[:-5] + struct.pack(">I", 5000) + b"a"
+    with pytest.raises(wire.WireError, match="sealed page is 5000 bytes"):
+        wire.decode(big)
+    index = wire.encode(wire.PagesReply((wire.PageEntry(0x1000, wire.PageStatus.PRESENT),)))
+    with pytest.raises(wire.WireError, match="unknown page status 9"):
+        wire.decode(index[:-1] + b"\x09")
+    with pytest.raises(wire.WireError, match="truncated in pages"):
+        wire.decode(index[:-1])
+    listed = wire.ListReply((8, 16), wire.ListEnd.LIMIT, ())
+    assert wire.decode(wire.encode(listed)) == listed

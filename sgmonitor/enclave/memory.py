@@ -21,7 +21,8 @@ the current scan, and the walk validates whatever it reads.
 So is the part of each list entry a walk reads: a list prefetch asks for whole entries
 the first time, and from then on only for the hull of the offsets the previous scan
 read inside that list's entries (``task_struct`` is ~10 KiB, a ``pslist`` reads ~3 KiB
-of it). A read outside that hull is a plain miss, fetched and learned for the next scan.
+of it). A read outside that hull is a plain miss, fetched and added to the hull for the
+next scan (so a hull only grows, until a scan reads nothing inside the list's entries).
 """
 
 from __future__ import annotations
@@ -239,6 +240,7 @@ class RemoteMemory:
         self._starts: list[int] = []
         self._owners: list[_EntrySpan] = []
         self._unsorted: list[tuple[int, _EntrySpan]] = []
+        self._learning = False  # some list's entries came whole this scan: note every read
 
     def begin_scan(self) -> None:
         """Start a scan: drop every cached page and fault, let the transport refresh."""
@@ -249,6 +251,7 @@ class RemoteMemory:
                 self.entry_spans.pop(key, None)
         self._reading.clear()
         self._starts, self._owners, self._unsorted = [], [], []
+        self._learning = False
         self.cache.clear()
         self._staged.clear()
         self.cache.reserved = 0
@@ -276,7 +279,7 @@ class RemoteMemory:
             raise ValueError("negative size")
         if not 0 <= address <= _U64 - max(size, 1):
             raise PageFault(address, 0, None, "outside the 64-bit address space")
-        if self._starts or self._unsorted:
+        if self._learning:  # a list was fetched whole: see what its entries are read for
             self._note_entry_read(address, size)
         first = address & ~_PAGE_MASK
         offset = address - first
@@ -285,6 +288,8 @@ class RemoteMemory:
             if data is None:
                 data = self._staged.pop(first, None)
                 if data is None:
+                    if self._starts or self._unsorted:  # outside a learned span?
+                        self._note_entry_read(address, size)
                     data = self._fetch([first])[first]
                 else:
                     self._unstage(first, data)
@@ -305,6 +310,8 @@ class RemoteMemory:
             else:
                 found[page] = cached
         if missing:
+            if self._starts or self._unsorted:
+                self._note_entry_read(address, size)
             found.update(self._fetch(missing))
         parts = []
         for page in pages:
@@ -315,7 +322,9 @@ class RemoteMemory:
         return b"".join(parts)[offset : offset + size]
 
     def _note_entry_read(self, address: int, size: int) -> None:
-        """Widen the span of the prefetched entry ``address`` lies in (if any)."""
+        """Widen the span of the prefetched entry ``address`` lies in (if any). Called
+        for every read while some list's entries came whole, else only for misses (a
+        read inside a learned span hits, so only a miss can widen it)."""
         if self._unsorted:
             merged = sorted(
                 [*zip(self._starts, self._owners, strict=True), *self._unsorted],
@@ -455,6 +464,11 @@ class RemoteMemory:
         span = self._reading.get(key)
         if span is None:
             span = self._reading[key] = _EntrySpan(span_size)
+            learned = self.entry_spans.get(key)
+            if learned is None:
+                self._learning = True
+            else:  # reads inside the span hit; only misses can widen it
+                span.lo, span.hi = learned
         self._unsorted += [(node + span_offset, span) for node in walk.nodes]
         self.cache.crossings += 1
         self.cache.prefetches += 1

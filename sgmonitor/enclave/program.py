@@ -23,7 +23,7 @@ import select
 import socket
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
@@ -302,7 +302,7 @@ class EnclaveProgram:
                 if session.kernel is None:
                     session.kernel = open_kernel(memory, transport.vmcoreinfo_notes())
                     memory.learn_from_here()  # later scans do not open the kernel
-                records = [asdict(r) for r in list_processes(session.kernel)]
+                records = [r.as_dict() for r in list_processes(session.kernel)]
             except GuestDataError as exc:
                 # Perhaps the guest rebooted (new KASLR slide): find the kernel afresh.
                 session.kernel = None

@@ -293,10 +293,7 @@ class SealedTransport:
             )
             if len(answer.sealed_pages) != len(present):
                 raise InvalidSeal()  # pages dropped or added: same as a forgery
-            pages = [
-                self.channel.open(Kind.PAGE, rid, s, address=a, length=PAGE_SIZE)
-                for a, s in zip(present, answer.sealed_pages, strict=True)
-            ]
+            pages = self.channel.open_pages(rid, answer.sealed_pages, present, PAGE_SIZE)
         except (InvalidSeal, ChannelClosed):
             self._fail(ErrorCode.INVALID_SEAL, _FORGED)
         except (SessionExpired, ChannelExhausted) as exc:

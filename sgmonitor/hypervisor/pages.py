@@ -25,6 +25,7 @@ from sgmonitor.wire import ListEnd as ListEnd
 __all__ = ["ListEnd", "ListWalk", "PageNotRam", "PageServer"]
 
 _U64 = 1 << 64
+_PAGE_MASK = ~(PAGE_SIZE - 1)  # clears the offset in a page
 _LARGE_SHIFT = 21  # 2 MiB: the smallest large page
 _POINTER = 8  # x86-64: list pointers are 8 little-endian bytes
 # The widest next-pointer offset accepted: a list_head lies inside its entry.
@@ -209,10 +210,14 @@ class _ListWalker:
         """Pages of the node's span and next pointer not read yet; None if they leave the
         64-bit address space (a wild pointer)."""
         start, ptr = node + self.span_offset, node + self.next_offset
-        if start < 0 or start + self.size > _U64 or ptr + _POINTER > _U64:
+        end = start + self.size
+        if start < 0 or end > _U64 or ptr + _POINTER > _U64:
             return None
-        wanted = [*_pages(start, self.size), *_pages(ptr, _POINTER)]
-        return [p for p in dict.fromkeys(wanted) if p not in self.pages]
+        have = self.pages
+        wanted = [p for p in range(start & _PAGE_MASK, end, PAGE_SIZE) if p not in have]
+        if start <= ptr and ptr + _POINTER <= end:  # the usual case: the links in the span
+            return wanted
+        return [p for p in dict.fromkeys([*wanted, *_pages(ptr, _POINTER)]) if p not in have]
 
     def _load(self, pages: Sequence[int]) -> list[bytes] | None:
         """The bytes of each page, reading those not read yet; None at the first fault."""
@@ -244,6 +249,11 @@ class _ListWalker:
         if address + _POINTER > _U64:
             self.fault = PageFault(address, 0, None, "next pointer outside the address space")
             return None
+        offset = address & (PAGE_SIZE - 1)
+        if offset <= PAGE_SIZE - _POINTER:  # within one page (always, when aligned)
+            got = self.pages.get(address - offset)
+            if isinstance(got, bytes):
+                return int.from_bytes(got[offset : offset + _POINTER], "little")
         pages = _pages(address, _POINTER)
         chunks = self._load(pages)
         if chunks is None:

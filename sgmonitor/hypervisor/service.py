@@ -487,7 +487,7 @@ class HypervisorService:
         session.served += 1
         seal = session.channel.seal
         sealed_index = seal(Kind.REPLY, msg.request_id, encode(index))
-        sealed_pages = tuple(seal(Kind.PAGE, msg.request_id, p, address=a) for a, p in pages)
+        sealed_pages = tuple(session.channel.seal_pages(msg.request_id, pages))
         return Reply(msg.session_id, msg.request_id, sealed_index, sealed_pages)
 
     def _serve(

@@ -7,7 +7,7 @@ tampered list raises (the IDS reports "could not check") instead of looping.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 from sgmonitor.kernel.helpers.sched import (
     HasInitTask,
@@ -33,7 +33,11 @@ class ProcessRecord:
     name: str
 
     def as_dict(self) -> dict[str, int | str]:
-        return asdict(self)
+        """As ``dataclasses.asdict`` (every field is a scalar), without its deep copy."""
+        return {name: getattr(self, name) for name in _FIELDS}
+
+
+_FIELDS = tuple(f.name for f in fields(ProcessRecord))
 
 
 def list_processes(kernel: HasInitTask) -> list[ProcessRecord]:
