@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -74,18 +73,6 @@ def test_vendor_vmlinux(vendor: tuple[range, KallsymsTables, Kallsyms]) -> None:
     assert sym is not None and sym.name == "init_task" and off == 8
     assert syms.lookup(-1) is None
     assert tables.markers is not None and tables.offsets < tables.names < tables.token_table
-
-
-def test_decode_time(vmlinux: VmlinuxFile, vendor: tuple[range, KallsymsTables, Kallsyms]) -> None:
-    image, tables, _ = vendor
-    best = min(_timed(lambda: decode_kallsyms(vmlinux, tables, image)) for _ in range(3))
-    assert best < 0.5, f"decoding took {best * 1000:.0f} ms"
-
-
-def _timed(fn: object) -> float:
-    start = time.perf_counter()
-    fn()  # type: ignore[operator]
-    return time.perf_counter() - start
 
 
 def _corruptions(tables: KallsymsTables, vm: VmlinuxFile) -> dict[str, dict[int, bytes]]:
@@ -161,10 +148,8 @@ def test_guest_symbols(guest: GuestUnderTest) -> None:
     """From guest RAM alone: VMCOREINFO → kallsyms → the guest's own addresses."""
     truth = guest.truth.symbols
     with kernel_memory(guest) as (memory, aspace):
-        start = time.perf_counter()
         candidates = find_vmcoreinfo(memory)
         note, syms = genuine_vmcoreinfo(candidates, aspace)
-        took = time.perf_counter() - start
         assert {name: syms[name] for name in TRUTH} == {name: truth[name] for name in TRUTH}
         assert note.info.osrelease == guest.info.release
         # The content scan finds the same tables the kernel exports.
@@ -174,7 +159,6 @@ def test_guest_symbols(guest: GuestUnderTest) -> None:
             assert found.names == exported.names
             assert found.offsets == exported.offsets
             assert found.token_table == exported.token_table
-    assert took < 2.0, f"vmcoreinfo + kallsyms took {took:.2f}s"
 
 
 @pytest.mark.guest

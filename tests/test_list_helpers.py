@@ -5,13 +5,11 @@ Each corruption must end in ValidationError, never a hang."""
 from __future__ import annotations
 
 import struct
-import time
-from functools import cache
 
 import pytest
+from synthetic_memory import PageMemory, vendor_btf
 
 from sgmonitor.errors import GuestDataError, PageFault, ValidationError
-from sgmonitor.kernel.btf import Btf
 from sgmonitor.kernel.helpers.list import (
     __all__ as list_all,
 )
@@ -27,42 +25,8 @@ from sgmonitor.kernel.helpers.list import (
 )
 from sgmonitor.kernel.objects import Object, TypedMemory
 
-PAGE = 4096
 BASE = 0xFFFF888001000000
 UNMAPPED = 0xFFFF8880DEAD0000
-
-
-class PageMemory:
-    """A dict of mapped pages; anything else faults."""
-
-    def __init__(self) -> None:
-        self.pages: dict[int, bytearray] = {}
-
-    def write(self, address: int, data: bytes) -> None:
-        for i, byte in enumerate(data):
-            page = self.pages.setdefault((address + i) & ~(PAGE - 1), bytearray(PAGE))
-            page[(address + i) % PAGE] = byte
-
-    def read(self, address: int, size: int) -> bytes:
-        out = bytearray()
-        while len(out) < size:
-            at = address + len(out)
-            page = self.pages.get(at & ~(PAGE - 1))
-            if page is None:
-                raise PageFault(at, 1, None, "not mapped in the test")
-            take = min(size - len(out), PAGE - at % PAGE)
-            out += page[at % PAGE : at % PAGE + take]
-        return bytes(out)
-
-
-@cache
-def vendor_btf() -> Btf:
-    from sgmonitor.lab.kernel import LabError, fetch_kernel
-
-    try:
-        return Btf.from_vmlinux(fetch_kernel("cloud").vmlinux)
-    except LabError as exc:
-        pytest.skip(f"vendor kernel unavailable: {exc}")
 
 
 class Lists:
@@ -206,13 +170,11 @@ def test_overlong_list_vs_limit(lists: Lists) -> None:
         list(list_for_each_entry("struct task_struct", head, "tasks", limit=10))
 
 
-def test_self_loop_ends_fast(lists: Lists) -> None:
+def test_self_loop_ends(lists: Lists) -> None:
     head = lists.ring(1)
     lists.set(lists.node(0), lists.node(0), lists.node(0))
-    start = time.perf_counter()
     with pytest.raises(ValidationError):
         list(list_for_each(head))
-    assert time.perf_counter() - start < 1
     assert issubclass(ValidationError, GuestDataError)
 
 

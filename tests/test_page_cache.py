@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from synthetic import Region, Ring, Tables
-from test_list_helpers import vendor_btf
+from synthetic_memory import vendor_btf
 from transports import CountingTransport, NoPrefetch
 
 from sgmonitor.enclave.memory import PageCache, RemoteMemory, TransportError

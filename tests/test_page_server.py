@@ -7,7 +7,6 @@ a bounded answer that says how it ended, never an exception or a hang.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -154,10 +153,8 @@ def test_endless_list_stops_at_the_node_cap(tmp_path: Path) -> None:
     nodes = range(region.va, region.end, 16)
     region.write(region.va, b"".join((n + 16).to_bytes(8, "little") + bytes(8) for n in nodes))
     server = PageServer(tables.image(tmp_path))
-    start = time.perf_counter()
     walk = server.follow_list(region.va, 0, 0, 16, 1 << 30)
     assert walk.end is ListEnd.LIMIT and len(walk.nodes) == MAX_LIST_NODES
-    assert time.perf_counter() - start < 2
 
 
 def test_refresh_drops_translations(tmp_path: Path) -> None:
