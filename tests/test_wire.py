@@ -254,6 +254,15 @@ def test_request_limits() -> None:
         wire.SessionOpened(b"short")
 
 
+def test_read_pages_of_scattered_pages_up_to_the_page_limit() -> None:
+    """A scan's predicted misses are scattered: every page may need its own range."""
+    scattered = tuple(PageRange(0x10_0000 + i * 2 * PAGE_SIZE, 1) for i in range(1024))
+    assert len(scattered) == wire.MAX_PAGES_PER_REQUEST
+    assert decode(encode(ReadPages(scattered))).pages() == [r.address for r in scattered]
+    with pytest.raises(WireError, match="limit"):
+        ReadPages((*scattered, PageRange(0, 1)))
+
+
 def test_read_pages_helpers() -> None:
     req = ReadPages((PageRange(0x1000, 2), PageRange(0x8000, 1)))
     assert req.pages() == [0x1000, 0x2000, 0x8000]
