@@ -189,12 +189,13 @@ def _bench(args: argparse.Namespace) -> int:
     results = bench.run_benchmark(
         args.processes, args.modes, [b << 20 for b in args.budgets], args.runs, progress
     )
-    if args.plot:
-        bench.plot(results, args.plot)
     if args.json:
         print(json.dumps({"runs": [r.as_dict() for r in results]}, indent=2))
     else:
         print(bench.table(results))
+    sys.stdout.flush()  # the numbers are out even if plotting fails
+    if args.plot:
+        bench.plot(results, args.plot)
     return 0 if all(r.records_match_traditional for r in results) else 1
 
 
