@@ -116,10 +116,14 @@ def _print_processes(records: list[dict[str, object]], as_json: bool) -> None:
 
 
 def _ps(args: argparse.Namespace) -> int:
-    mode = args.mode or ("traditional" if args.core else "secure")
+    mode = args.mode or ("secure" if args.qemu else "traditional")
+    if (args.cr3 is None) != (args.raw is None) or (args.cr4 is None) != (args.raw is None):
+        raise SGMonitorError("--raw needs --cr3 and --cr4 (from 'info registers'), and only it")
     if mode != "traditional":
-        if args.core or args.ram:
-            raise SGMonitorError("--core and --ram are read in this process: --mode traditional")
+        if not args.qemu or args.ram:
+            raise SGMonitorError(
+                "--core, --raw and --ram are read in this process: --mode traditional"
+            )
         if args.vmlinux or args.system_map or args.btf_sha256:
             raise SGMonitorError(
                 "--vmlinux, --system-map and --btf-sha256 apply to --mode traditional only"
@@ -138,11 +142,14 @@ def _ps(args: argparse.Namespace) -> int:
         "system_map": args.system_map,
         "btf_sha256": args.btf_sha256,
     }
-    if args.core:
+    if args.core or args.raw:
         from sgmonitor.guest.elfcore import ElfCore
+        from sgmonitor.guest.memory import RawImage, Registers
 
-        with ElfCore(args.core) as core:
-            found = list_processes(open_guest_kernel(core, **options))
+        # CR0.PG: a raw image of a running 64-bit kernel has paging on.
+        registers = Registers(cr0=1 << 31, cr3=args.cr3 or 0, cr4=args.cr4 or 0)
+        with ElfCore(args.core) if args.core else RawImage(args.raw, registers) as dump:
+            found = list_processes(open_guest_kernel(dump, **options))
     else:
         from sgmonitor.guest.qemu import QemuGuest
 
@@ -162,12 +169,17 @@ def _add_ps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     source = ps.add_mutually_exclusive_group(required=True)
     source.add_argument("--qemu", metavar="QMP_SOCKET", help="a running QEMU guest's QMP socket")
     source.add_argument("--core", metavar="FILE", help="an ELF core from dump-guest-memory")
+    source.add_argument(
+        "--raw", metavar="FILE", help="a raw RAM image (QEMU layout), with --cr3 and --cr4"
+    )
+    ps.add_argument("--cr3", type=lambda v: int(v, 16), metavar="HEX", help="for --raw")
+    ps.add_argument("--cr4", type=lambda v: int(v, 16), metavar="HEX", help="for --raw")
     ps.add_argument(
         "--mode",
         choices=("secure", "secure-plain", "traditional"),
         help="secure (default for --qemu): enclave + hypervisor service, sealed pages; "
         "secure-plain: the same path UNSEALED, for experiments only; traditional: read "
-        "guest RAM in this process (default for --core)",
+        "guest RAM in this process (default for --core and --raw)",
     )
     ps.add_argument(
         "--cache-budget", type=int, default=32, metavar="MIB", help="enclave page cache (MiB)"

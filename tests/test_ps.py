@@ -8,6 +8,7 @@ import contextlib
 import json
 import mmap
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -100,6 +101,22 @@ def test_ps_from_an_elf_core_equals_the_live_guest(guest: GuestUnderTest, tmp_pa
             qmp.command("dump-guest-memory", paging=False, protocol=f"file:{core}")
         live_records = ps_json("--qemu", guest.info.qmp)
     assert ps_json("--core", str(core)) == live_records
+
+
+@only(MAIN)
+def test_ps_from_a_raw_ram_image_with_registers_given(
+    guest: GuestUnderTest, tmp_path: Path
+) -> None:
+    image = tmp_path / "guest.ram"
+    with held_still(guest.info.qmp):
+        with Qmp(guest.info.qmp) as qmp:
+            regs = qmp.registers()
+        shutil.copyfile(guest.info.ram, image)
+        live_records = ps_json("--qemu", guest.info.qmp, "--mode", "traditional")
+    raw = ("--raw", str(image), "--cr3", f"{regs['cr3']:x}", "--cr4", f"{regs['cr4']:x}")
+    assert ps_json(*raw) == live_records
+    missing = ps("--raw", str(image), "--cr3", f"{regs['cr3']:x}")
+    assert missing.returncode == 1 and "--cr4" in missing.stderr
 
 
 def test_vendor_vmlinux_is_checked(guest: GuestUnderTest) -> None:
