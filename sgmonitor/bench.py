@@ -15,15 +15,14 @@ invalidated at the start of every scan) and an empty translation cache.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from sgmonitor.guest.qemu import QemuGuest
-from sgmonitor.guest.qmp import Qmp
+from sgmonitor.guest.qmp import held_still
 from sgmonitor.ids.pslist import list_processes
 from sgmonitor.lab import machine
 from sgmonitor.lab.initramfs import Workload
@@ -66,17 +65,6 @@ def _timed(
     return records, times, crossings, pages
 
 
-@contextlib.contextmanager
-def _held_still(qmp_socket: str) -> Iterator[None]:
-    with Qmp(qmp_socket) as qmp:
-        qmp.stop()
-    try:
-        yield
-    finally:
-        with Qmp(qmp_socket) as qmp:
-            qmp.cont()
-
-
 def measure_guest(
     qmp_socket: str, modes: Sequence[str], budgets: Sequence[int], runs: int
 ) -> list[Run]:
@@ -104,7 +92,7 @@ def measure_guest(
             )
         )
 
-    with _held_still(qmp_socket):
+    with held_still(qmp_socket):
         if "traditional" in modes:
             with QemuGuest(qmp_socket) as live:
                 kernel = open_guest_kernel(live)

@@ -19,7 +19,7 @@ import pytest
 from guests import MAIN, GuestUnderTest, only
 
 from sgmonitor.guest.qemu import QemuGuest
-from sgmonitor.guest.qmp import Qmp
+from sgmonitor.guest.qmp import Qmp, held_still
 from sgmonitor.kernel.helpers.sched import for_each_process
 from sgmonitor.kernel.kallsyms import (
     MAX_IMAGE_SIZE,
@@ -79,19 +79,6 @@ def test_ps_lists_exactly_what_the_guest_lists(guest: GuestUnderTest) -> None:
     workers = [r for r in records if r["comm"] == "sleep" and r["ppid"] == 1]
     assert len(workers) == guest.config.workload.procs
     assert sum(r["ppid"] == 2 for r in records) >= 20  # kernel threads, under kthreadd
-
-
-@contextlib.contextmanager
-def held_still(qmp_socket: str) -> Iterator[None]:
-    """Keep the guest stopped without holding its monitor (QEMU serves one QMP client at
-    a time, and ``sgmonitor ps`` needs it)."""
-    with Qmp(qmp_socket) as qmp:
-        qmp.stop()
-    try:
-        yield
-    finally:
-        with Qmp(qmp_socket) as qmp:
-            qmp.cont()
 
 
 def test_ps_from_an_elf_core_equals_the_live_guest(guest: GuestUnderTest, tmp_path: Path) -> None:

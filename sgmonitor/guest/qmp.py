@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
@@ -106,3 +106,16 @@ class Qmp:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def held_still(socket_path: str) -> Iterator[None]:
+    """Keep the guest stopped without holding its monitor (QEMU serves one QMP client at
+    a time, so whoever reads the guest meanwhile can still connect)."""
+    with Qmp(socket_path) as qmp:
+        qmp.stop()
+    try:
+        yield
+    finally:
+        with Qmp(socket_path) as qmp:
+            qmp.cont()
