@@ -387,9 +387,15 @@ def decode_kallsyms(aspace: AddressSpace, tables: KallsymsTables, image: range) 
     return Kallsyms(names, _addresses(offsets, count, base), types, tables)
 
 
+def _marker_offsets(ends: list[int], count: int) -> list[int]:
+    """What ``kallsyms_markers`` must hold: the offset of every 256th name entry
+    (scripts/kallsyms.c, ``write_src``)."""
+    return [0, *(ends[i - 1] for i in range(256, count, 256))]
+
+
 def _check_markers(aspace: AddressSpace, address: int, ends: list[int], count: int) -> None:
     """``kallsyms_markers[i]`` must be the offset of entry 256*i (u32; u64 before 4.20)."""
-    expected = [0, *(ends[i - 1] for i in range(256, count, 256))]
+    expected = _marker_offsets(ends, count)
     data = _read(aspace, address, 8 * len(expected), "kallsyms_markers")
     for fmt in ("<%dI", "<%dQ"):
         if list(struct.unpack_from(fmt % len(expected), data)) == expected:
@@ -503,8 +509,7 @@ def _count_before(
             continue
         if _align(base + names + size) != base + markers:
             continue
-        expected = [0, *(ends[i - 1] for i in range(256, count, 256))]
-        if expected == values:
+        if _marker_offsets(ends, count) == values:
             return base + p, base + markers, count
     return None
 
