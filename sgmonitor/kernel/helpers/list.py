@@ -153,12 +153,8 @@ def list_for_each_entry(
         yield tm.container_of(node, type, member)
 
 
-def list_empty(head: Object) -> bool:
-    """Whether a list is empty, after checking its first link both ways.
-
-    :param head: ``struct list_head *`` (or the ``struct list_head`` object itself)
-    :raises ValidationError: ``head->next->prev != head`` or an unreadable node
-    """
+def _checked_first(head: Object) -> tuple[int, int]:
+    """(address of head, ``head->next``) after checking ``head->next->prev == head``."""
     tm = head.memory_
     layout = _links(tm, "list_head", "next", "prev")
     head_addr = _address(head, "list_head")
@@ -169,6 +165,16 @@ def list_empty(head: Object) -> bool:
         raise ValidationError(
             f"{what}: node {first:#x} has prev {back:#x}, expected {head_addr:#x} (broken link)"
         )
+    return head_addr, first
+
+
+def list_empty(head: Object) -> bool:
+    """Whether a list is empty, after checking its first link both ways.
+
+    :param head: ``struct list_head *`` (or the ``struct list_head`` object itself)
+    :raises ValidationError: ``head->next->prev != head`` or an unreadable node
+    """
+    head_addr, first = _checked_first(head)
     return first == head_addr
 
 
@@ -177,14 +183,12 @@ def list_first_entry_or_null(head: Object, type: str | CType, member: str) -> Ob
 
     :param head: ``struct list_head *`` (or the ``struct list_head`` object itself)
     :return: ``type *`` or None
+    :raises ValidationError: as :func:`list_empty`
     """
-    if list_empty(head):
+    head_addr, first = _checked_first(head)
+    if first == head_addr:
         return None
-    tm = head.memory_
-    first, _ = _read_pair(
-        tm, "list", _address(head, "list_head"), _links(tm, "list_head", "next", "prev")
-    )
-    return tm.container_of(first, type, member)
+    return head.memory_.container_of(first, type, member)
 
 
 def list_first_entry(head: Object, type: str | CType, member: str) -> Object:
@@ -205,10 +209,14 @@ def hlist_empty(head: Object) -> bool:
 
     :param head: ``struct hlist_head *`` (or the ``struct hlist_head`` object itself)
     """
-    tm = head.memory_
-    head_addr = _address(head, "hlist_head")
+    return not _hlist_first(head.memory_, _address(head, "hlist_head"))
+
+
+def _hlist_first(tm: TypedMemory, head_addr: int) -> int:
+    """``head->first`` of the ``struct hlist_head`` at ``head_addr``; a fault is a wild
+    pointer."""
     try:
-        return not int(tm.object("struct hlist_head", head_addr).first)
+        return int(tm.object("struct hlist_head", head_addr).first)
     except PageFault as fault:
         raise ValidationError(f"hlist at {head_addr:#x} is unreadable ({fault})") from fault
 
@@ -228,10 +236,7 @@ def hlist_for_each(head: Object, limit: int = DEFAULT_LIMIT) -> Iterator[Object]
     head_addr = _address(head, "hlist_head")
     what = f"hlist at {head_addr:#x}"
     first_off = tm.offsetof("struct hlist_head", "first")
-    try:
-        pos = int(tm.object("struct hlist_head", head_addr).first)
-    except PageFault as fault:
-        raise ValidationError(f"{what} is unreadable ({fault})") from fault
+    pos = _hlist_first(tm, head_addr)
     link = head_addr + first_off  # the address that must hold pos: &head->first
     seen: set[int] = set()
     while pos:
