@@ -292,6 +292,7 @@ class _Counters:
         )
         vm_bytes = _vm_bytes(vm)
         self.vm_suffix = bytes([len(vm_bytes)]) + vm_bytes
+        self.ad_len = _AD_HEAD.size + len(self.vm_suffix)  # the same for every message
         self.sent = 0
         self.received = 0
         self.failed = False
@@ -305,6 +306,12 @@ class _Counters:
                 now = time.time()
             if now > self.not_after:
                 raise SessionExpired(f"session expired at {self.not_after}")
+
+    def check_openable(self, now: float | None) -> None:
+        """:meth:`check_usable` for the receiving side: a failed channel is a forgery."""
+        if self.failed:
+            raise InvalidSeal()
+        self.check_usable(now)
 
     def next_send(self) -> int:
         if self.sent >= self.limit:  # raise before the counter could wrap
@@ -322,7 +329,7 @@ class _Counters:
     ) -> bytes:
         """Same bytes as :func:`associated_data`, with the constant parts precomputed.
 
-        This runs once per page, so it avoids enum construction; ``struct`` rejects
+        This runs once per message, so it avoids enum construction; ``struct`` rejects
         out-of-range integers (``struct.error``) and ``kind`` is checked against the enum.
         """
         kind_byte = _KIND_BYTE.get(kind)
@@ -343,13 +350,55 @@ class _Counters:
             + self.vm_suffix
         )
 
+    def page_constants(
+        self, direction: Direction
+    ) -> tuple[tuple[int, int, int, int, bytes], bytes]:
+        """The parts of :meth:`ad` and :func:`nonce` that every ``Kind.PAGE`` message of
+        ``direction`` shares: the leading AD fields (version, suite, direction, kind,
+        session id) and the nonce prefix. The batch loops add the rest per page."""
+        head = (
+            PROTOCOL_VERSION,
+            self.suite_byte,
+            _DIRECTION_BYTE[direction],
+            _KIND_BYTE[Kind.PAGE],
+            self.session_id,
+        )
+        return head, _NONCE_PREFIX[direction]
 
-class Channel:
+
+# Everything a receiver turns into InvalidSeal (and a dead channel).
+_FORGERY = (InvalidSeal, InvalidTag, ValueError, TypeError, OverflowError, struct.error)
+
+
+class _ChannelBase:
+    """Counters, properties and closing shared by the sealed and unsealed channels."""
+
+    def __init__(self, state: _Counters) -> None:
+        self._state = state
+        self.session_id = state.session_id
+        self.suite = state.suite
+
+    @property
+    def sent(self) -> int:
+        """Messages sealed so far (the next send sequence number)."""
+        return self._state.sent
+
+    @property
+    def received(self) -> int:
+        """Messages opened so far (the next expected receive sequence number)."""
+        return self._state.received
+
+    def close(self) -> None:
+        """Later calls raise :class:`ChannelClosed`."""
+        self._state.closed = True
+
+
+class Channel(_ChannelBase):
     """AES-256-GCM channel, one per side per session; fails closed.
 
     ``seal`` uses the next send sequence number; ``open`` accepts only the next
     expected receive sequence number, so replays, reorders and drops fail. Any
-    failure kills the channel (later calls raise :class:`InvalidSeal` or
+    failure to open kills the channel (later calls raise :class:`InvalidSeal` or
     :class:`ChannelClosed`): a session that saw a forgery is not trusted again.
     """
 
@@ -364,21 +413,9 @@ class Channel:
     ) -> None:
         if keys.suite is not Suite.AES256GCM_HKDF_SHA256:
             raise ValueError(f"Channel needs an AEAD suite, not {keys.suite.name}")
-        self._state = _Counters(keys.session_id, keys.suite, side, vm, not_after, limit)
+        super().__init__(_Counters(keys.session_id, keys.suite, side, vm, not_after, limit))
         self._send: AESGCM | None = AESGCM(keys.key(self._state.send_direction))
         self._recv: AESGCM | None = AESGCM(keys.key(self._state.recv_direction))
-        self.session_id = keys.session_id
-        self.suite = keys.suite
-
-    @property
-    def sent(self) -> int:
-        """Messages sealed so far (the next send sequence number)."""
-        return self._state.sent
-
-    @property
-    def received(self) -> int:
-        """Messages opened so far (the next expected receive sequence number)."""
-        return self._state.received
 
     def seal(
         self,
@@ -417,9 +454,7 @@ class Channel:
         caller expects; any difference from what was sealed is a forgery.
         """
         st = self._state
-        if st.failed:
-            raise InvalidSeal()
-        st.check_usable(now)
+        st.check_openable(now)
         seq = st.received
         body = len(sealed) - TAG_LEN
         try:
@@ -428,7 +463,7 @@ class Channel:
             ad = st.ad(st.recv_direction, kind, request_id, seq, address, body)
             assert self._recv is not None
             plaintext = self._recv.decrypt(nonce(st.recv_direction, seq), sealed, ad)
-        except (InvalidSeal, InvalidTag, ValueError, TypeError, OverflowError, struct.error):
+        except _FORGERY:
             st.failed = True
             raise InvalidSeal() from None
         st.received = seq + 1
@@ -446,13 +481,12 @@ class Channel:
             return [self.seal(Kind.PAGE, request_id, p, address=a, now=now) for a, p in pages]
         assert self._send is not None
         encrypt, pack, suffix = self._send.encrypt, _AD_HEAD.pack, st.vm_suffix
-        head = (PROTOCOL_VERSION, st.suite_byte, _DIRECTION_BYTE[st.send_direction])
-        prefix = _NONCE_PREFIX[st.send_direction]
-        page_kind, seq, out = _KIND_BYTE[Kind.PAGE], st.sent, []
+        head, prefix = st.page_constants(st.send_direction)
+        seq, out = st.sent, []
         try:
             for address, page in pages:
-                ad = pack(*head, page_kind, st.session_id, request_id, seq, address, len(page))
-                out.append(encrypt(prefix + seq.to_bytes(8, "big"), page, ad + suffix))
+                ad = pack(*head, request_id, seq, address, len(page)) + suffix
+                out.append(encrypt(prefix + seq.to_bytes(8, "big"), page, ad))
                 seq += 1
         except struct.error as exc:
             raise ValueError(f"associated data field out of range: {exc}") from None
@@ -472,25 +506,22 @@ class Channel:
         """``open(Kind.PAGE, request_id, s, address=a, length=length)`` for each sealed
         page and its expected address, in order; any failure fails the channel."""
         st = self._state
-        if st.failed:
-            raise InvalidSeal()
-        st.check_usable(now)
+        st.check_openable(now)
         seq, out = st.received, []
         try:
             if len(sealed) != len(addresses) or seq + len(sealed) > st.limit:
                 raise InvalidSeal()
             assert self._recv is not None
             decrypt, pack, suffix = self._recv.decrypt, _AD_HEAD.pack, st.vm_suffix
-            head = (PROTOCOL_VERSION, st.suite_byte, _DIRECTION_BYTE[st.recv_direction])
-            prefix = _NONCE_PREFIX[st.recv_direction]
-            page_kind, sid, want = _KIND_BYTE[Kind.PAGE], st.session_id, length + TAG_LEN
+            head, prefix = st.page_constants(st.recv_direction)
+            want = length + TAG_LEN
             for address, message in zip(addresses, sealed, strict=True):
                 if len(message) != want:
                     raise InvalidSeal()
-                ad = pack(*head, page_kind, sid, request_id, seq, address, length) + suffix
+                ad = pack(*head, request_id, seq, address, length) + suffix
                 out.append(decrypt(prefix + seq.to_bytes(8, "big"), message, ad))
                 seq += 1
-        except (InvalidSeal, InvalidTag, ValueError, TypeError, OverflowError, struct.error):
+        except _FORGERY:
             st.failed = True
             raise InvalidSeal() from None
         st.received = seq
@@ -498,11 +529,11 @@ class Channel:
 
     def close(self) -> None:
         """Drop the keys; later calls raise :class:`ChannelClosed`."""
-        self._state.closed = True
+        super().close()
         self._send = self._recv = None
 
 
-class UnsealedChannelForExperimentsOnly:
+class UnsealedChannelForExperimentsOnly(_ChannelBase):
     """INSECURE: the ``secure-plain`` experiment mode. No encryption, no integrity.
 
     Measures the cost of the secure path without cryptography. Each message is sent as
@@ -522,19 +553,7 @@ class UnsealedChannelForExperimentsOnly:
         limit: int = MAX_MESSAGES,
     ) -> None:
         suite = Suite.UNSEALED_FOR_EXPERIMENTS_ONLY
-        self._state = _Counters(session_id, suite, side, vm, not_after, limit)
-        self.session_id = session_id
-        self.suite = suite
-
-    @property
-    def sent(self) -> int:
-        """Messages sent so far."""
-        return self._state.sent
-
-    @property
-    def received(self) -> int:
-        """Messages accepted so far."""
-        return self._state.received
+        super().__init__(_Counters(session_id, suite, side, vm, not_after, limit))
 
     def seal(
         self,
@@ -565,22 +584,19 @@ class UnsealedChannelForExperimentsOnly:
     ) -> bytes:
         """Check the clear-text associated data against expectations; no authentication."""
         st = self._state
-        if st.failed:
-            raise InvalidSeal()
-        st.check_usable(now)
+        st.check_openable(now)
         seq = st.received
         try:
             if seq >= st.limit:
                 raise InvalidSeal()
-            # The AD's length depends only on the VM name, so it can be computed first.
-            ad_len = len(st.ad(st.recv_direction, kind, request_id, seq, address, 0))
+            ad_len = st.ad_len  # depends only on the VM name
             body = len(sealed) - ad_len
             if body < 0 or (length is not None and body != length):
                 raise InvalidSeal()
             expected = st.ad(st.recv_direction, kind, request_id, seq, address, body)
             if not hmac.compare_digest(bytes(sealed[:ad_len]), expected):
                 raise InvalidSeal()
-        except (InvalidSeal, ValueError, TypeError, OverflowError, struct.error):
+        except _FORGERY:
             st.failed = True
             raise InvalidSeal() from None
         st.received = seq + 1
@@ -609,10 +625,6 @@ class UnsealedChannelForExperimentsOnly:
             self.open(Kind.PAGE, request_id, s, address=a, length=length, now=now)
             for a, s in zip(addresses, sealed, strict=True)
         ]
-
-    def close(self) -> None:
-        """Later calls raise :class:`ChannelClosed`."""
-        self._state.closed = True
 
 
 def make_channel(
