@@ -139,10 +139,6 @@ class MappedFile(PhysicalMemory, ABC):
     def ram_ranges(self) -> list[range]:
         return [range(s.address, s.end) for s in self._segments]
 
-    def segment_view(self, segment: Segment) -> memoryview:
-        """Zero-copy view of one RAM segment (for scans over all of RAM)."""
-        return self._view[segment.file_offset : segment.file_offset + segment.size]
-
     @property
     def segments(self) -> list[Segment]:
         return list(self._segments)

@@ -70,8 +70,6 @@ class Kernel:
         spelled = type_name or GLOBAL_TYPES.get(name) or self._btf_var_type(name)
         return self.types.object(spelled, self._address(name))
 
-    symbol_object = object
-
     def _address(self, name: str) -> int:
         try:
             return self.symbols[name]
