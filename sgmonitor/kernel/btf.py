@@ -344,23 +344,21 @@ class Btf:
 
     def resolve(self, type_id: int) -> Type:
         """Follow typedef/const/volatile/restrict/type_tag to the underlying type."""
-        current = self.type(type_id)
-        for _ in range(MAX_CHAIN):
-            if current.kind not in _MODIFIERS:
-                return current
-            assert current.type is not None
-            current = self.type(current.type)
-        raise BtfError(f"typedef/qualifier chain from type {type_id} is cyclic or too long")
+        return self._skip(type_id, _MODIFIERS, "typedef/qualifier")
 
     def strip_qualifiers(self, type_id: int) -> Type:
         """Follow const/volatile/restrict/type_tag but keep typedefs (for display)."""
+        return self._skip(type_id, _QUALIFIERS, "qualifier")
+
+    def _skip(self, type_id: int, kinds: frozenset[Kind], what: str) -> Type:
+        """The first type down the chain from ``type_id`` whose kind is not in ``kinds``."""
         current = self.type(type_id)
         for _ in range(MAX_CHAIN):
-            if current.kind not in _QUALIFIERS:
+            if current.kind not in kinds:
                 return current
             assert current.type is not None
             current = self.type(current.type)
-        raise BtfError(f"qualifier chain from type {type_id} is cyclic or too long")
+        raise BtfError(f"{what} chain from type {type_id} is cyclic or too long")
 
     def sizeof(self, type_id: int) -> int:
         """``sizeof`` in bytes; BtfError for void, functions and forward declarations."""
