@@ -288,6 +288,13 @@ class _Reader:
             raise WireError(f"{self.what}: truncated in {field}: {n} items do not fit")
         return n
 
+    def flag(self, field: str) -> bool:
+        """A bool as one byte, 0 or 1."""
+        raw = self.u8(field)
+        if raw > 1:
+            raise WireError(f"{self.what}: {field} flag {raw}")
+        return bool(raw)
+
     def enum(self, cls: type[_E], field: str, raw: int) -> _E:
         try:
             return cls(raw)
@@ -342,6 +349,11 @@ def _tuple(msg: str, field: str, v: object, limit: int, item: type | tuple[type,
     for x in v:
         if not isinstance(x, item) or isinstance(x, bool):
             raise WireError(f"{msg}: {field} holds a {type(x).__name__}")
+
+
+def _bool(msg: str, field: str, v: object) -> None:
+    if not isinstance(v, bool):
+        raise WireError(f"{msg}: {field} must be a bool")
 
 
 def _aligned(msg: str, field: str, v: int, align: int) -> None:
@@ -749,18 +761,14 @@ class BeginScan(Message):
     pause: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.pause, bool):
-            raise WireError("BeginScan: pause must be a bool")
+        _bool("BeginScan", "pause", self.pause)
 
     def _encode(self, w: _Writer) -> None:
         w.u8(int(self.pause))
 
     @classmethod
     def _decode(cls, r: _Reader) -> Self:
-        flag = r.u8("pause")
-        if flag > 1:
-            raise WireError(f"BeginScan: pause flag {flag}")
-        return cls(bool(flag))
+        return cls(r.flag("pause"))
 
 
 @_message(0x26)
@@ -1008,18 +1016,14 @@ class Ack(Message):
     paused: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.paused, bool):
-            raise WireError("Ack: paused must be a bool")
+        _bool("Ack", "paused", self.paused)
 
     def _encode(self, w: _Writer) -> None:
         w.u8(int(self.paused))
 
     @classmethod
     def _decode(cls, r: _Reader) -> Self:
-        flag = r.u8("paused")
-        if flag > 1:
-            raise WireError(f"Ack: paused flag {flag}")
-        return cls(bool(flag))
+        return cls(r.flag("paused"))
 
 
 @_message(0x36)
@@ -1263,7 +1267,6 @@ def decode(data: bytes, expect: tuple[type[_T], ...] | None = None) -> _T:
 
 # --- stream sockets ------------------------------------------------------------------
 
-_LEN = struct.Struct(">I")
 _SMALL_FRAME = 64 * 1024
 
 
@@ -1274,9 +1277,9 @@ def send_encoded(sock: socket.socket, data: bytes, timeout: float) -> None:
     try:
         sock.settimeout(timeout)
         if len(data) <= _SMALL_FRAME:
-            sock.sendall(_LEN.pack(len(data)) + data)
+            sock.sendall(_U32.pack(len(data)) + data)
         else:  # a large frame is not copied to prepend its length
-            sock.sendall(_LEN.pack(len(data)))
+            sock.sendall(_U32.pack(len(data)))
             sock.sendall(data)
     except TimeoutError:
         raise WireTimeout(f"send of {len(data)} bytes timed out after {timeout}s") from None
@@ -1316,7 +1319,7 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float, started: bool) -> 
 def recv_encoded(sock: socket.socket, timeout: float) -> bytes:
     """Receive one frame's bytes within ``timeout`` seconds in total; never unbounded."""
     deadline = time.monotonic() + timeout
-    (length,) = _LEN.unpack(_recv_exact(sock, 4, deadline, started=False))
+    (length,) = _U32.unpack(_recv_exact(sock, 4, deadline, started=False))
     if length < 2 or length > MAX_FRAME:
         raise WireError(f"frame length {length} outside 2..{MAX_FRAME}")
     return _recv_exact(sock, length, deadline, started=True)
