@@ -178,7 +178,6 @@ class _Session:
     channel: SealingChannel
     guest: GuestHandle
     paused_at: float | None = None
-    served: int = 0
 
 
 @dataclass(eq=False)  # identity: a set member
@@ -486,7 +485,6 @@ class HypervisorService:
             pages: list[tuple[int, bytes]] = []
         else:
             index, pages = self._serve(session, request)
-        session.served += 1
         seal = session.channel.seal
         sealed_index = seal(Kind.REPLY, msg.request_id, encode(index))
         sealed_pages = tuple(session.channel.seal_pages(msg.request_id, pages))
