@@ -120,15 +120,15 @@ class CacheStats:
 
     def since(self, earlier: CacheStats) -> CacheStats:
         """Counters as differences, sizes as now."""
-        counters = {
-            f.name: getattr(self, f.name) - getattr(earlier, f.name)
-            for f in fields(self)
-            if f.name not in ("budget", "used", "entries")
-        }
+        counters = {name: getattr(self, name) - getattr(earlier, name) for name in _COUNTERS}
         return CacheStats(self.budget, self.used, self.entries, **counters)
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# CacheStats' counters (its other fields are sizes); PageCache has an attribute of each.
+_COUNTERS = tuple(f.name for f in fields(CacheStats) if f.name not in ("budget", "used", "entries"))
 
 
 class PageCache:
@@ -181,11 +181,7 @@ class PageCache:
         self.used = 0
 
     def stats(self) -> CacheStats:
-        counters = {
-            f.name: getattr(self, f.name)
-            for f in fields(CacheStats)
-            if f.name not in ("budget", "used", "entries")
-        }
+        counters = {name: getattr(self, name) for name in _COUNTERS}
         return CacheStats(self.budget, self.used, len(self._entries), **counters)
 
 
@@ -453,14 +449,9 @@ class RemoteMemory:
         window = max(1, self.cache.budget // 2 // PAGE_SIZE // per_entry)
         count = min(limit, window, MAX_LIST_NODES)
         extra = self._take_prediction(set(), MAX_PAGES_PER_REQUEST)
-        if extra:
-            walk = self.transport.follow_list(
-                head, next_offset, ask_offset, ask_size, count, after=after, pages=extra
-            )
-        else:
-            walk = self.transport.follow_list(
-                head, next_offset, ask_offset, ask_size, count, after=after
-            )
+        walk = self.transport.follow_list(
+            head, next_offset, ask_offset, ask_size, count, after=after, pages=extra
+        )
         span = self._reading.get(key)
         if span is None:
             span = self._reading[key] = _EntrySpan(span_size)
