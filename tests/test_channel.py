@@ -56,6 +56,19 @@ KAT_REQ_AD = (
     "00000000000000000000000506677565737431"
 )
 KAT_REQ_CT = "0301fc63ad630d49e57db8d26377a34dcdc029404d"
+# The fields of KAT_PAGE_AD.
+PAGE_AD_FIELDS: dict[str, object] = dict(
+    version=1,
+    suite=Suite.AES256GCM_HKDF_SHA256,
+    session_id=SESSION_ID,
+    direction=Direction.HV_TO_ENCLAVE,
+    kind=Kind.PAGE,
+    request_id=7,
+    sequence=0,
+    vm=VM,
+    address=PAGE_ADDR,
+    length=4096,
+)
 
 
 def pair(**kw: object) -> tuple[Channel, Channel]:
@@ -110,18 +123,7 @@ def test_key_schedule_kat() -> None:
 
 
 def test_ad_and_nonce_kat() -> None:
-    ad = associated_data(
-        version=1,
-        suite=Suite.AES256GCM_HKDF_SHA256,
-        session_id=SESSION_ID,
-        direction=Direction.HV_TO_ENCLAVE,
-        kind=Kind.PAGE,
-        request_id=7,
-        sequence=0,
-        vm=VM,
-        address=PAGE_ADDR,
-        length=4096,
-    )
+    ad = associated_data(**PAGE_AD_FIELDS)  # type: ignore[arg-type]
     assert ad.hex() == KAT_PAGE_AD
     assert nonce(Direction.ENCLAVE_TO_HV, 1).hex() == "000000020000000000000001"
 
@@ -250,18 +252,6 @@ def test_wrong_context_fails(field: str) -> None:
 
 
 def test_ad_fields_each_change_the_bytes() -> None:
-    base = dict(
-        version=1,
-        suite=Suite.AES256GCM_HKDF_SHA256,
-        session_id=SESSION_ID,
-        direction=Direction.HV_TO_ENCLAVE,
-        kind=Kind.PAGE,
-        request_id=7,
-        sequence=0,
-        vm=VM,
-        address=PAGE_ADDR,
-        length=4096,
-    )
     changes = dict(
         version=2,
         suite=Suite.UNSEALED_FOR_EXPERIMENTS_ONLY,
@@ -274,9 +264,10 @@ def test_ad_fields_each_change_the_bytes() -> None:
         address=PAGE_ADDR + 4096,
         length=4095,
     )
-    ref = associated_data(**base)  # type: ignore[arg-type]
+    assert set(changes) == set(PAGE_AD_FIELDS)
+    ref = associated_data(**PAGE_AD_FIELDS)  # type: ignore[arg-type]
     for name, value in changes.items():
-        assert associated_data(**{**base, name: value}) != ref, name  # type: ignore[arg-type]
+        assert associated_data(**{**PAGE_AD_FIELDS, name: value}) != ref, name  # type: ignore[arg-type]
 
 
 def test_replay_fails() -> None:
