@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from sgmonitor.channel import SealingChannel, Side, Suite, make_channel
+from sgmonitor.channel import Side, Suite, make_channel
 from sgmonitor.enclave.memory import DEFAULT_BUDGET, RemoteMemory
 from sgmonitor.enclave.transport import ExchangeFailed, SealedTransport, SessionFailed
 from sgmonitor.errors import GuestDataError, SGMonitorError
@@ -188,9 +188,7 @@ class HostPort:
 
 @dataclass
 class _Session:
-    session_id: bytes
-    channel: SealingChannel
-    transport: SealedTransport
+    transport: SealedTransport  # and its channel: the session's keys and counters
     memory: RemoteMemory | None = None
     # Symbols and types of the guest kernel, found on the first scan: they do not
     # change while that kernel runs, so later scans only re-read guest data.
@@ -245,8 +243,7 @@ class EnclaveProgram:
             allow_unsealed=self.config.mode == "secure-plain",
         )
         del session_key
-        transport = SealedTransport(channel, vm, self._exchange)
-        self.sessions[vm] = _Session(session_id, channel, transport)
+        self.sessions[vm] = _Session(SealedTransport(channel, self._exchange))
         evidence = self.backend.evidence(report_data_for_session(wrapped, session_id, hv_nonce))
         return session_id, int(suite), wrapped, evidence
 
@@ -254,7 +251,7 @@ class EnclaveProgram:
         """Forget ``vm``'s session keys and cached pages."""
         session = self.sessions.pop(vm, None)
         if session is not None:
-            session.channel.close()
+            session.transport.channel.close()
         return ()
 
     def ecall_get_evidence(self, report_data: bytes) -> tuple[Value, ...]:

@@ -107,7 +107,6 @@ class SealedTransport:
     def __init__(
         self,
         channel: SealingChannel,
-        vm: str,
         exchange: Exchange,
         *,
         timeout: float = 30.0,
@@ -115,7 +114,6 @@ class SealedTransport:
     ) -> None:
         self.channel = channel
         self.session_id = channel.session_id
-        self.vm = vm
         self.exchange = exchange
         self.timeout = timeout
         self.pause = pause
