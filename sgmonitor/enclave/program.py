@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import select
 import socket
 import time
@@ -67,6 +68,16 @@ CHECKS = ("pslist",)
 _OCALL_IDS = 1 << 63  # OCALL ids count up from here, ECALL ids (the host's) below
 _MAX_TIMEOUT_MS = 600_000
 _MIN_BUDGET = 1 << 20
+
+
+_NUMBER = re.compile(r"0x[0-9a-fA-F]+|\d{4,}")
+
+
+def for_host(text: str) -> str:
+    """A message for the untrusted host with its numbers blanked out: errors about
+    guest data name kernel addresses (the guest's KASLR layout) and sizes read from
+    guest memory, which the host must not learn. The kind of failure stays readable."""
+    return _NUMBER.sub("#", text)
 
 
 class EnclaveCallError(SGMonitorError):
@@ -154,7 +165,7 @@ class HostPort:
         except edl.EdlError as exc:
             reply = CallFailed(call.call_id, ErrorCode.NO_SUCH_CALL, str(exc)[:1000])
         except EnclaveCallError as exc:
-            reply = CallFailed(call.call_id, exc.code, str(exc)[:1000])
+            reply = CallFailed(call.call_id, exc.code, for_host(str(exc))[:1000])
         except Exception as exc:  # a bug: say what kind, keep serving
             reply = CallFailed(call.call_id, ErrorCode.INTERNAL, f"{type(exc).__name__}")
         send_frame(self.sock, reply, self.send_timeout)
@@ -303,7 +314,7 @@ class EnclaveProgram:
             except GuestDataError as exc:
                 # Perhaps the guest rebooted (new KASLR slide): find the kernel afresh.
                 session.kernel = None
-                status, error, records = "could-not-check", str(exc)[:2000], []
+                status, error, records = "could-not-check", for_host(str(exc))[:2000], []
             finally:
                 if transport.failure is None:
                     transport.end_scan()
