@@ -213,7 +213,7 @@ class Truth:
     helper_pid: int
 
 
-def truth(guest: LabGuest, fresh: bool = False, timeout: float = 60.0) -> Truth:
+def truth(guest: LabGuest, fresh: bool = False, timeout: float = 180.0) -> Truth:
     """The guest's view of itself; ``fresh`` asks /init to print a new block now.
 
     The process that printed the block (``SGM-HELPER``) is left out: it has exited.
