@@ -443,17 +443,25 @@ class HypervisorService:
         if session is None:
             return
         session.channel.close()
-        if session.paused_at is not None:
-            self._unpause(session)
+        self._unpause(session)
         with session.guest.lock:
             session.guest.sessions -= 1
             if session.guest.sessions <= 0:
                 session.guest.sessions = 0
                 session.guest.release()
 
-    def _unpause(self, session: _Session) -> None:
-        session.paused_at = None
+    def _unpause(self, session: _Session, held_longer_than: float | None = None) -> None:
+        """Resume the guest if ``session`` paused it (more than ``held_longer_than``
+        seconds ago, if given). Checked and cleared under the guest's lock, so a
+        BeginScan or EndScan served meanwhile on the session's own thread is never
+        undone."""
         with session.guest.lock:
+            paused_at = session.paused_at
+            if paused_at is None:
+                return
+            if held_longer_than is not None and time.monotonic() - paused_at <= held_longer_than:
+                return
+            session.paused_at = None
             try:
                 session.guest.resume()
             except Exception:
@@ -461,12 +469,11 @@ class HypervisorService:
 
     def _resume_overdue(self) -> None:
         """Resume guests a session has held paused beyond ``max_pause``."""
-        now = time.monotonic()
         with self._lock:
             sessions = [s for c in self._connections for s in list(c.sessions.values())]
         for s in sessions:
-            if s.paused_at is not None and now - s.paused_at > self.config.max_pause:
-                self._unpause(s)
+            if s.paused_at is not None:  # a cheap look first; _unpause decides under lock
+                self._unpause(s, held_longer_than=self.config.max_pause)
 
     # --- sealed requests ---------------------------------------------------------------
 
