@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sgmonitor.errors import SGMonitorError
 
 __all__ = [
+    "HV_NONCE_LEN",
     "KEY_LEN",
     "MAX_MESSAGES",
     "MAX_VM_NAME",
@@ -62,6 +63,7 @@ __all__ = [
 PROTOCOL_VERSION = 1
 KEY_LEN = 32
 SESSION_ID_LEN = 16
+HV_NONCE_LEN = 32  # the hypervisor's fresh contribution to each session's keys
 NONCE_LEN = 12
 TAG_LEN = 16
 MAX_VM_NAME = 64
@@ -142,16 +144,24 @@ class SessionKeys:
         cls,
         session_key: bytes,
         session_id: bytes,
+        hv_nonce: bytes,
         suite: Suite = Suite.AES256GCM_HKDF_SHA256,
     ) -> SessionKeys:
-        """HKDF-SHA256(ikm=session key, salt=session id, info=label|suite|direction)."""
+        """HKDF-SHA256(ikm=session key, salt=session id | hypervisor nonce,
+        info=label|suite|direction|session id).
+
+        The hypervisor's nonce is fresh randomness of the trusted side's own, used for
+        one session only: whatever a relay replays (a whole recorded OpenSession after
+        a restart included), the keys are new, so no (key, nonce) pair repeats."""
         _check_bytes("session_key", session_key, KEY_LEN)
         _check_bytes("session_id", session_id, SESSION_ID_LEN)
+        _check_bytes("hv_nonce", hv_nonce, HV_NONCE_LEN)
         suite = Suite(suite)
+        salt = session_id + hv_nonce
 
         def one(direction: Direction) -> bytes:
             info = _HKDF_LABEL + bytes([suite, direction]) + session_id
-            hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=session_id, info=info)
+            hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=salt, info=info)
             return hkdf.derive(session_key)
 
         return cls(
@@ -630,6 +640,7 @@ class UnsealedChannelForExperimentsOnly(_ChannelBase):
 def make_channel(
     session_key: bytes,
     session_id: bytes,
+    hv_nonce: bytes,
     suite: Suite,
     side: Side,
     vm: str,
@@ -644,7 +655,7 @@ def make_channel(
             raise ValueError("unsealed suite refused: it is for experiments only")
         _check_bytes("session_key", session_key, KEY_LEN)
         return UnsealedChannelForExperimentsOnly(session_id, side, vm, not_after=not_after)
-    keys = SessionKeys.derive(session_key, session_id, suite)
+    keys = SessionKeys.derive(session_key, session_id, hv_nonce, suite)
     return Channel(keys, side, vm, not_after=not_after)
 
 

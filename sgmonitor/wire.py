@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar, Self, TypeVar
 
-from sgmonitor.channel import MAX_VM_NAME, SESSION_ID_LEN, TAG_LEN, Suite
+from sgmonitor.channel import HV_NONCE_LEN, MAX_VM_NAME, SESSION_ID_LEN, TAG_LEN, Suite
 from sgmonitor.errors import SGMonitorError
 
 __all__ = [
@@ -119,7 +119,6 @@ MAX_ERROR_TEXT = 1024
 MAX_CALL_NAME = 64
 MAX_CALL_ARGS = 16
 MAX_CALL_VALUE = MAX_FRAME - 4096  # an OCALL carries a whole hypervisor frame
-HV_NONCE_LEN = 32
 _U64 = 2**64
 _PAGE_MASK = PAGE_SIZE - 1
 _U32 = struct.Struct(">I")

@@ -39,23 +39,24 @@ from sgmonitor.errors import SGMonitorError
 
 SESSION_KEY = bytes(range(32))
 SESSION_ID = bytes.fromhex("a0a1a2a3a4a5a6a7a8a9aaabacadaeaf")
+HV_NONCE = bytes(range(0x40, 0x60))
 VM = "guest1"
 PAGE = bytes(i % 251 for i in range(4096))
 PAGE_ADDR = 0xFFFFFFFF81000000
 
-KAT_H2E = "c5382c3e93a9b5aadf3d7193a3f761f30684208068355fc9f26b7e80c52c65b4"
-KAT_E2H = "c112f2987cc2f4678b352284b61edfc2919a3c676ad297f6421497c28030c43b"
+KAT_H2E = "109feee77f003bb6a4cf315f66aea2a03c9cd2bd09c7521fe9eb49d14c4a5e4f"
+KAT_E2H = "1d1b67cdc81ca0d7c8181e7c3b59fbc4d8eabc33b754ecd56a8e6b788f18fd39"
 KAT_PAGE_AD = (
     "01010103a0a1a2a3a4a5a6a7a8a9aaabacadaeaf00000000000000070000000000000000"
     "ffffffff810000000000100006677565737431"
 )
-KAT_PAGE_CT_SHA256 = "f72b6da0be475edd69abf0125981f8ba6fe8822734f13b0d367fe85c7544dd3c"
-KAT_PAGE_TAG = "096280e7238f5197877a4ac11df48ec4"
+KAT_PAGE_CT_SHA256 = "d018d58cd3fd7278c22ed9ca4d4bf5cd8f327496794731cd3fd94abefcbcc509"
+KAT_PAGE_TAG = "4b2119c4802bd735b5302f7bcce4b071"
 KAT_REQ_AD = (
     "01010201a0a1a2a3a4a5a6a7a8a9aaabacadaeaf00000000000000070000000000000000"
     "00000000000000000000000506677565737431"
 )
-KAT_REQ_CT = "0301fc63ad630d49e57db8d26377a34dcdc029404d"
+KAT_REQ_CT = "9f83b6477e7e9df5956207dba33ab6147bea2f1e80"
 # The fields of KAT_PAGE_AD.
 PAGE_AD_FIELDS: dict[str, object] = dict(
     version=1,
@@ -72,7 +73,7 @@ PAGE_AD_FIELDS: dict[str, object] = dict(
 
 
 def pair(**kw: object) -> tuple[Channel, Channel]:
-    keys = SessionKeys.derive(SESSION_KEY, SESSION_ID)
+    keys = SessionKeys.derive(SESSION_KEY, SESSION_ID, HV_NONCE)
     return Channel(keys, Side.ENCLAVE, VM, **kw), Channel(keys, Side.HYPERVISOR, VM, **kw)  # type: ignore[arg-type]
 
 
@@ -102,7 +103,8 @@ def test_hkdf_rfc5869_case1() -> None:
 def test_vectors_recomputed_independently() -> None:
     def key(direction: int) -> bytes:
         info = b"sgmonitor/v1 channel key " + bytes([1, direction]) + SESSION_ID
-        return HKDF(hashes.SHA256(), 32, salt=SESSION_ID, info=info).derive(SESSION_KEY)
+        salt = SESSION_ID + HV_NONCE
+        return HKDF(hashes.SHA256(), 32, salt=salt, info=info).derive(SESSION_KEY)
 
     assert key(1).hex() == KAT_H2E
     assert key(2).hex() == KAT_E2H
@@ -116,10 +118,10 @@ def test_vectors_recomputed_independently() -> None:
 
 
 def test_key_schedule_kat() -> None:
-    keys = SessionKeys.derive(SESSION_KEY, SESSION_ID)
+    keys = SessionKeys.derive(SESSION_KEY, SESSION_ID, HV_NONCE)
     assert keys.hv_to_enclave.hex() == KAT_H2E
     assert keys.enclave_to_hv.hex() == KAT_E2H
-    assert "c538" not in repr(keys)  # keys never printed
+    assert "109f" not in repr(keys)  # keys never printed
 
 
 def test_ad_and_nonce_kat() -> None:
@@ -168,7 +170,7 @@ def test_exhaustion_raises_before_wrap() -> None:
         enclave.seal(Kind.REQUEST, 1, b"x")
     with pytest.raises(ValueError):
         Channel(
-            SessionKeys.derive(SESSION_KEY, SESSION_ID), Side.ENCLAVE, VM, limit=MAX_MESSAGES + 1
+            SessionKeys.derive(SESSION_KEY, SESSION_ID, HV_NONCE), Side.ENCLAVE, VM, limit=MAX_MESSAGES + 1
         )
     with pytest.raises(ChannelExhausted):
         nonce(Direction.HV_TO_ENCLAVE, 2**64)
@@ -193,11 +195,11 @@ def test_closed_channel_refuses() -> None:
 
 def test_bad_key_material_rejected() -> None:
     with pytest.raises(ValueError):
-        SessionKeys.derive(SESSION_KEY[:31], SESSION_ID)
+        SessionKeys.derive(SESSION_KEY[:31], SESSION_ID, HV_NONCE)
     with pytest.raises(ValueError):
-        SessionKeys.derive(SESSION_KEY, SESSION_ID[:8])
+        SessionKeys.derive(SESSION_KEY, SESSION_ID[:8], HV_NONCE)
     with pytest.raises(TypeError):
-        SessionKeys.derive("k" * 32, SESSION_ID)  # type: ignore[arg-type]
+        SessionKeys.derive("k" * 32, SESSION_ID, HV_NONCE)  # type: ignore[arg-type]
 
 
 # --- must-fail vectors ---------------------------------------------------------------
@@ -238,11 +240,11 @@ def test_wrong_expected_field_fails(change: dict[str, object]) -> None:
 
 @pytest.mark.parametrize("field", ["session", "vm", "suite_version"])
 def test_wrong_context_fails(field: str) -> None:
-    keys = SessionKeys.derive(SESSION_KEY, SESSION_ID)
+    keys = SessionKeys.derive(SESSION_KEY, SESSION_ID, HV_NONCE)
     hv = Channel(keys, Side.HYPERVISOR, VM)
     sealed = hv.seal(Kind.PAGE, 7, PAGE, address=PAGE_ADDR)
     if field == "session":  # same key material, other session id: other keys and AD
-        other = Channel(SessionKeys.derive(SESSION_KEY, bytes(16)), Side.ENCLAVE, VM)
+        other = Channel(SessionKeys.derive(SESSION_KEY, bytes(16), HV_NONCE), Side.ENCLAVE, VM)
     elif field == "vm":  # page moved to another VM's channel
         other = Channel(keys, Side.ENCLAVE, "guest2")
     else:  # same keys, other direction role: the AD direction and keys both differ
@@ -354,21 +356,22 @@ def test_unsealed_still_catches_naive_replay_reorder_move(attack: str) -> None:
 
 def test_make_channel_refuses_unsealed_unless_allowed() -> None:
     with pytest.raises(ValueError):
-        make_channel(SESSION_KEY, SESSION_ID, Suite.UNSEALED_FOR_EXPERIMENTS_ONLY, Side.ENCLAVE, VM)
+        make_channel(SESSION_KEY, SESSION_ID, HV_NONCE, Suite.UNSEALED_FOR_EXPERIMENTS_ONLY, Side.ENCLAVE, VM)
     ch = make_channel(
         SESSION_KEY,
         SESSION_ID,
+        HV_NONCE,
         Suite.UNSEALED_FOR_EXPERIMENTS_ONLY,
         Side.ENCLAVE,
         VM,
         allow_unsealed=True,
     )
     assert isinstance(ch, UnsealedChannelForExperimentsOnly)
-    sealed = make_channel(SESSION_KEY, SESSION_ID, Suite.AES256GCM_HKDF_SHA256, Side.ENCLAVE, VM)
+    sealed = make_channel(SESSION_KEY, SESSION_ID, HV_NONCE, Suite.AES256GCM_HKDF_SHA256, Side.ENCLAVE, VM)
     assert isinstance(sealed, Channel)
     with pytest.raises(ValueError):  # no way to get an unsealed Channel
         Channel(
-            SessionKeys.derive(SESSION_KEY, SESSION_ID, Suite.UNSEALED_FOR_EXPERIMENTS_ONLY),
+            SessionKeys.derive(SESSION_KEY, SESSION_ID, HV_NONCE, Suite.UNSEALED_FOR_EXPERIMENTS_ONLY),
             Side.ENCLAVE,
             VM,
         )
@@ -424,3 +427,14 @@ def test_seal_pages_stops_at_the_message_budget() -> None:
     with pytest.raises(ChannelExhausted):
         hv.seal_pages(1, [(0, b"a"), (0x1000, b"b"), (0x2000, b"c"), (0x3000, b"d")])
     assert hv.sent == 3
+
+
+def test_hypervisor_nonce_makes_the_keys_new() -> None:
+    """A replayed session key (same key, same id) under a fresh hypervisor nonce gives
+    other keys, so the same plaintext is never sealed twice under one key and nonce."""
+    first = SessionKeys.derive(SESSION_KEY, SESSION_ID, HV_NONCE)
+    again = SessionKeys.derive(SESSION_KEY, SESSION_ID, bytes(32))
+    assert first.hv_to_enclave != again.hv_to_enclave
+    assert first.enclave_to_hv != again.enclave_to_hv
+    with pytest.raises(ValueError):
+        SessionKeys.derive(SESSION_KEY, SESSION_ID, HV_NONCE[:16])
