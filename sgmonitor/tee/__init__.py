@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from sgmonitor.tee.backend import ENCLAVE_SOURCES, EvidenceVerifier, TeeBackend
+from sgmonitor.tee.backend import EvidenceVerifier, TeeBackend
 
 # The one place that maps backend names to implementations; callers pick by name
 # (configuration), never by importing a backend module.
@@ -48,19 +47,16 @@ def _lookup(name: str) -> tuple[str, str, str]:
 def load_backend(
     name: str,
     *,
-    root: Path,
+    mrenclave: bytes,
     config: bytes,
     sigstruct: bytes,
     options: Mapping[str, str] | None = None,
 ) -> TeeBackend:
-    """Start the enclave on backend ``name``: measure ``ENCLAVE_SOURCES`` under ``root``
-    with ``config``, check the signer's ``sigstruct``, and return the backend."""
+    """Start the enclave on backend ``name``: check the signer's ``sigstruct`` against
+    the code measurement taken at launch (``sgmonitor.tee.boot``), report ``config``
+    as the launch configuration, and return the backend."""
     return backend_class(name).launch(
-        root=root,
-        sources=ENCLAVE_SOURCES,
-        config=config,
-        sigstruct=sigstruct,
-        options=dict(options or {}),
+        mrenclave=mrenclave, config=config, sigstruct=sigstruct, options=dict(options or {})
     )
 
 
@@ -68,20 +64,13 @@ def sign_enclave_for(
     name: str,
     signing_key: Ed25519PrivateKey,
     *,
-    root: Path,
-    config: bytes,
+    mrenclave: bytes,
     isv_prod_id: int = 1,
     isv_svn: int = 1,
-    debug: bool = True,
+    debug: bool = False,
 ) -> bytes:
-    """The signer's step for backend ``name``: measure ``ENCLAVE_SOURCES`` under
-    ``root`` with ``config`` and sign it, for :func:`load_backend` to check."""
+    """The signer's step for backend ``name``: sign the code measurement ``mrenclave``
+    (``sgmonitor enclave measure``) with its attributes, for :func:`load_backend`."""
     return backend_class(name).sign(
-        signing_key,
-        root=root,
-        sources=ENCLAVE_SOURCES,
-        config=config,
-        isv_prod_id=isv_prod_id,
-        isv_svn=isv_svn,
-        debug=debug,
+        signing_key, mrenclave=mrenclave, isv_prod_id=isv_prod_id, isv_svn=isv_svn, debug=debug
     )

@@ -1,17 +1,18 @@
 """What every TEE backend offers, and what an attestation service verifies.
 
 A backend (simulation today; Gramine on SGX, or configfs-tsm for SEV-SNP/TDX later)
-measures the enclave, produces evidence binding 64 bytes of caller-chosen report data,
-and seals data to the enclave's identity. Code outside a backend module depends only
-on these interfaces and must read ``protects_against_root`` instead of assuming.
+checks the enclave's measurement against its signer's signature, produces evidence
+binding 64 bytes of report data (which the enclave program only ever fills with its own,
+domain-separated values), and seals data to the enclave's identity. Code outside a
+backend module depends only on these interfaces and must read ``protects_against_root``
+instead of assuming.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -40,6 +41,7 @@ ENCLAVE_SOURCES: tuple[str, ...] = (
     "sgmonitor/channel.py",
     "sgmonitor/keywrap.py",
     "sgmonitor/wire.py",
+    "sgmonitor/statement.py",
     "sgmonitor/tee",
     "sgmonitor/enclave",
     "sgmonitor/kernel",
@@ -64,13 +66,17 @@ class SealedDataError(SGMonitorError):
 
 @dataclass(frozen=True)
 class EnclaveIdentity:
-    """Who the enclave is: measurement, signer and the signer's version numbers."""
+    """Who the enclave is: code measurement, signer, the signer's version numbers, and
+    the hash of its launch configuration (SGX's CONFIGID, TDX's MRCONFIGID): the code
+    measurement stays the same for every host and verifier key; the configuration,
+    which names the verifier the enclave trusts, is reported beside it."""
 
     mrenclave: bytes
     mrsigner: bytes
     isv_prod_id: int
     isv_svn: int
     debug: bool
+    config_id: bytes
 
 
 @dataclass(frozen=True)
@@ -95,15 +101,15 @@ class TeeBackend(ABC):
     def launch(
         cls,
         *,
-        root: Path,
-        sources: Sequence[str],
+        mrenclave: bytes,
         config: bytes,
         sigstruct: bytes,
         options: Mapping[str, str],
     ) -> TeeBackend:
-        """Start as the enclave whose files under ``root`` and ``config`` the signer's
-        ``sigstruct`` vouches for (EINIT); refuse with :class:`EnclaveLoadError` if they
-        measure differently. ``options`` are backend-specific (e.g. a platform key)."""
+        """Start as the enclave whose code measured ``mrenclave`` at launch (see
+        ``sgmonitor.tee.boot``), if the signer's ``sigstruct`` vouches for that
+        measurement (EINIT); else :class:`EnclaveLoadError`. ``config`` is the launch
+        configuration, reported as the CONFIGID. ``options`` are backend-specific."""
 
     @classmethod
     @abstractmethod
@@ -111,15 +117,13 @@ class TeeBackend(ABC):
         cls,
         signing_key: Ed25519PrivateKey,
         *,
-        root: Path,
-        sources: Sequence[str],
-        config: bytes,
+        mrenclave: bytes,
         isv_prod_id: int,
         isv_svn: int,
         debug: bool,
     ) -> bytes:
-        """The signer's tool (like ``gramine-sgx-sign``): measure the enclave's files and
-        ``config`` and return the signature structure :meth:`launch` checks."""
+        """The signer's tool (like ``gramine-sgx-sign``): the signature structure over
+        the code measurement and attributes that :meth:`launch` checks."""
 
     @abstractmethod
     def identity(self) -> EnclaveIdentity:

@@ -5,12 +5,13 @@ Like the SGX SDK's SIM mode, it runs the enclave as an ordinary process and give
 can forge everything. It says so on start-up. What it does do, faithfully enough for
 the rest of the system to be written against real semantics:
 
-- MRENCLAVE, Gramine-style: SHA-256 over a canonical manifest listing every enclave
-  source file (relative path and SHA-256 of its contents, sorted by path) and the
-  SHA-256 of the enclave configuration.
+- MRENCLAVE, Gramine-style, taken by the measured launch (``sgmonitor.tee.boot``):
+  SHA-256 over a canonical manifest of every byte the enclave process executes (its
+  sources, the interpreter and the third-party modules it loads). The launch
+  configuration is not in it: its SHA-256 is reported as the CONFIGID.
 - MRSIGNER: SHA-256 of the enclave signing key's raw Ed25519 public key.
-- A SIGSTRUCT analogue: the signer signs (MRENCLAVE, product id, SVN, debug); loading
-  re-measures the files and refuses to start on any mismatch (EINIT).
+- A SIGSTRUCT analogue: the signer signs (MRENCLAVE, product id, SVN, debug); launch
+  refuses to start on a measurement other than the signed one (EINIT).
 - Evidence shaped like a quote, signed by a simulated platform key (Ed25519) that an
   attestation service can be configured to trust.
 - Data sealing to MRENCLAVE with a key derived from the platform key.
@@ -28,6 +29,7 @@ import struct
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar, TextIO
 
@@ -58,11 +60,10 @@ __all__ = [
     "SimBackend",
     "SimEvidenceVerifier",
     "SimPlatform",
-    "enclave_manifest",
     "load_signed_enclave",
-    "measure_enclave",
     "mrsigner_of",
     "sign_enclave",
+    "sigstruct_identity",
 ]
 
 SIM_WARNING = (
@@ -73,11 +74,11 @@ SIM_WARNING = (
 
 _MANIFEST_HEADER = b"sgmonitor-sim-manifest v1\n"
 _QUOTE_MAGIC = b"SGMQ"
-_QUOTE_VERSION = 1
+_QUOTE_VERSION = 2  # 2: the launch configuration's hash (CONFIGID) is reported
 _BACKEND = b"sim\0"
 # magic 4 | version u16 | backend 4 | mrenclave 32 | mrsigner 32 | prod u16 | svn u16 |
-# flags u8 | report_data 64 | timestamp_ms u64 | signature 64
-_QUOTE_BODY = struct.Struct(">4sH4s32s32sHHB64sQ")
+# flags u8 | config_id 32 | report_data 64 | timestamp_ms u64 | signature 64
+_QUOTE_BODY = struct.Struct(">4sH4s32s32sHHB32s64sQ")
 QUOTE_LEN = _QUOTE_BODY.size + 64
 _SIGSTRUCT_MAGIC = b"SGMSIG1\0"
 # magic 8 | mrenclave 32 | prod u16 | svn u16 | flags u8 | signer public key 32 | sig 64
@@ -86,46 +87,7 @@ _FLAG_DEBUG = 1
 _SEAL_VERSION = 1
 
 
-# --- measurement ---------------------------------------------------------------------
-
-
-def _files(root: Path, sources: Sequence[str]) -> list[tuple[str, Path]]:
-    out: dict[str, Path] = {}
-    for src in sources:
-        path = root / src
-        if path.is_file():
-            candidates = [path]
-        elif path.is_dir():
-            candidates = [p for p in path.rglob("*.py") if "__pycache__" not in p.parts]
-        else:
-            continue  # a package not written yet measures as absent, deterministically
-        for p in candidates:
-            if p.is_symlink() or not p.is_file():
-                raise SGMonitorError(f"enclave source {p} is not a regular file")
-            rel = p.relative_to(root).as_posix()
-            if any(c.isspace() or not c.isprintable() for c in rel):
-                raise SGMonitorError(f"enclave source path {rel!r} has unsafe characters")
-            out[rel] = p
-    return sorted(out.items())
-
-
-def enclave_manifest(root: Path, sources: Sequence[str], config: bytes) -> bytes:
-    """The canonical manifest MRENCLAVE is the hash of; readable, for debugging.
-
-    One line per file, ``file <relative path> <sha256 hex>``, sorted by path, then
-    ``config <sha256 hex>``.
-    """
-    lines = [_MANIFEST_HEADER]
-    for rel, path in _files(Path(root), sources):
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        lines.append(f"file {rel} {digest}\n".encode())
-    lines.append(f"config {hashlib.sha256(config).hexdigest()}\n".encode())
-    return b"".join(lines)
-
-
-def measure_enclave(root: Path, sources: Sequence[str], config: bytes) -> bytes:
-    """MRENCLAVE: SHA-256 of :func:`enclave_manifest`."""
-    return hashlib.sha256(enclave_manifest(root, sources, config)).digest()
+# --- identity ------------------------------------------------------------------------
 
 
 def _raw_public(key: Ed25519PublicKey) -> bytes:
@@ -157,14 +119,13 @@ def sign_enclave(
     return body + signing_key.sign(body)
 
 
-def load_signed_enclave(
-    root: Path, sources: Sequence[str], config: bytes, sigstruct: bytes
-) -> EnclaveIdentity:
-    """Measure the files now and check the SIGSTRUCT (EINIT); refuse on any mismatch."""
+def load_signed_enclave(mrenclave: bytes, config: bytes, sigstruct: bytes) -> EnclaveIdentity:
+    """Check the SIGSTRUCT against the measurement taken at launch (EINIT); refuse on
+    any mismatch. The configuration is reported as the CONFIGID, not signed."""
     if len(sigstruct) != _SIGSTRUCT_BODY.size + 64:
         raise EnclaveLoadError("SIGSTRUCT has the wrong length")
     body, sig = sigstruct[: _SIGSTRUCT_BODY.size], sigstruct[_SIGSTRUCT_BODY.size :]
-    magic, mrenclave, prod, svn, flags, signer = _SIGSTRUCT_BODY.unpack(body)
+    magic, signed_for, prod, svn, flags, signer = _SIGSTRUCT_BODY.unpack(body)
     if magic != _SIGSTRUCT_MAGIC:
         raise EnclaveLoadError("not a SIGSTRUCT")
     try:
@@ -172,12 +133,29 @@ def load_signed_enclave(
         signer_key.verify(sig, body)
     except (InvalidSignature, ValueError):
         raise EnclaveLoadError("SIGSTRUCT signature does not verify") from None
-    measured = measure_enclave(root, sources, config)
-    if not hmac.compare_digest(measured, mrenclave):
+    if not hmac.compare_digest(mrenclave, signed_for):
         raise EnclaveLoadError(
-            f"enclave files measure {measured.hex()}, signed for {mrenclave.hex()}"
+            f"the enclave's code measures {mrenclave.hex()}, but it is signed for "
+            f"{signed_for.hex()} (changed code, or run 'sgmonitor enclave sign')"
         )
-    return EnclaveIdentity(measured, mrsigner_of(signer_key), prod, svn, bool(flags & _FLAG_DEBUG))
+    return EnclaveIdentity(
+        mrenclave,
+        mrsigner_of(signer_key),
+        prod,
+        svn,
+        bool(flags & _FLAG_DEBUG),
+        hashlib.sha256(config).digest(),
+    )
+
+
+def sigstruct_identity(sigstruct: bytes) -> EnclaveIdentity:
+    """The identity a SIGSTRUCT vouches for, after checking its signature: what an
+    operator pins in a policy. Its ``config_id`` is empty: that is the launcher's."""
+    if len(sigstruct) != _SIGSTRUCT_BODY.size + 64:
+        raise EnclaveLoadError("SIGSTRUCT has the wrong length")
+    signed_for = _SIGSTRUCT_BODY.unpack(sigstruct[: _SIGSTRUCT_BODY.size])[1]
+    identity = load_signed_enclave(signed_for, b"", sigstruct)
+    return replace(identity, config_id=b"")
 
 
 # --- the simulated platform ------------------------------------------------------------
@@ -251,16 +229,15 @@ class SimBackend(TeeBackend):
     def launch(
         cls,
         *,
-        root: Path,
-        sources: Sequence[str],
+        mrenclave: bytes,
         config: bytes,
         sigstruct: bytes,
         options: Mapping[str, str],
     ) -> SimBackend:
-        """Measure and check the enclave (:func:`load_signed_enclave`) on the simulated
-        platform whose key is in the PEM file ``options["platform_key"]`` (a fresh
-        platform without one); announces the simulation on stderr."""
-        identity = load_signed_enclave(root, sources, config, sigstruct)
+        """Check the SIGSTRUCT against the launch measurement (:func:`load_signed_enclave`)
+        on the simulated platform whose key is in the PEM file ``options["platform_key"]``
+        (a fresh platform without one); announces the simulation on stderr."""
+        identity = load_signed_enclave(mrenclave, config, sigstruct)
         key_file = options.get("platform_key")
         if key_file:
             platform = SimPlatform.from_pem(Path(key_file).read_bytes())
@@ -273,15 +250,12 @@ class SimBackend(TeeBackend):
         cls,
         signing_key: Ed25519PrivateKey,
         *,
-        root: Path,
-        sources: Sequence[str],
-        config: bytes,
+        mrenclave: bytes,
         isv_prod_id: int,
         isv_svn: int,
         debug: bool,
     ) -> bytes:
-        """MRENCLAVE of the files and ``config``, signed (:func:`sign_enclave`)."""
-        mrenclave = measure_enclave(root, sources, config)
+        """The SIGSTRUCT over ``mrenclave`` (:func:`sign_enclave`)."""
         return sign_enclave(
             signing_key, mrenclave, isv_prod_id=isv_prod_id, isv_svn=isv_svn, debug=debug
         )
@@ -304,6 +278,7 @@ class SimBackend(TeeBackend):
             ident.isv_prod_id,
             ident.isv_svn,
             _FLAG_DEBUG if ident.debug else 0,
+            ident.config_id,
             report_data,
             int((time.time() if now is None else now) * 1000),
         )
@@ -363,7 +338,8 @@ class SimEvidenceVerifier(EvidenceVerifier):
         else:
             raise InvalidEvidence("quote signature is not from a trusted platform key")
         body = unverified_body  # verified from here on
-        magic, version, backend, mre, mrs, prod, svn, flags, rd, ts_ms = _QUOTE_BODY.unpack(body)
+        fields = _QUOTE_BODY.unpack(body)
+        magic, version, backend, mre, mrs, prod, svn, flags, config_id, rd, ts_ms = fields
         if magic != _QUOTE_MAGIC or backend != _BACKEND:
             raise InvalidEvidence("not a sim quote")
         if version != _QUOTE_VERSION:
@@ -378,5 +354,5 @@ class SimEvidenceVerifier(EvidenceVerifier):
             raise InvalidEvidence("quote timestamp is in the future")
         if now - ts > self.max_age:
             raise InvalidEvidence(f"quote is {now - ts:.0f}s old (max {self.max_age:.0f}s)")
-        identity = EnclaveIdentity(mre, mrs, prod, svn, bool(flags & _FLAG_DEBUG))
+        identity = EnclaveIdentity(mre, mrs, prod, svn, bool(flags & _FLAG_DEBUG), config_id)
         return EvidenceClaims("sim", version, identity, rd, ts)
