@@ -11,11 +11,14 @@ built locally or parsed from a peer. Any malformed, truncated, oversized or unex
 input raises :class:`WireError` with a message saying what was wrong, after bounded
 work. The catalogue and the limits are documented in docs/protocol.md.
 
-Three families share the format:
+Five families share the format:
 
 - hypervisor link (untrusted library <-> hypervisor service), in the clear:
   Hello, HelloReply, OpenSession, SessionOpened, CloseSession, SessionClosed,
   Request, Reply, Error;
+- attestation link (untrusted library <-> attestation service), in the clear:
+  ChallengeRequest, Challenge, AttestSession, StatementIssued, Error;
+- hypervisor administration (operator <-> the service's admin socket): Revoke, Revoked;
 - sealed bodies (enclave <-> hypervisor, only ever inside the channel):
   ReadPages, FollowList, GetVmcoreinfo, GetRegisters, BeginScan, EndScan, Batch and
   their replies PagesReply, ListReply, VmcoreinfoReply, RegistersReply, Ack,
@@ -38,6 +41,7 @@ from sgmonitor.channel import HV_NONCE_LEN, MAX_VM_NAME, SESSION_ID_LEN, TAG_LEN
 from sgmonitor.errors import SGMonitorError
 
 __all__ = [
+    "HV_KEY_LEN",
     "HV_NONCE_LEN",
     "MAX_BATCH",
     "MAX_CALL_ARGS",
@@ -51,14 +55,18 @@ __all__ = [
     "MAX_SEALED_REPLY",
     "MAX_SEALED_REQUEST",
     "PAGE_SIZE",
+    "VERIFIER_NONCE_LEN",
     "WIRE_VERSION",
     "Ack",
+    "AttestSession",
     "Batch",
     "BatchReply",
     "BeginScan",
     "Call",
     "CallDirection",
     "CallFailed",
+    "Challenge",
+    "ChallengeRequest",
     "CloseSession",
     "ConnectionClosed",
     "EndScan",
@@ -83,15 +91,21 @@ __all__ = [
     "Request",
     "RequestFailed",
     "Return",
+    "Revoke",
+    "RevokeKind",
+    "Revoked",
     "SessionClosed",
     "SessionOpened",
+    "StatementIssued",
     "Value",
     "VcpuRegisters",
     "VmcoreinfoReply",
     "WireError",
     "WireTimeout",
+    "connect",
     "decode",
     "encode",
+    "parse_address",
     "recv_encoded",
     "recv_frame",
     "send_encoded",
@@ -112,6 +126,12 @@ MAX_SEALED_REPLY = 1024 * 1024
 MAX_SEALED_PAGE = PAGE_SIZE + 256  # tag (16) or, unsealed, the clear-text AD
 MAX_WRAPPED_KEY = 1024
 MAX_STATEMENT = 64 * 1024
+MAX_EVIDENCE = 64 * 1024
+MAX_ENDORSEMENT = 1024
+MAX_ENCLAVE_CONFIG = 16 * 1024
+MAX_BACKEND_NAME = 32
+HV_KEY_LEN = 32  # a raw X25519 public key
+VERIFIER_NONCE_LEN = 32
 MAX_BATCH = 4  # requests in one Batch (BeginScan, FollowList, ReadPages, EndScan)
 MAX_VMCOREINFO_NOTES = 16  # candidates (genuine and planted) in one reply
 MAX_VMCOREINFO_NOTE = 8192  # header, name and a one-page text
@@ -158,6 +178,9 @@ class ErrorCode(IntEnum):
     TIMEOUT = 14
     INTERNAL = 15
     NO_SUCH_CALL = 16
+    ATTESTATION_REFUSED = 17  # the statement (or the evidence, at the verifier) is refused
+    REVOKED = 18  # the operator revoked this measurement or session
+    EXPIRED = 19  # the session's lifetime is over: attest again
 
 
 class PageStatus(IntEnum):
@@ -415,20 +438,25 @@ class Hello(Message):
 @_message(0x02)
 @dataclass(frozen=True)
 class HelloReply(Message):
-    """Hypervisor -> library: the nonce the attestation statement must bind; suites offered."""
+    """Hypervisor -> library: the nonce the attestation statement must bind (and the
+    session's keys mix in), the suites offered, and the service's public key (which
+    the enclave uses only once the attestation service has endorsed it)."""
 
     hv_nonce: bytes
     suites: tuple[Suite, ...]
+    hv_key: bytes
 
     def __post_init__(self) -> None:
         _bytes("HelloReply", "hv_nonce", self.hv_nonce, HV_NONCE_LEN, exact=HV_NONCE_LEN)
         _tuple("HelloReply", "suites", self.suites, 8, Suite)
+        _bytes("HelloReply", "hv_key", self.hv_key, HV_KEY_LEN, exact=HV_KEY_LEN)
 
     def _encode(self, w: _Writer) -> None:
         w.fixed(self.hv_nonce)
         w.u8(len(self.suites))
         for s in self.suites:
             w.u8(s)
+        w.fixed(self.hv_key)
 
     @classmethod
     def _decode(cls, r: _Reader) -> Self:
@@ -437,7 +465,7 @@ class HelloReply(Message):
         if n > 8:
             raise WireError(f"HelloReply: {n} suites, limit 8")
         suites = tuple(r.enum(Suite, "suite", r.u8("suite")) for _ in range(n))
-        return cls(nonce, suites)
+        return cls(nonce, suites, r.take(HV_KEY_LEN, "hv_key"))
 
 
 @_message(0x03)
@@ -445,8 +473,8 @@ class HelloReply(Message):
 class OpenSession(Message):
     """Library -> hypervisor: register the enclave's wrapped session key for ``vm``.
 
-    ``statement`` is the attestation service's signed statement (empty until trust
-    establishment lands); the hypervisor decides whether an empty one is acceptable.
+    ``statement`` is the attestation service's signed statement for exactly this
+    session (``sgmonitor.statement``); without a valid one the hypervisor refuses.
     """
 
     vm: str
@@ -616,6 +644,177 @@ class Error(Message):
         if n not in (0, SESSION_ID_LEN):
             raise WireError(f"Error: session_id length {n}")
         return cls(code, message, r.take(n, "session_id"), r.u64("request_id"))
+
+
+# --- attestation link (library <-> attestation service), in the clear -------------
+
+
+@_message(0x51)
+@dataclass(frozen=True)
+class ChallengeRequest(Message):
+    """Library -> attestation service: a fresh nonce for evidence, and the service's
+    endorsement of the hypervisor key ``hv_key`` (refused if it is not enrolled)."""
+
+    hv_key: bytes
+
+    def __post_init__(self) -> None:
+        _bytes("ChallengeRequest", "hv_key", self.hv_key, HV_KEY_LEN, exact=HV_KEY_LEN)
+
+    def _encode(self, w: _Writer) -> None:
+        w.fixed(self.hv_key)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(r.take(HV_KEY_LEN, "hv_key"))
+
+
+@_message(0x52)
+@dataclass(frozen=True)
+class Challenge(Message):
+    """Attestation service -> library: a single-use nonce and the signed endorsement."""
+
+    nonce: bytes
+    endorsement: bytes
+
+    def __post_init__(self) -> None:
+        _bytes("Challenge", "nonce", self.nonce, VERIFIER_NONCE_LEN, exact=VERIFIER_NONCE_LEN)
+        _bytes("Challenge", "endorsement", self.endorsement, MAX_ENDORSEMENT)
+
+    def _encode(self, w: _Writer) -> None:
+        w.fixed(self.nonce)
+        w.blob(self.endorsement)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        nonce = r.take(VERIFIER_NONCE_LEN, "nonce")
+        return cls(nonce, r.blob("endorsement", MAX_ENDORSEMENT))
+
+
+@_message(0x53)
+@dataclass(frozen=True)
+class AttestSession(Message):
+    """Library -> attestation service: the enclave's evidence for one session, with
+    everything its report data covers, for the service to recompute and check."""
+
+    backend: str
+    evidence: bytes
+    config: bytes
+    nonce: bytes
+    vm: str
+    session_id: bytes
+    suite: Suite
+    wrapped_key_sha256: bytes
+    hv_nonce: bytes
+    hv_key: bytes
+
+    def __post_init__(self) -> None:
+        m = "AttestSession"
+        _text(m, "backend", self.backend, MAX_BACKEND_NAME, nonempty=True)
+        _bytes(m, "evidence", self.evidence, MAX_EVIDENCE)
+        _bytes(m, "config", self.config, MAX_ENCLAVE_CONFIG)
+        _bytes(m, "nonce", self.nonce, VERIFIER_NONCE_LEN, exact=VERIFIER_NONCE_LEN)
+        _text(m, "vm", self.vm, MAX_VM_NAME, nonempty=True)
+        _bytes(m, "session_id", self.session_id, SESSION_ID_LEN, exact=SESSION_ID_LEN)
+        _enum(m, "suite", self.suite, Suite)
+        _bytes(m, "wrapped_key_sha256", self.wrapped_key_sha256, 32, exact=32)
+        _bytes(m, "hv_nonce", self.hv_nonce, HV_NONCE_LEN, exact=HV_NONCE_LEN)
+        _bytes(m, "hv_key", self.hv_key, HV_KEY_LEN, exact=HV_KEY_LEN)
+
+    def _encode(self, w: _Writer) -> None:
+        w.text(self.backend)
+        w.blob(self.evidence)
+        w.blob(self.config)
+        w.fixed(self.nonce)
+        w.text(self.vm)
+        w.fixed(self.session_id)
+        w.u8(self.suite)
+        w.fixed(self.wrapped_key_sha256)
+        w.fixed(self.hv_nonce)
+        w.fixed(self.hv_key)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(
+            r.text("backend", MAX_BACKEND_NAME),
+            r.blob("evidence", MAX_EVIDENCE),
+            r.blob("config", MAX_ENCLAVE_CONFIG),
+            r.take(VERIFIER_NONCE_LEN, "nonce"),
+            r.text("vm", MAX_VM_NAME),
+            r.take(SESSION_ID_LEN, "session_id"),
+            r.enum(Suite, "suite", r.u8("suite")),
+            r.take(32, "wrapped_key_sha256"),
+            r.take(HV_NONCE_LEN, "hv_nonce"),
+            r.take(HV_KEY_LEN, "hv_key"),
+        )
+
+
+@_message(0x54)
+@dataclass(frozen=True)
+class StatementIssued(Message):
+    """Attestation service -> library: the signed statement for the session."""
+
+    statement: bytes
+
+    def __post_init__(self) -> None:
+        _bytes("StatementIssued", "statement", self.statement, MAX_STATEMENT)
+
+    def _encode(self, w: _Writer) -> None:
+        w.blob(self.statement)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(r.blob("statement", MAX_STATEMENT))
+
+
+# --- hypervisor administration (operator <-> hypervisor service's admin socket) ----
+
+
+class RevokeKind(IntEnum):
+    """What a :class:`Revoke` names."""
+
+    MEASUREMENT = 1  # an MRENCLAVE: its open sessions end, new ones are refused
+    SESSION = 2  # one session id
+
+
+@_message(0x61)
+@dataclass(frozen=True)
+class Revoke(Message):
+    """Operator -> hypervisor service: revoke a measurement or a session, at once."""
+
+    kind: RevokeKind
+    value: bytes
+
+    def __post_init__(self) -> None:
+        _enum("Revoke", "kind", self.kind, RevokeKind)
+        size = 32 if self.kind is RevokeKind.MEASUREMENT else SESSION_ID_LEN
+        _bytes("Revoke", "value", self.value, size, exact=size)
+
+    def _encode(self, w: _Writer) -> None:
+        w.u8(self.kind)
+        w.blob(self.value)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        kind = r.enum(RevokeKind, "kind", r.u8("kind"))
+        return cls(kind, r.blob("value", 32))
+
+
+@_message(0x62)
+@dataclass(frozen=True)
+class Revoked(Message):
+    """Hypervisor service -> operator: the revocation holds; how many sessions it ended."""
+
+    sessions_closed: int
+
+    def __post_init__(self) -> None:
+        _uint("Revoked", "sessions_closed", self.sessions_closed, 32)
+
+    def _encode(self, w: _Writer) -> None:
+        w.u32(self.sessions_closed)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(r.u32("sessions_closed"))
 
 
 # --- sealed request bodies ----------------------------------------------------------
@@ -1329,3 +1528,28 @@ def recv_frame(
 ) -> _T:
     """Receive and decode one message within ``timeout`` seconds in total."""
     return decode(recv_encoded(sock, timeout), expect)
+
+
+def parse_address(address: str) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
+    """``unix:PATH`` or ``HOST:PORT`` (IPv6 as ``[::1]:PORT``) -> (family, address)."""
+    if address.startswith("unix:") and len(address) > 5:
+        return socket.AF_UNIX, address[5:]
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise WireError(f"address {address!r} is neither unix:PATH nor HOST:PORT")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return family, (host, int(port))
+
+
+def connect(address: str, timeout: float) -> socket.socket:
+    """A stream socket connected to ``address`` (see :func:`parse_address`)."""
+    family, where = parse_address(address)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(where)
+    except OSError:
+        sock.close()
+        raise
+    return sock
