@@ -49,6 +49,7 @@ __all__ = [
     "private_key_to_pem",
     "public_key_from_pem",
     "public_key_to_pem",
+    "raw_public_key",
     "save_private_key",
     "save_public_key",
     "unwrap_session_key",
@@ -97,7 +98,8 @@ def _kek(shared: bytes, eph_pub: bytes, hv_pub: bytes, context: bytes) -> AESGCM
     return AESGCM(hkdf.derive(shared))
 
 
-def _raw(public_key: X25519PublicKey) -> bytes:
+def raw_public_key(public_key: X25519PublicKey) -> bytes:
+    """The 32 raw bytes of an X25519 public key: how the wire and statements name it."""
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -123,7 +125,7 @@ def _wrap(
     ephemeral: X25519PrivateKey, hv_public_key: X25519PublicKey, session_key: bytes, context: bytes
 ) -> bytes:
     """The deterministic core of :func:`wrap_session_key` (fixed ephemeral: test vectors)."""
-    eph_pub, hv_pub = _raw(ephemeral.public_key()), _raw(hv_public_key)
+    eph_pub, hv_pub = raw_public_key(ephemeral.public_key()), raw_public_key(hv_public_key)
     shared = ephemeral.exchange(hv_public_key)
     aead = _kek(shared, eph_pub, hv_pub, context)
     sealed = aead.encrypt(_ZERO_NONCE, session_key, bytes([WRAP_VERSION]) + eph_pub + context)
@@ -148,7 +150,7 @@ def unwrap_session_key(
             raise InvalidWrappedKey()
         context = _context(session_id, vm, suite)
         eph_pub = wrapped[1 : 1 + _PUB_LEN]
-        hv_pub = _raw(hv_private_key.public_key())
+        hv_pub = raw_public_key(hv_private_key.public_key())
         # exchange() raises ValueError for low-order points (all-zero shared secret).
         shared = hv_private_key.exchange(X25519PublicKey.from_public_bytes(eph_pub))
         aead = _kek(shared, eph_pub, hv_pub, context)
@@ -161,7 +163,7 @@ def unwrap_session_key(
 
 def fingerprint(public_key: X25519PublicKey) -> str:
     """SHA-256 of the raw public key, hex: how configs and statements name a key."""
-    return hashlib.sha256(_raw(public_key)).hexdigest()
+    return hashlib.sha256(raw_public_key(public_key)).hexdigest()
 
 
 def private_key_to_pem(key: X25519PrivateKey) -> bytes:

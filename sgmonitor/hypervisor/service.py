@@ -17,15 +17,16 @@ RAM mapping are shared by every session on that guest).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import select
 import socket
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from sgmonitor.channel import (
@@ -43,7 +44,8 @@ from sgmonitor.guest.memory import PhysicalMemory
 from sgmonitor.guest.qemu import QemuGuest
 from sgmonitor.hypervisor.pages import PageNotRam, PageServer
 from sgmonitor.kernel.vmcoreinfo import find_vmcoreinfo
-from sgmonitor.keywrap import InvalidWrappedKey, fingerprint, unwrap_session_key
+from sgmonitor.keywrap import InvalidWrappedKey, fingerprint, raw_public_key, unwrap_session_key
+from sgmonitor.statement import InvalidToken, SessionBinding, Statement
 from sgmonitor.wire import (
     HV_NONCE_LEN,
     MAX_VMCOREINFO_NOTES,
@@ -72,6 +74,9 @@ from sgmonitor.wire import (
     Reply,
     Request,
     RequestFailed,
+    Revoke,
+    Revoked,
+    RevokeKind,
     SessionClosed,
     SessionOpened,
     VcpuRegisters,
@@ -102,21 +107,37 @@ _LINK_MESSAGES = (Hello, OpenSession, CloseSession, Request)
 class ServiceConfig:
     """Limits and policy; the defaults suit a lab host."""
 
+    # The attestation services whose statements open sessions (raw Ed25519 keys).
+    attestation_keys: tuple[Ed25519PublicKey, ...] = ()
     allow_unsealed: bool = False  # suite 0xFE (secure-plain): experiments only
     idle_timeout: float = 300.0  # a connection may be silent this long between frames
     frame_timeout: float = 10.0  # once a frame starts, all of it within this
     send_timeout: float = 30.0
     max_connections: int = 64
     max_sessions_per_connection: int = 16
-    max_pause: float = 30.0  # a paused guest is resumed after this, whatever the library does
-    remembered_sessions: int = 100_000  # session ids never accepted twice
+    # Per guest, whatever the sessions do: paused at most max_pause seconds in any
+    # pause_window seconds; the service resumes it when the budget is spent.
+    max_pause: float = 30.0
+    pause_window: float = 120.0
+    session_lifetime: float = 3600.0  # then the enclave must attest again
+    # Session ids are never accepted twice; an id is forgotten only once the statement
+    # that named it has expired (it can't be presented again). Full: refuse new ones.
+    remembered_sessions: int = 100_000
 
 
 class GuestHandle:
-    """One guest: its memory source (opened on first use), page server, lock and pause
-    count. ``opener`` makes the memory source, so tests may serve a dump instead."""
+    """One guest: its memory source (opened on first use), page server, lock, and the
+    pause budget shared by every session on it. ``opener`` makes the memory source, so
+    tests may serve a dump instead."""
 
-    def __init__(self, name: str, opener: Callable[[], PhysicalMemory]) -> None:
+    def __init__(
+        self,
+        name: str,
+        opener: Callable[[], PhysicalMemory],
+        *,
+        max_pause: float = 30.0,
+        pause_window: float = 120.0,
+    ) -> None:
         self.name = name
         self.opener = opener
         self.lock = threading.Lock()
@@ -124,8 +145,11 @@ class GuestHandle:
         self.server: PageServer | None = None
         self.pauses = 0
         self.we_paused = False
-        self.sessions = 0  # open sessions on this guest
+        self.sessions: set[_Session] = set()  # open sessions on this guest
         self.vmcoreinfo: list[tuple[int, bytes]] | None = None  # (address, note) found
+        self.max_pause = max_pause
+        self.pause_window = pause_window
+        self._spans: list[list[float]] = []  # [start, end] of our pauses; end=inf: now
 
     def ensure_open(self) -> PageServer:
         """The page server, opening the guest if needed (call with the lock held)."""
@@ -148,43 +172,79 @@ class GuestHandle:
                     self.memory.qmp.cont()
             with contextlib.suppress(Exception):
                 self.memory.close()
+        self._end_span()
         self.memory = self.server = None
         self.pauses, self.we_paused = 0, False
+        for session in self.sessions:
+            session.paused = False
 
-    def pause(self) -> bool:
-        """Stop the vCPUs (reference counted across sessions); True if now paused."""
+    def paused_seconds(self, now: float) -> float:
+        """How long we held the guest paused within the last ``pause_window`` seconds."""
+        start = now - self.pause_window
+        self._spans = [s for s in self._spans if s[1] > start]
+        return sum(min(end, now) - max(begin, start) for begin, end in self._spans)
+
+    def pause(self, now: float) -> bool:
+        """Stop the vCPUs (reference counted across sessions); True if now paused.
+        Refused (False) while the guest's pause budget is spent."""
         self.ensure_open()
-        if isinstance(self.memory, QemuGuest):
-            if self.pauses == 0 and self.memory.qmp.is_running():
+        if not isinstance(self.memory, QemuGuest):
+            return False
+        if self.pauses == 0:
+            if self.paused_seconds(now) >= self.max_pause:
+                return False
+            if self.memory.qmp.is_running():
                 self.memory.qmp.stop()
                 self.we_paused = True
-            self.pauses += 1
-            return True
-        return False
+                self._spans.append([now, math.inf])
+        self.pauses += 1
+        return True
 
     def resume(self) -> None:
         """Undo one :meth:`pause`; the last one restarts the vCPUs we stopped."""
         if self.pauses == 0:
             return
         self.pauses -= 1
-        if self.pauses == 0 and self.we_paused and isinstance(self.memory, QemuGuest):
+        if self.pauses == 0:
+            self._resume_vcpus()
+
+    def resume_if_over_budget(self, now: float) -> bool:
+        """Resume the guest if our pauses spent its budget, whoever holds them."""
+        if not self.we_paused or self.paused_seconds(now) < self.max_pause:
+            return False
+        self.pauses = 0
+        for session in self.sessions:
+            session.paused = False
+        self._resume_vcpus()
+        return True
+
+    def _resume_vcpus(self) -> None:
+        if self.we_paused and isinstance(self.memory, QemuGuest):
             self.we_paused = False
+            self._end_span()
             self.memory.qmp.cont()
 
+    def _end_span(self) -> None:
+        if self._spans and self._spans[-1][1] == math.inf:
+            self._spans[-1][1] = time.monotonic()
 
-@dataclass
+
+@dataclass(eq=False)  # identity: a set member
 class _Session:
+    session_id: bytes
     vm: str
     channel: SealingChannel
     guest: GuestHandle
-    paused_at: float | None = None
+    mrenclave: bytes
+    paused: bool = False
+    revoked: bool = False
 
 
 @dataclass(eq=False)  # identity: a set member
 class _Connection:
     sock: socket.socket
     sessions: dict[bytes, _Session] = field(default_factory=dict)
-    nonces: list[bytes] = field(default_factory=list)
+    nonces: list[bytes] = field(default_factory=list)  # issued by Hello, each used once
 
 
 class _Refused(SGMonitorError):
@@ -208,13 +268,25 @@ class HypervisorService:
         self.socket_path = socket_path
         self._key = private_key
         self.public_key = private_key.public_key()
+        self.hv_key = raw_public_key(self.public_key)
         self.config = config or ServiceConfig()
-        self.guests = {name: GuestHandle(name, opener) for name, opener in guests.items()}
+        self.guests = {
+            name: GuestHandle(
+                name,
+                opener,
+                max_pause=self.config.max_pause,
+                pause_window=self.config.pause_window,
+            )
+            for name, opener in guests.items()
+        }
         self._listener: socket.socket | None = None
+        self._admin: socket.socket | None = None
         self._stop = threading.Event()
-        self._lock = threading.Lock()  # connections, session registry
+        self._lock = threading.Lock()  # connections, session registry, revocations
         self._connections: set[_Connection] = set()
-        self._seen_sessions: OrderedDict[bytes, None] = OrderedDict()
+        self._seen_sessions: dict[bytes, float] = {}  # id -> its statement's expiry
+        self._revoked_measurements: set[bytes] = set()
+        self._revoked_sessions: set[bytes] = set()
         self._threads: list[threading.Thread] = []
 
     @classmethod
@@ -231,25 +303,26 @@ class HypervisorService:
 
     # --- lifecycle ---------------------------------------------------------------------
 
+    @property
+    def admin_socket_path(self) -> str:
+        """The operator's socket (revocation): beside the library's, owner-only."""
+        return self.socket_path + ".admin"
+
     def listen(self) -> None:
-        """Bind the socket (owner-only permissions) and start accepting."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(self.socket_path)
-        finally:
-            os.umask(old)
-        sock.listen(16)
-        self._listener = sock
+        """Bind the library's and the operator's sockets (owner-only) and start accepting."""
+        self._listener = _bind_unix(self.socket_path)
+        self._admin = _bind_unix(self.admin_socket_path)
+        t = threading.Thread(target=self._serve_admin, daemon=True)
+        t.start()
 
     def ready_info(self) -> dict[str, object]:
         """What the ready line says: where to connect and which key to pin."""
         return {
             "ready": True,
             "socket": self.socket_path,
+            "admin_socket": self.admin_socket_path,
             "fingerprint": fingerprint(self.public_key),
+            "public_key": self.hv_key.hex(),
             "guests": sorted(self.guests),
             "allow_unsealed": self.config.allow_unsealed,
             "pid": os.getpid(),
@@ -288,10 +361,14 @@ class HypervisorService:
         self._stop.set()
 
     def _close_all(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path)
+        for sock, path in (
+            (self._listener, self.socket_path),
+            (self._admin, self.admin_socket_path),
+        ):
+            if sock is not None:
+                sock.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         with self._lock:
             conns = list(self._connections)
         for c in conns:
@@ -301,9 +378,6 @@ class HypervisorService:
             t.join(timeout=5.0)
         for g in self.guests.values():
             with g.lock:
-                with contextlib.suppress(Exception):
-                    while g.pauses:
-                        g.resume()
                 g.reset()
 
     # --- one connection ----------------------------------------------------------------
@@ -385,11 +459,11 @@ class HypervisorService:
         if msg.vm not in self.guests:
             raise _Refused(ErrorCode.UNKNOWN_VM, f"no guest named {msg.vm!r}")
         nonce = os.urandom(HV_NONCE_LEN)
-        conn.nonces = [*conn.nonces[-15:], nonce]  # for the attestation statement, later
+        conn.nonces = [*conn.nonces[-15:], nonce]  # the statement must bind one of these
         suites = [Suite.AES256GCM_HKDF_SHA256]
         if self.config.allow_unsealed:
             suites.append(Suite.UNSEALED_FOR_EXPERIMENTS_ONLY)
-        return HelloReply(nonce, tuple(suites))
+        return HelloReply(nonce, tuple(suites), self.hv_key)
 
     def _open(self, conn: _Connection, msg: OpenSession) -> Message:
         guest = self.guests.get(msg.vm)
@@ -398,39 +472,84 @@ class HypervisorService:
         if msg.suite is Suite.UNSEALED_FOR_EXPERIMENTS_ONLY and not self.config.allow_unsealed:
             raise _Refused(
                 ErrorCode.SUITE_REFUSED,
-                "suite UNSEALED_FOR_EXPERIMENTS_ONLY refused (start with --allow-unsealed)",
+                "suite UNSEALED_FOR_EXPERIMENTS_ONLY refused (start with allow_unsealed)",
             )
         if len(conn.sessions) >= self.config.max_sessions_per_connection:
             raise _Refused(ErrorCode.BUSY, "too many sessions on this connection")
+        statement = self._check_statement(conn, msg)
         try:
             key = unwrap_session_key(
                 self._key, msg.wrapped_key, session_id=msg.session_id, vm=msg.vm, suite=msg.suite
             )
         except InvalidWrappedKey:
             raise _Refused(ErrorCode.BAD_WRAPPED_KEY, "wrapped key does not unwrap") from None
-        with self._lock:  # a session id is accepted once, ever: no session replay
-            if msg.session_id in self._seen_sessions:
-                raise _Refused(ErrorCode.SESSION_EXISTS, "session id already used")
-            self._seen_sessions[msg.session_id] = None
-            while len(self._seen_sessions) > self.config.remembered_sessions:
-                self._seen_sessions.popitem(last=False)
+        self._remember(msg.session_id, statement.not_after)
+        not_after = time.time() + self.config.session_lifetime
         channel = make_channel(
             key,
             msg.session_id,
+            statement.binding.hv_nonce,
             msg.suite,
             Side.HYPERVISOR,
             msg.vm,
+            not_after=not_after,
             allow_unsealed=self.config.allow_unsealed,
         )
+        session = _Session(msg.session_id, msg.vm, channel, guest, statement.identity.mrenclave)
         with guest.lock:
             try:
                 guest.ensure_open()
             except Exception as exc:
                 guest.reset()
                 raise _Refused(ErrorCode.GUEST_UNAVAILABLE, f"guest {msg.vm!r}: {exc}") from None
-            guest.sessions += 1
-        conn.sessions[msg.session_id] = _Session(msg.vm, channel, guest)
+            guest.sessions.add(session)
+        conn.sessions[msg.session_id] = session
         return SessionOpened(msg.session_id)
+
+    def _check_statement(self, conn: _Connection, msg: OpenSession) -> Statement:
+        """The attestation statement for exactly this session, or a precise refusal.
+        The nonce it binds is one this connection was given, and is used up here."""
+        if not msg.statement:
+            raise _Refused(
+                ErrorCode.ATTESTATION_REQUIRED,
+                "no attestation statement: a session needs one from a trusted attestation service",
+            )
+        refused = ErrorCode.ATTESTATION_REFUSED
+        try:
+            statement = Statement.verify(msg.statement, self.config.attestation_keys)
+        except InvalidToken as exc:
+            raise _Refused(refused, str(exc)) from None
+        bound = statement.binding
+        expected = SessionBinding.for_wrapped_key(
+            msg.vm, msg.session_id, msg.suite, msg.wrapped_key, bound.hv_nonce, self.hv_key
+        )
+        for name in ("vm", "session_id", "suite", "wrapped_key_sha256", "hv_key"):
+            if getattr(bound, name) != getattr(expected, name):
+                raise _Refused(refused, f"the statement is for another {name.replace('_', ' ')}")
+        if bound.hv_nonce not in conn.nonces:
+            raise _Refused(refused, "the statement binds a nonce this connection was not given")
+        conn.nonces.remove(bound.hv_nonce)
+        with self._lock:
+            if statement.identity.mrenclave in self._revoked_measurements:
+                raise _Refused(ErrorCode.REVOKED, "this enclave measurement is revoked")
+            if msg.session_id in self._revoked_sessions:
+                raise _Refused(ErrorCode.REVOKED, "this session is revoked")
+        return statement
+
+    def _remember(self, session_id: bytes, statement_expiry: float) -> None:
+        """Accept a session id once, ever: ids whose statements expired are forgotten
+        (nothing can present them again); when full, refuse rather than forget."""
+        with self._lock:
+            if session_id in self._seen_sessions:
+                raise _Refused(ErrorCode.SESSION_EXISTS, "session id already used")
+            if len(self._seen_sessions) >= self.config.remembered_sessions:
+                now = time.time()
+                self._seen_sessions = {sid: t for sid, t in self._seen_sessions.items() if t > now}
+                if len(self._seen_sessions) >= self.config.remembered_sessions:
+                    raise _Refused(
+                        ErrorCode.BUSY, "too many recent sessions to remember; try again later"
+                    )
+            self._seen_sessions[session_id] = statement_expiry
 
     def _require(self, conn: _Connection, session_id: bytes) -> _Session:
         session = conn.sessions.get(session_id)
@@ -440,48 +559,88 @@ class HypervisorService:
 
     def _end_session(self, conn: _Connection, session_id: bytes) -> None:
         session = conn.sessions.pop(session_id, None)
-        if session is None:
-            return
-        session.channel.close()
-        self._unpause(session)
-        with session.guest.lock:
-            session.guest.sessions -= 1
-            if session.guest.sessions <= 0:
-                session.guest.sessions = 0
-                session.guest.release()
+        if session is not None:
+            self._drop(session)
 
-    def _unpause(self, session: _Session, held_longer_than: float | None = None) -> None:
-        """Resume the guest if ``session`` paused it (more than ``held_longer_than``
-        seconds ago, if given). Checked and cleared under the guest's lock, so a
-        BeginScan or EndScan served meanwhile on the session's own thread is never
-        undone."""
-        with session.guest.lock:
-            paused_at = session.paused_at
-            if paused_at is None:
-                return
-            if held_longer_than is not None and time.monotonic() - paused_at <= held_longer_than:
-                return
-            session.paused_at = None
-            try:
-                session.guest.resume()
-            except Exception:
-                session.guest.reset()
+    def _drop(self, session: _Session) -> None:
+        """Close the session's keys, resume what it paused, let go of an unused guest."""
+        session.channel.close()
+        guest = session.guest
+        with guest.lock:
+            if session.paused:
+                session.paused = False
+                try:
+                    guest.resume()
+                except Exception:
+                    guest.reset()
+            guest.sessions.discard(session)
+            if not guest.sessions:
+                guest.release()
 
     def _resume_overdue(self) -> None:
-        """Resume guests a session has held paused beyond ``max_pause``."""
+        """Resume every guest whose pause budget is spent, whichever sessions hold it."""
+        now = time.monotonic()
+        for guest in self.guests.values():
+            with guest.lock:
+                try:
+                    guest.resume_if_over_budget(now)
+                except Exception:
+                    guest.reset()
+
+    # --- the operator's socket ---------------------------------------------------------
+
+    def _serve_admin(self) -> None:
+        """Revocations, one connection at a time; they take effect before the answer."""
+        assert self._admin is not None
+        self._admin.settimeout(0.5)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._admin.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                try:
+                    msg = decode(recv_encoded(conn, 5.0), expect=(Revoke,))
+                    answer: Message = Revoked(self.revoke(msg.kind, msg.value))
+                except WireError as exc:
+                    answer = Error(ErrorCode.BAD_FRAME, str(exc)[:1000])
+                with contextlib.suppress(WireError, OSError):
+                    send_frame(conn, answer, 5.0)
+
+    def revoke(self, kind: RevokeKind, value: bytes) -> int:
+        """Refuse the measurement (or session) from now on and end its open sessions at
+        once: their keys are closed before this returns. The number of sessions ended."""
         with self._lock:
-            sessions = [s for c in self._connections for s in list(c.sessions.values())]
-        for s in sessions:
-            if s.paused_at is not None:  # a cheap look first; _unpause decides under lock
-                self._unpause(s, held_longer_than=self.config.max_pause)
+            if kind is RevokeKind.MEASUREMENT:
+                self._revoked_measurements.add(value)
+            else:
+                self._revoked_sessions.add(value)
+            hit = [
+                s
+                for c in self._connections
+                for s in c.sessions.values()
+                if (s.mrenclave if kind is RevokeKind.MEASUREMENT else s.session_id) == value
+            ]
+        for session in hit:
+            session.revoked = True
+            self._drop(session)
+        return len(hit)
 
     # --- sealed requests ---------------------------------------------------------------
 
     def _request(self, conn: _Connection, msg: Request) -> Message:
         session = self._require(conn, msg.session_id)
+        if session.revoked:
+            self._end_session(conn, msg.session_id)
+            raise _Refused(ErrorCode.REVOKED, "this session was revoked by the operator")
         try:
             body = session.channel.open(Kind.REQUEST, msg.request_id, msg.sealed)
-        except (InvalidSeal, ChannelClosed, SessionExpired):
+        except SessionExpired:
+            self._end_session(conn, msg.session_id)
+            raise _Refused(ErrorCode.EXPIRED, "the session expired: attest again") from None
+        except (InvalidSeal, ChannelClosed):
             # The relay tampered, replayed or reordered: this session is over.
             self._end_session(conn, msg.session_id)
             raise _Refused(ErrorCode.INVALID_SEAL, "request did not authenticate") from None
@@ -560,15 +719,13 @@ class HypervisorService:
             r = server.registers
             return RegistersReply((VcpuRegisters(0, r.cr0, r.cr3, r.cr4, r.efer or 0),)), []
         if isinstance(request, BeginScan):
-            paused = session.paused_at is not None
-            if request.pause and not paused:
-                paused = guest.pause()
-                session.paused_at = time.monotonic() if paused else None
+            if request.pause and not session.paused:
+                session.paused = guest.pause(time.monotonic())
             server.refresh()
-            return Ack(paused), []
+            return Ack(session.paused), []
         assert isinstance(request, EndScan)
-        if session.paused_at is not None:
-            session.paused_at = None
+        if session.paused:
+            session.paused = False
             guest.resume()
         return Ack(False), []
 
@@ -604,6 +761,20 @@ def _pages_reply(
         else:
             entries.append(PageEntry(address, PageStatus.NOT_PRESENT))
     return PagesReply(tuple(entries)), pages
+
+
+def _bind_unix(path: str) -> socket.socket:
+    """A listening unix socket only its owner may connect to."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(16)
+    return sock
 
 
 def _qemu_opener(qmp_socket: str) -> Callable[[], PhysicalMemory]:
