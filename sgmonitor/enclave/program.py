@@ -1,10 +1,12 @@
 """The enclave program: ECALLs in, OCALLs out, IDS checks over sealed guest pages.
 
-The enclave trusts only its own measured code and its measured configuration, which
-pins the hypervisor service's public key (so the untrusted host can't slip in a key of
-its own and read the session) and says whether the loudly-named unsealed experiment
-suite is allowed. It makes every session key itself, wraps it for the pinned key, and
-reads guest memory only through :class:`~sgmonitor.enclave.transport.SealedTransport`.
+The enclave trusts its own measured code and the one attestation service its launch
+configuration names (the configuration is reported in its evidence, so a host that
+names another verifier is refused by the real one and by every relying party). It
+wraps a session key only for a hypervisor key that verifier endorsed, so a stand-in the
+host runs can't read the session; it makes every key itself; its evidence binds only
+its own session's values, domain-separated; and it reads guest memory only through
+:class:`~sgmonitor.enclave.transport.SealedTransport`.
 
 The host connection is a stream socket carrying :mod:`sgmonitor.wire` Call/Return
 frames; every call is checked against :mod:`sgmonitor.tee.edl` on the way in and out.
@@ -16,7 +18,6 @@ scan into a TIMEOUT error, never a hang.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -28,15 +29,22 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from sgmonitor.channel import Side, Suite, make_channel
+from sgmonitor.channel import Side, make_channel
 from sgmonitor.enclave.memory import DEFAULT_BUDGET, RemoteMemory
 from sgmonitor.enclave.transport import ExchangeFailed, SealedTransport, SessionFailed
 from sgmonitor.errors import GuestDataError, SGMonitorError
 from sgmonitor.ids.pslist import list_processes
 from sgmonitor.kernel.kernel import Kernel, open_kernel
-from sgmonitor.keywrap import public_key_from_pem, wrap_session_key
+from sgmonitor.keywrap import wrap_session_key
+from sgmonitor.statement import (
+    HypervisorEndorsement,
+    InvalidToken,
+    SessionBinding,
+    session_report_data,
+)
 from sgmonitor.tee import edl
-from sgmonitor.tee.backend import REPORT_DATA_LEN, TeeBackend
+from sgmonitor.tee.backend import TeeBackend
+from sgmonitor.tee.launch_config import LaunchConfig
 from sgmonitor.wire import (
     MAX_FRAME,
     Call,
@@ -53,17 +61,8 @@ from sgmonitor.wire import (
     send_frame,
 )
 
-__all__ = [
-    "CONFIG_FORMAT",
-    "EnclaveCallError",
-    "EnclaveConfig",
-    "EnclaveProgram",
-    "HostPort",
-    "report_data_for_session",
-]
+__all__ = ["EnclaveCallError", "EnclaveProgram", "HostPort"]
 
-CONFIG_FORMAT = "sgmonitor-enclave-config/1"
-MODES = ("secure", "secure-plain")
 CHECKS = ("pslist",)
 _OCALL_IDS = 1 << 63  # OCALL ids count up from here, ECALL ids (the host's) below
 _MAX_TIMEOUT_MS = 600_000
@@ -86,46 +85,6 @@ class EnclaveCallError(SGMonitorError):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-@dataclass(frozen=True)
-class EnclaveConfig:
-    """The enclave's measured configuration (its bytes are part of MRENCLAVE)."""
-
-    hv_public_key: X25519PublicKey
-    mode: str
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> EnclaveConfig:
-        """Parse the JSON document the host wrote; anything unexpected is refused."""
-        try:
-            doc = json.loads(data)
-            if not isinstance(doc, dict) or doc.get("format") != CONFIG_FORMAT:
-                raise ValueError(f"format must be {CONFIG_FORMAT!r}")
-            if set(doc) != {"format", "hv_public_key", "mode"}:
-                raise ValueError(f"unexpected keys {sorted(doc)}")
-            if doc["mode"] not in MODES:
-                raise ValueError(f"mode must be one of {MODES}")
-            key = public_key_from_pem(str(doc["hv_public_key"]).encode())
-        except (ValueError, SGMonitorError) as exc:
-            raise SGMonitorError(f"bad enclave configuration: {exc}") from None
-        return cls(key, doc["mode"])
-
-    @property
-    def suite(self) -> Suite:
-        if self.mode == "secure-plain":
-            return Suite.UNSEALED_FOR_EXPERIMENTS_ONLY
-        return Suite.AES256GCM_HKDF_SHA256
-
-
-def report_data_for_session(wrapped_key: bytes, session_id: bytes, hv_nonce: bytes) -> bytes:
-    """The 64 bytes the session's evidence binds: SHA-512 over a label, the wrapped
-    key's hash, the session id and the hypervisor's nonce."""
-    h = hashlib.sha512(b"sgmonitor/v1 session report data\0")
-    h.update(hashlib.sha256(wrapped_key).digest() + session_id + hv_nonce)
-    out = h.digest()
-    assert len(out) == REPORT_DATA_LEN
-    return out
 
 
 class HostPort:
@@ -209,7 +168,7 @@ class _Session:
 class EnclaveProgram:
     """The ECALL handlers; state is one session per guest."""
 
-    def __init__(self, backend: TeeBackend, config: EnclaveConfig, port: HostPort) -> None:
+    def __init__(self, backend: TeeBackend, config: LaunchConfig, port: HostPort) -> None:
         self.backend = backend
         self.config = config
         self.port = port
@@ -236,18 +195,40 @@ class EnclaveProgram:
 
     # --- ECALLs --------------------------------------------------------------------------
 
-    def ecall_open_session(self, vm: str, hv_nonce: bytes) -> tuple[Value, ...]:
-        """A fresh session key and id for ``vm``, wrapped for the pinned hypervisor key,
-        with evidence binding them to ``hv_nonce``. Replaces an earlier session."""
+    def ecall_open_session(
+        self,
+        vm: str,
+        hv_nonce: bytes,
+        hv_key: bytes,
+        hv_endorsement: bytes,
+        verifier_nonce: bytes,
+    ) -> tuple[Value, ...]:
+        """A fresh session key and id for ``vm``, wrapped for ``hv_key`` once the trusted
+        verifier's endorsement says it is an enrolled hypervisor's, and evidence binding
+        that session (see :func:`sgmonitor.statement.session_report_data`). The session
+        keys mix in ``hv_nonce``. Replaces an earlier session."""
+        try:
+            endorsed = HypervisorEndorsement.verify(hv_endorsement, (self.config.verifier_key,))
+        except InvalidToken as exc:
+            raise EnclaveCallError(ErrorCode.ATTESTATION_REFUSED, f"{exc}") from None
+        if endorsed.hv_key != hv_key:
+            raise EnclaveCallError(
+                ErrorCode.ATTESTATION_REFUSED, "the endorsement is for another hypervisor key"
+            )
         self.ecall_close_session(vm)
         session_key, session_id = os.urandom(32), os.urandom(16)
         suite = self.config.suite
         wrapped = wrap_session_key(
-            self.config.hv_public_key, session_key, session_id=session_id, vm=vm, suite=suite
+            X25519PublicKey.from_public_bytes(hv_key),
+            session_key,
+            session_id=session_id,
+            vm=vm,
+            suite=suite,
         )
         channel = make_channel(
             session_key,
             session_id,
+            hv_nonce,
             suite,
             Side.ENCLAVE,
             vm,
@@ -255,7 +236,8 @@ class EnclaveProgram:
         )
         del session_key
         self.sessions[vm] = _Session(SealedTransport(channel, self._exchange))
-        evidence = self.backend.evidence(report_data_for_session(wrapped, session_id, hv_nonce))
+        binding = SessionBinding.for_wrapped_key(vm, session_id, suite, wrapped, hv_nonce, hv_key)
+        evidence = self.backend.evidence(session_report_data(binding, verifier_nonce))
         return session_id, int(suite), wrapped, evidence
 
     def ecall_close_session(self, vm: str) -> tuple[Value, ...]:
@@ -264,10 +246,6 @@ class EnclaveProgram:
         if session is not None:
             session.transport.channel.close()
         return ()
-
-    def ecall_get_evidence(self, report_data: bytes) -> tuple[Value, ...]:
-        """Evidence over caller-chosen report data (for the attestation service)."""
-        return (self.backend.evidence(report_data),)
 
     def ecall_heartbeat(self, challenge: bytes, sequence: int) -> tuple[Value, ...]:
         """Not yet: the heartbeat key is provisioned after attestation (a later issue)."""

@@ -111,10 +111,17 @@ CALLS: tuple[CallSpec, ...] = (
     CallSpec(
         "ecall_open_session",
         ECALL,
-        _p(vm=text(64), hv_nonce=fixed(32)),
+        _p(
+            vm=text(64),
+            hv_nonce=fixed(32),
+            hv_key=fixed(32),
+            hv_endorsement=blob(1024),
+            verifier_nonce=fixed(32),
+        ),
         _p(session_id=fixed(16), suite=u64(), wrapped_key=blob(1024), evidence=blob(64 * 1024)),
-        "Make a fresh session key for vm, wrap it for the pinned hypervisor key, and return "
-        "evidence whose report data binds the wrapped key, session id and hv_nonce.",
+        "Check the verifier's endorsement of hv_key, make a fresh session key for vm, wrap "
+        "it for hv_key, and return evidence whose report data binds that session, hv_nonce "
+        "and the verifier's nonce (domain-separated: no caller-chosen report data).",
     ),
     CallSpec(
         "ecall_close_session",
@@ -137,13 +144,6 @@ CALLS: tuple[CallSpec, ...] = (
         _p(challenge=fixed(32), sequence=u64()),
         _p(response=fixed(32), progress=u64()),
         "Answer the remote monitor: HMAC over challenge, sequence and progress counter.",
-    ),
-    CallSpec(
-        "ecall_get_evidence",
-        ECALL,
-        _p(report_data=fixed(64)),
-        _p(evidence=blob(64 * 1024)),
-        "Evidence from the TEE backend binding 64 bytes of caller-chosen report data.",
     ),
     CallSpec(
         "ocall_hv_exchange",

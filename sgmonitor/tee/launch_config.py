@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from sgmonitor.channel import Suite
 from sgmonitor.errors import SGMonitorError
 
 __all__ = ["CONFIG_FORMAT", "MODES", "LaunchConfig", "LaunchConfigError", "raw_ed25519"]
@@ -56,6 +57,13 @@ class LaunchConfig:
             "verifier_key": raw_ed25519(self.verifier_key).hex(),
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def suite(self) -> Suite:
+        """The channel suite the mode means."""
+        if self.mode == "secure-plain":
+            return Suite.UNSEALED_FOR_EXPERIMENTS_ONLY
+        return Suite.AES256GCM_HKDF_SHA256
 
     @property
     def config_id(self) -> bytes:
