@@ -45,7 +45,12 @@ def test_start_list_truth_stop() -> None:
         workers = [p for p in truth if p["comm"] == "sleep" and p["ppid"] == 1]
         assert len(workers) == 8
         assert sum(p["uid"] == WORKLOAD_UID for p in workers) == 2  # every 4th
-        assert all({"pid", "ppid", "uid", "comm"} == p.keys() for p in truth)
+        assert all({"pid", "ppid", "uid", "state", "comm"} == p.keys() for p in truth)
+        # The State: letter, as the guest's /proc shows it: /init waits for the printer
+        # and the workload sleeps; idle workqueue workers are I (TASK_IDLE).
+        assert all(p["state"] in set("RSDTtXZPI") for p in truth)
+        assert by_pid[1]["state"] == "S" and {p["state"] for p in workers} == {"S"}
+        assert any(p["state"] == "I" and p["ppid"] == 2 for p in truth)
         symbols = json.loads(sgmonitor("lab", "truth", name, "--symbols").stdout)
         assert int(symbols["init_task"], 16) >= 0xFFFF_8000_0000_0000
     finally:

@@ -3,7 +3,9 @@ the guest's own view of itself (the ground truth tests compare against).
 
 Console protocol written by /init (one record a line):
 
-``SGM-PROC <pid> <ppid> <uid> <comm>``  every /proc process, from its ``status``
+``SGM-PROC <pid> <ppid> <uid> <state> <comm>``
+                                        every /proc process, from its ``status``
+                                        (state: the letter of its ``State:`` line)
 ``SGM-SYM <address> <name>``            kallsyms addresses of a few symbols
 ``SGM-HELPER <pid>``                    the transient process that printed the block
 ``SGM-END <n>``                         end of truth block number n
@@ -56,9 +58,10 @@ while [ $i -lt @PROCS@ ]; do
 done
 if [ @BUSY@ = 1 ]; then (while :; do :; done) & fi
 truth() {
-  awk '/^Name:/ { sub(/^Name:\t/, ""); name = $0 }
+  awk 'FNR == 1 { name = state = pid = ppid = "" }
+       /^Name:/ { sub(/^Name:\t/, ""); name = $0 } /^State:/ { state = $2 }
        /^Pid:/ { pid = $2 } /^PPid:/ { ppid = $2 }
-       /^Uid:/ { print "SGM-PROC", pid, ppid, $2, name }' /proc/[0-9]*/status &
+       /^Uid:/ { print "SGM-PROC", pid, ppid, $2, state, name }' /proc/[0-9]*/status &
   helper=$!
   wait $helper
   echo "SGM-HELPER $helper"

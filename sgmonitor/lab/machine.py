@@ -19,7 +19,7 @@ from sgmonitor.lab.initramfs import Workload, build_initramfs
 from sgmonitor.lab.kernel import LabError, fetch_kernel
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
-_PROC = re.compile(r"^SGM-PROC (\d+) (\d+) (\d+) (.*)$")
+_PROC = re.compile(r"^SGM-PROC (\d+) (\d+) (\d+) (\S) (.*)$")
 _SYM = re.compile(r"^SGM-SYM ([0-9a-f]+) (\S+)$")
 _HELPER = re.compile(r"^SGM-HELPER (\d+)$")
 _END = re.compile(r"^SGM-END (\d+)$")
@@ -206,7 +206,11 @@ def stop(name: str) -> None:
 
 @dataclass(frozen=True)
 class Truth:
-    """One block of the guest's own view: processes and kallsyms addresses."""
+    """One block of the guest's own view: processes and kallsyms addresses.
+
+    A process is ``{"pid", "ppid", "uid", "state", "comm"}``: the ``status`` fields
+    (``state`` is the letter of its ``State:`` line, ``comm`` its ``Name:``).
+    """
 
     processes: list[dict[str, object]]
     symbols: dict[str, int]
@@ -242,7 +246,9 @@ def _truth_blocks(console: str) -> list[Truth]:
     for line in console.splitlines():
         line = line.rstrip("\r")
         if m := _PROC.match(line):
-            procs.append({"pid": int(m[1]), "ppid": int(m[2]), "uid": int(m[3]), "comm": m[4]})
+            procs.append(
+                {"pid": int(m[1]), "ppid": int(m[2]), "uid": int(m[3]), "state": m[4], "comm": m[5]}
+            )
         elif m := _SYM.match(line):
             symbols[m[2]] = int(m[1], 16)
         elif m := _HELPER.match(line):
