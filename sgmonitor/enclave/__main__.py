@@ -1,12 +1,18 @@
-"""``python -m sgmonitor.enclave``: the enclave process, started by the untrusted library.
+"""The enclave process, started by the untrusted library through the measured launch.
 
-    python -m sgmonitor.enclave --fd 3 --config enclave.json --sigstruct enclave.sig \\
-        [--backend sim] [--platform-key platform.pem]
+    python -I -B -S -c <boot.STUB> <root>/sgmonitor/tee/boot.py --root <root> [--site DIR]...
+        --fd 3 --config enclave.json --sigstruct enclave.sig [--backend sim]
+        [--platform-key platform.pem]
 
-Loads itself through the TEE backend (which measures the enclave's files and the
-configuration, checks the signer's SIGSTRUCT, and, for the simulation, says on stderr
-that it gives no protection against root), then answers ECALLs on the inherited socket
-``--fd`` until the host closes it.
+(``sgmonitor.tee.boot.enclave_argv`` builds it.) The boot measures every byte the process
+will run, seals its importer and calls :func:`main` with that measurement, MRENCLAVE.
+:func:`main` loads the enclave through the TEE backend, which checks the signer's SIGSTRUCT
+against MRENCLAVE (EINIT), reports the launch configuration as the CONFIGID and, for the
+simulation, says on stderr that it gives no protection against root. Then it answers ECALLs
+on the inherited socket ``--fd`` until the host closes it.
+
+``python -m sgmonitor.enclave`` runs unmeasured: it claims the all-zero MRENCLAVE, which no
+SIGSTRUCT is made for, so the backend refuses to start it.
 """
 
 from __future__ import annotations
@@ -16,14 +22,17 @@ import socket
 import sys
 from pathlib import Path
 
-import sgmonitor
 from sgmonitor import tee
-from sgmonitor.enclave.program import EnclaveConfig, EnclaveProgram, HostPort
+from sgmonitor.enclave.program import EnclaveProgram, HostPort
 from sgmonitor.errors import SGMonitorError
+from sgmonitor.tee.launch_config import LaunchConfig
+
+UNMEASURED = bytes(32)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sgmonitor.enclave", description=__doc__)
+def main(argv: list[str], *, mrenclave: bytes) -> int:
+    """Run the enclave whose code measured ``mrenclave`` at launch (``sgmonitor.tee.boot``)."""
+    p = argparse.ArgumentParser(prog="sgmonitor enclave (measured boot)", description=__doc__)
     p.add_argument("--fd", type=int, required=True, help="inherited host socket")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--sigstruct", type=Path, required=True)
@@ -33,15 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=args.fd)
     try:
         config_bytes = args.config.read_bytes()
-        root = Path(sgmonitor.__file__).resolve().parent.parent
         backend = tee.load_backend(
             args.backend,
-            root=root,
+            mrenclave=mrenclave,
             config=config_bytes,
             sigstruct=args.sigstruct.read_bytes(),
             options={"platform_key": args.platform_key},
         )
-        config = EnclaveConfig.from_bytes(config_bytes)
+        config = LaunchConfig.from_bytes(config_bytes)
     except (OSError, SGMonitorError) as exc:
         print(f"sgmonitor enclave: refusing to start: {exc}", file=sys.stderr, flush=True)
         sock.close()
@@ -62,4 +70,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:], mrenclave=UNMEASURED))

@@ -18,6 +18,7 @@ from typing import ClassVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sgmonitor.errors import SGMonitorError
+from sgmonitor.tee.boot import ENCLAVE_SOURCES  # re-exported: the measured launch owns the list
 
 __all__ = [
     "ENCLAVE_SOURCES",
@@ -32,21 +33,6 @@ __all__ = [
 ]
 
 REPORT_DATA_LEN = 64
-
-# What the enclave process runs, relative to the repository root: the files a
-# measurement must cover (and a Gramine manifest would list as trusted files).
-ENCLAVE_SOURCES: tuple[str, ...] = (
-    "sgmonitor/__init__.py",
-    "sgmonitor/errors.py",
-    "sgmonitor/channel.py",
-    "sgmonitor/keywrap.py",
-    "sgmonitor/wire.py",
-    "sgmonitor/statement.py",
-    "sgmonitor/tee",
-    "sgmonitor/enclave",
-    "sgmonitor/kernel",
-    "sgmonitor/ids",
-)
 
 
 class InvalidEvidence(SGMonitorError):
