@@ -21,13 +21,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+from sgmonitor.attestation.policy import Policy
 from sgmonitor.guest.qemu import QemuGuest
 from sgmonitor.guest.qmp import held_still
 from sgmonitor.ids.pslist import list_processes
 from sgmonitor.lab import machine
 from sgmonitor.lab.initramfs import Workload
+from sgmonitor.local import local_deployment
 from sgmonitor.traditional import open_guest_kernel
-from sgmonitor.untrusted.library import SecureMonitor, private_hypervisor
+from sgmonitor.untrusted.library import SecureMonitor
 
 MIB = 1 << 20
 # Kernel threads and /init's own processes on a lab guest: added to --procs N.
@@ -66,9 +68,16 @@ def _timed(
 
 
 def measure_guest(
-    qmp_socket: str, modes: Sequence[str], budgets: Sequence[int], runs: int
+    qmp_socket: str,
+    modes: Sequence[str],
+    budgets: Sequence[int],
+    runs: int,
+    policy: Policy | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> list[Run]:
-    """All modes (secure ones at every cache budget) on one running guest."""
+    """All modes (secure ones at every cache budget) on one running guest; the secure
+    ones through a local deployment attesting against ``policy`` (default: the
+    installed enclave)."""
     results: list[Run] = []
     reference: list[dict[str, object]] | None = None
 
@@ -105,13 +114,14 @@ def measure_guest(
         secure_modes = [m for m in modes if m != "traditional"]
         if secure_modes:
             unsealed = "secure-plain" in secure_modes
-            with private_hypervisor(qmp_socket, allow_unsealed=unsealed) as hv:
+            guests = {"guest": qmp_socket}
+            with local_deployment(guests, policy=policy, allow_unsealed=unsealed, say=say) as local:
                 for mode in secure_modes:
                     for budget in budgets:
                         monitor = SecureMonitor(
-                            hv.socket,
-                            hv.public_key,
-                            hv.vm,
+                            local.hypervisor_socket,
+                            local.vm,
+                            local.verifier,
                             mode=mode,
                             cache_budget=budget,
                             pause=False,
@@ -138,6 +148,7 @@ def run_benchmark(
     budgets: Sequence[int],
     runs: int,
     progress: Callable[[str], None] = lambda _: None,
+    policy: Policy | None = None,
 ) -> list[Run]:
     """Boot a lab guest per process count, measure every mode on it, stop it."""
     results = []
@@ -149,7 +160,7 @@ def run_benchmark(
         guest = machine.start(name, machine.MachineConfig(mem_mib=mem, workload=Workload(extra)))
         try:
             progress(f"measuring {', '.join(modes)} ({runs} runs each)")
-            results += measure_guest(guest.qmp, modes, budgets, runs)
+            results += measure_guest(guest.qmp, modes, budgets, runs, policy, progress)
         finally:
             machine.stop(name)
     return results

@@ -8,13 +8,20 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sgmonitor.errors import GuestDataError, SGMonitorError
 from sgmonitor.lab.kernel import FLAVORS, LabError
+from sgmonitor.untrusted.library import AttestationRefused
+
+if TYPE_CHECKING:
+    from sgmonitor.attestation.policy import Policy
 
 MODES = ("traditional", "secure-plain", "secure")
 # Guest data was hostile or inconsistent: the IDS could not check, which is not "clean".
 EXIT_COULD_NOT_CHECK = 3
+# A party (enclave loader, attestation service, hypervisor service) refused the session.
+EXIT_REFUSED = 4
 
 
 def _lab_start(args: argparse.Namespace) -> int:
@@ -115,6 +122,27 @@ def _print_processes(records: list[dict[str, object]], as_json: bool) -> None:
         print(f"{r['pid']:>7} {r['tgid']:>7} {r['ppid']:>7} {r['uid']:>6} {r['state']} {r['name']}")
 
 
+def _say(message: str) -> None:
+    print(f"sgmonitor: {message}", file=sys.stderr, flush=True)
+
+
+def _policy(args: argparse.Namespace) -> Policy | None:
+    """The operator's ``--policy`` file, or None for the installed enclave's pins."""
+    from sgmonitor.attestation.policy import Policy
+
+    return Policy.load(args.policy) if args.policy else None
+
+
+def _add_policy(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="attestation policy (TOML: mrenclave, mrsigner, min_isv_svn, allow_debug) for "
+        "the private attestation service; default: pin the installed enclave",
+    )
+
+
 def _ps(args: argparse.Namespace) -> int:
     mode = args.mode or ("secure" if args.qemu else "traditional")
     if (args.cr3 is None) != (args.raw is None) or (args.cr4 is None) != (args.raw is None):
@@ -128,9 +156,15 @@ def _ps(args: argparse.Namespace) -> int:
             raise SGMonitorError(
                 "--vmlinux, --system-map and --btf-sha256 apply to --mode traditional only"
             )
-        from sgmonitor.untrusted.library import scan_qemu
+        from sgmonitor.local import scan_qemu
 
-        records, _ = scan_qemu(args.qemu, mode=mode, cache_budget=args.cache_budget << 20)
+        records, _ = scan_qemu(
+            args.qemu,
+            mode=mode,
+            cache_budget=args.cache_budget << 20,
+            policy=_policy(args),
+            say=_say,
+        )
         _print_processes([dict(r) for r in records], args.json)
         return 0
 
@@ -189,6 +223,7 @@ def _add_ps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ps.add_argument("--vmlinux", type=Path, help="vendor vmlinux: refuse a guest whose BTF differs")
     ps.add_argument("--system-map", type=Path, help="System.map to take symbols from")
     ps.add_argument("--btf-sha256", metavar="HEX", help="refuse a guest whose BTF hash differs")
+    _add_policy(ps)
     ps.set_defaults(func=_ps)
 
 
@@ -199,7 +234,12 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"bench: {message}", file=sys.stderr, flush=True)
 
     results = bench.run_benchmark(
-        args.processes, args.modes, [b << 20 for b in args.budgets], args.runs, progress
+        args.processes,
+        args.modes,
+        [b << 20 for b in args.budgets],
+        args.runs,
+        progress,
+        _policy(args),
     )
     if args.json:
         print(json.dumps({"runs": [r.as_dict() for r in results]}, indent=2))
@@ -233,7 +273,108 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     bench.add_argument("--runs", type=int, default=10)
     bench.add_argument("--json", action="store_true", help="one JSON document: {runs: [...]}")
     bench.add_argument("--plot", metavar="PNG", help="also draw time against process count")
+    _add_policy(bench)
     bench.set_defaults(func=_bench)
+
+
+def _enclave_measure(args: argparse.Namespace) -> int:
+    from sgmonitor.tee.boot import measure_installed
+
+    measurement = measure_installed()
+    if args.json:
+        doc: dict[str, object] = {"mrenclave": measurement.mrenclave.hex()}
+        if args.manifest:
+            doc["manifest"] = measurement.manifest
+        print(json.dumps(doc))
+    else:
+        print(measurement.manifest if args.manifest else measurement.mrenclave.hex())
+    return 0
+
+
+def _enclave_sign(args: argparse.Namespace) -> int:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from sgmonitor import installed
+    from sgmonitor.keyfiles import load_or_create
+    from sgmonitor.tee import sign_enclave_for
+    from sgmonitor.tee.boot import measure_installed
+    from sgmonitor.tee.sim import mrsigner_of
+
+    key_path = args.key or installed.signer_key_path()
+    key, made = load_or_create(key_path, Ed25519PrivateKey)
+    if made:
+        _say(f"made a signing key: {key_path}")
+    mrenclave = measure_installed().mrenclave
+    sigstruct = sign_enclave_for(
+        args.backend, key, mrenclave=mrenclave, isv_svn=args.isv_svn, debug=args.debug
+    )
+    out = args.out or installed.sigstruct_path()
+    out.write_bytes(sigstruct)
+    print(
+        json.dumps(
+            {
+                "sigstruct": str(out),
+                "mrenclave": mrenclave.hex(),
+                "mrsigner": mrsigner_of(key.public_key()).hex(),
+                "isv_svn": args.isv_svn,
+                "debug": args.debug,
+            }
+        )
+    )
+    return 0
+
+
+def _enclave_platform(args: argparse.Namespace) -> int:
+    from sgmonitor import installed
+    from sgmonitor.tee.launch_config import raw_ed25519
+
+    print(raw_ed25519(installed.platform_public_key()).hex())
+    return 0
+
+
+def _add_enclave(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    enclave = sub.add_parser("enclave", help="the installed enclave: measure, sign, platform")
+    esub = enclave.add_subparsers(dest="enclave_command", required=True)
+    measure = esub.add_parser(
+        "measure",
+        help="the installed enclave's code measurement (MRENCLAVE): the value a policy pins",
+    )
+    measure.add_argument("--json", action="store_true")
+    measure.add_argument("--manifest", action="store_true", help="what the measurement covers")
+    measure.set_defaults(func=_enclave_measure)
+    sign = esub.add_parser("sign", help="sign the installed enclave's measurement (SIGSTRUCT)")
+    sign.add_argument("--key", type=Path, help="Ed25519 signer key (made if missing)")
+    sign.add_argument("--out", type=Path, help="where to write the SIGSTRUCT")
+    sign.add_argument("--isv-svn", type=int, default=1, help="security version number")
+    sign.add_argument("--debug", action="store_true", help="sign as a debug enclave")
+    sign.add_argument("--backend", default="sim")
+    sign.set_defaults(func=_enclave_sign)
+    platform = esub.add_parser(
+        "platform", help="the simulated platform's quoting key, for a verifier to trust"
+    )
+    platform.set_defaults(func=_enclave_platform)
+
+
+def _attestation(args: argparse.Namespace) -> int:
+    from sgmonitor.attestation.__main__ import main as attestation_main
+
+    return attestation_main(args.rest)
+
+
+def _hypervisor(args: argparse.Namespace) -> int:
+    from sgmonitor.hypervisor.__main__ import main as hypervisor_main
+
+    return hypervisor_main(args.rest)
+
+
+def _add_services(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name, func, what in (
+        ("attestation", _attestation, "the attestation service: 'serve --config FILE'"),
+        ("hypervisor", _hypervisor, "the hypervisor service: keygen, serve, revoke"),
+    ):
+        parser = sub.add_parser(name, help=what, add_help=False)
+        parser.add_argument("rest", nargs=argparse.REMAINDER)
+        parser.set_defaults(func=func)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lab(sub)
     _add_ps(sub)
     _add_bench(sub)
+    _add_enclave(sub)
+    _add_services(sub)
     return parser
 
 
@@ -258,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GuestDataError as exc:
         print(f"sgmonitor: could not check the guest: {exc}", file=sys.stderr)
         return EXIT_COULD_NOT_CHECK
+    except AttestationRefused as exc:
+        print(f"sgmonitor: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except (LabError, SGMonitorError) as exc:
         print(f"sgmonitor: error: {exc}", file=sys.stderr)
         return 1

@@ -23,9 +23,11 @@ from sgmonitor.tee.launch_config import raw_ed25519
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sgmonitor attestation serve", description=__doc__)
-    p.add_argument("--config", type=Path, required=True, help="the service's TOML file")
-    p.add_argument("--exit-with-stdin", action="store_true", help="stop when stdin closes")
+    p = argparse.ArgumentParser(prog="sgmonitor attestation", description=__doc__)
+    sub = p.add_subparsers(dest="action", required=True)
+    serve_cmd = sub.add_parser("serve", help="run the service (see AttestationConfig)")
+    serve_cmd.add_argument("--config", type=Path, required=True, help="the service's TOML file")
+    serve_cmd.add_argument("--exit-with-stdin", action="store_true", help="stop when stdin closes")
     return p
 
 

@@ -12,52 +12,54 @@ the hypervisor drops the connection, a reply never comes), and the child process
 never outlive their parent: the enclave exits when its socket closes, a private
 hypervisor service when its stdin closes.
 
+Opening a session is the paper's key registration, closed with attestation: Hello (the
+hypervisor's nonce and key) -> the attestation service's nonce and endorsement of that
+key -> the enclave makes, wraps and attests a session key -> the attestation service's
+statement -> OpenSession. The library carries each step and can forge none of them.
+
 Use::
 
-    with SecureMonitor(hv_socket, hv_public_key, "web", mode="secure") as m:
+    verifier = Verifier("127.0.0.1:7380", attestation_public_key)
+    with SecureMonitor(hv_socket, "web", verifier) as m:
         records, stats = m.scan("pslist")
 
-or, given only a QEMU QMP socket, :func:`scan_qemu` (a private hypervisor service with a
-throwaway key for one run).
+or, given only a QEMU QMP socket, ``sgmonitor.local.scan_qemu``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
-import os
-import select
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 import sgmonitor
+from sgmonitor import installed
 from sgmonitor.channel import Suite
+from sgmonitor.daemon import reap
 from sgmonitor.errors import GuestDataError, SGMonitorError
-from sgmonitor.keywrap import (
-    fingerprint,
-    generate_private_key,
-    load_public_key,
-    public_key_from_pem,
-    public_key_to_pem,
-    save_private_key,
-)
-from sgmonitor.tee import edl, sign_enclave_for
+from sgmonitor.tee import boot, edl
+from sgmonitor.tee.launch_config import MODES, LaunchConfig
 from sgmonitor.wire import (
+    AttestSession,
     Call,
     CallDirection,
     CallFailed,
+    Challenge,
+    ChallengeRequest,
     CloseSession,
     ConnectionClosed,
     Error,
@@ -69,37 +71,40 @@ from sgmonitor.wire import (
     Return,
     SessionClosed,
     SessionOpened,
+    StatementIssued,
     Value,
     WireError,
     WireTimeout,
+    connect,
     decode,
     encode,
     recv_encoded,
     send_encoded,
+    send_frame,
 )
 
 __all__ = [
     "DEFAULT_CACHE_BUDGET",
     "MODES",
+    "AttestationRefused",
     "CouldNotCheck",
     "EnclaveCallFailed",
     "EnclaveDied",
     "EnclaveHost",
+    "EnclaveRefused",
+    "HypervisorRefused",
     "HypervisorUnavailable",
     "LibraryError",
-    "PrivateHypervisor",
     "ScanError",
     "SecureMonitor",
-    "private_hypervisor",
-    "scan_qemu",
-    "start_hypervisor",
+    "Verifier",
 ]
 
 log = logging.getLogger("sgmonitor.untrusted")
 
-MODES = ("secure", "secure-plain")
 DEFAULT_CACHE_BUDGET = 32 << 20
-_CONFIG_FORMAT = "sgmonitor-enclave-config/1"
+# How the enclave starts a failure it did not decide itself (see enclave.transport).
+HYPERVISOR_ORIGIN = "hypervisor link error (unauthenticated)"
 _MAX_RELAY_TIMEOUT = 600.0
 _ROOT = Path(sgmonitor.__file__).resolve().parent.parent
 Tap = Callable[[str, bytes], None]  # (link, frame bytes): what the relay sees
@@ -124,7 +129,13 @@ class EnclaveCallFailed(LibraryError):
 
 class ScanError(EnclaveCallFailed):
     """The enclave could not complete a scan (forged or missing replies, timeout, ...):
-    never a result about the guest."""
+    never a result about the guest. ``origin`` says who decided: ``"enclave"`` (its own
+    checks: a seal that did not open, a deadline) or ``"hypervisor"`` (a clear-text,
+    unauthenticated refusal the enclave relayed)."""
+
+    @property
+    def origin(self) -> str:
+        return "hypervisor" if self.detail.startswith(HYPERVISOR_ORIGIN) else "enclave"
 
 
 class CouldNotCheck(LibraryError, GuestDataError):
@@ -135,31 +146,41 @@ class HypervisorUnavailable(LibraryError):
     """The hypervisor service refused, dropped the connection or did not answer."""
 
 
+class HypervisorRefused(HypervisorUnavailable):
+    """The hypervisor service answered with a clear-text (unauthenticated) ``Error``."""
+
+    def __init__(self, request: str, code: ErrorCode, reason: str) -> None:
+        super().__init__(f"{request} refused: {code.name}: {reason}")
+        self.code = code
+        self.reason = f"{code.name}: {reason}"
+
+
 # --- the enclave process ---------------------------------------------------------------
 
-
-_SIGNER: Ed25519PrivateKey | None = None
-
-
-def _dev_signer() -> Ed25519PrivateKey:
-    """A development signing key for this process (like an SDK's debug signing key)."""
-    global _SIGNER
-    if _SIGNER is None:
-        _SIGNER = Ed25519PrivateKey.generate()
-    return _SIGNER
+# How the enclave process (sgmonitor.enclave.__main__) says it will not start.
+_REFUSAL = "sgmonitor enclave: refusing to start:"
 
 
-def enclave_config(hv_public_key: X25519PublicKey, mode: str) -> bytes:
-    """The enclave's configuration: measured into MRENCLAVE, so it pins the hypervisor
-    key and the mode for anyone who checks the evidence."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}")
-    doc = {
-        "format": _CONFIG_FORMAT,
-        "hv_public_key": public_key_to_pem(hv_public_key).decode(),
-        "mode": mode,
-    }
-    return json.dumps(doc, sort_keys=True).encode()
+@dataclass(frozen=True)
+class Verifier:
+    """The attestation service: where the library reaches it, and the key the enclave's
+    launch configuration names (the only verifier the enclave then trusts)."""
+
+    address: str
+    public_key: Ed25519PublicKey
+
+
+class AttestationRefused(LibraryError):
+    """A party refused to attest or to accept a session; the message names the party."""
+
+    def __init__(self, party: str, reason: str) -> None:
+        super().__init__(f"refused by the {party}: {reason}")
+        self.party = party
+        self.reason = reason
+
+
+class EnclaveRefused(AttestationRefused, EnclaveDied):
+    """The enclave did not start: its code is not what its signature vouches for."""
 
 
 class EnclaveHost:
@@ -174,38 +195,36 @@ class EnclaveHost:
         config: bytes,
         ocall_handler: Callable[[edl.CallSpec, Mapping[str, Value]], tuple[Value, ...] | None],
         *,
-        signing_key: Ed25519PrivateKey | None = None,
+        sigstruct: bytes | None = None,
         backend: str = "sim",
         platform_key: Path | None = None,
         tap: Tap | None = None,
     ) -> None:
         self._ocall_handler = ocall_handler
         self.tap = tap
+        self.backend = backend
         self._dir = Path(tempfile.mkdtemp(prefix="sgm-enclave-"))
         self._next_call = 1
-        key = signing_key or _dev_signer()
-        sigstruct = sign_enclave_for(backend, key, root=_ROOT, config=config)
+        if sigstruct is None:
+            sigstruct = installed.installed_sigstruct()
+        if platform_key is None:
+            platform_key = installed.platform_key_path()
         (self._dir / "enclave.json").write_bytes(config)
         (self._dir / "enclave.sig").write_bytes(sigstruct)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        argv = [
-            sys.executable,
-            "-m",
-            "sgmonitor.enclave",
-            "--fd",
-            str(theirs.fileno()),
-            "--config",
-            str(self._dir / "enclave.json"),
-            "--sigstruct",
-            str(self._dir / "enclave.sig"),
-            "--backend",
-            backend,
-        ]
-        if platform_key is not None:
-            argv += ["--platform-key", str(platform_key)]
+        args = ["--fd", str(theirs.fileno()), "--backend", backend]
+        args += ["--config", str(self._dir / "enclave.json")]
+        args += ["--sigstruct", str(self._dir / "enclave.sig")]
+        args += ["--platform-key", str(platform_key)]
+        self.refusal = ""  # the enclave loader's reason, if it refused to start
         try:
             self.process = subprocess.Popen(
-                argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, cwd=_ROOT
+                boot.enclave_argv(root=_ROOT, extra=args),
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env=boot.clean_env(),
+                cwd="/",
             )
         except BaseException:
             ours.close()
@@ -214,6 +233,19 @@ class EnclaveHost:
         finally:
             theirs.close()
         self.sock = ours
+        self._stderr = threading.Thread(target=self._forward_stderr, daemon=True)
+        self._stderr.start()
+
+    def _forward_stderr(self) -> None:
+        """Pass the enclave's stderr on (the simulation's warning, its log), except a
+        launch refusal, which becomes the reason :class:`EnclaveDied` gives."""
+        assert self.process.stderr is not None
+        for raw in self.process.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if line.startswith(_REFUSAL):
+                self.refusal = line[len(_REFUSAL) :].strip()
+            else:
+                print(line, file=sys.stderr, flush=True)
 
     def ecall(self, name: str, timeout: float, **args: Value) -> Mapping[str, Value]:
         """Make one ECALL, serving its OCALLs, within ``timeout`` seconds in total."""
@@ -233,8 +265,10 @@ class EnclaveHost:
             except WireTimeout:
                 continue
             except (ConnectionClosed, OSError) as exc:
-                code = self.process.poll()
                 self.close()
+                if self.refusal:
+                    raise EnclaveRefused("enclave loader", self.refusal) from None
+                code = self.process.returncode
                 raise EnclaveDied(f"{name}: the enclave went away (exit {code}): {exc}") from None
             if isinstance(msg, Return) and msg.call_id == call_id:
                 return edl.named_results(found, msg.results)
@@ -275,7 +309,8 @@ class EnclaveHost:
         """Close the connection (the enclave exits on EOF), reap the process."""
         with contextlib.suppress(OSError):
             self.sock.close()
-        _reap(self.process, 5.0)
+        reap(self.process, 5.0)
+        self._stderr.join(2.0)
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
@@ -285,18 +320,6 @@ class _OcallFailed(LibraryError):
         self.code = code
 
 
-def _reap(process: subprocess.Popen[bytes], grace: float) -> None:
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        process.terminate()
-        try:
-            process.wait(2.0)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 # --- the monitor: enclave + hypervisor connection ---------------------------------------
 
 
@@ -304,8 +327,8 @@ class SecureMonitor:
     """One enclave IDS monitoring one guest through a hypervisor service.
 
     :param hypervisor_socket: the service's unix socket
-    :param hv_public_key: the service's X25519 public key (key object, PEM bytes or a
-        PEM file); measured into the enclave's configuration, so it is pinned
+    :param vm: the guest's name at that service
+    :param verifier: the attestation service (address, and the key the enclave trusts)
     :param mode: ``secure`` (sealed, default) or ``secure-plain`` (UNSEALED, for
         experiments: the hypervisor must also allow it)
     :param cache_budget: the enclave page cache's byte budget (the EPC)
@@ -317,8 +340,8 @@ class SecureMonitor:
     def __init__(
         self,
         hypervisor_socket: str,
-        hv_public_key: X25519PublicKey | bytes | Path | str,
         vm: str,
+        verifier: Verifier,
         *,
         mode: str = "secure",
         cache_budget: int = DEFAULT_CACHE_BUDGET,
@@ -326,11 +349,16 @@ class SecureMonitor:
         scan_timeout: float = 300.0,
         pause: bool = True,
         tap: Tap | None = None,
+        sigstruct: bytes | None = None,
+        platform_key: Path | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} (traditional runs in-process)")
         self.hypervisor_socket = hypervisor_socket
-        self.hv_public_key = _public_key(hv_public_key)
+        self.verifier = verifier
+        self.config = LaunchConfig(mode, verifier.public_key).to_bytes()
+        self.sigstruct = sigstruct
+        self.platform_key = platform_key
         self.vm = vm
         self.mode = mode
         self.cache_budget = cache_budget
@@ -340,6 +368,7 @@ class SecureMonitor:
         self.tap = tap
         self.enclave: EnclaveHost | None = None
         self._hv: socket.socket | None = None
+        self._verifier_sock: socket.socket | None = None
         self.session_id: bytes | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -355,8 +384,13 @@ class SecureMonitor:
 
     def open(self) -> None:
         """Start the enclave and open a session with the hypervisor service."""
-        config = enclave_config(self.hv_public_key, self.mode)
-        self.enclave = EnclaveHost(config, self._ocall, tap=self.tap)
+        self.enclave = EnclaveHost(
+            self.config,
+            self._ocall,
+            sigstruct=self.sigstruct,
+            platform_key=self.platform_key,
+            tap=self.tap,
+        )
         try:
             self.open_session()
         except BaseException:
@@ -375,11 +409,17 @@ class SecureMonitor:
             self.enclave.close()
             self.enclave = None
         self._drop_hv()
+        if self._verifier_sock is not None:
+            with contextlib.suppress(OSError):
+                self._verifier_sock.close()
+            self._verifier_sock = None
 
     # --- sessions and scans --------------------------------------------------------------
 
     def open_session(self) -> None:
-        """Hello -> the enclave makes and wraps a session key -> OpenSession."""
+        """Register a fresh, attested session key (the paper's Fig. 6, closed):
+        Hello -> Challenge -> the enclave's wrapped key and evidence -> Statement ->
+        OpenSession. Any refusal raises :class:`AttestationRefused` naming the party."""
         assert self.enclave is not None, "open() first"
         hello = self._hv_call(Hello(self.vm), (HelloReply,), self.timeout)
         assert isinstance(hello, HelloReply)
@@ -387,16 +427,64 @@ class SecureMonitor:
         if suite is not None and suite not in hello.suites:
             raise HypervisorUnavailable(
                 "the hypervisor service does not allow the unsealed secure-plain mode "
-                "(start it with --allow-unsealed)"
+                "(allow_unsealed in its configuration)"
             )
-        out = self.enclave.ecall(
-            "ecall_open_session", self.timeout, vm=self.vm, hv_nonce=hello.hv_nonce
-        )
-        session_id, wrapped = out["session_id"], out["wrapped_key"]
+        challenge = self._verifier_call(ChallengeRequest(hello.hv_key), Challenge)
+        assert isinstance(challenge, Challenge)
+        try:
+            out = self.enclave.ecall(
+                "ecall_open_session",
+                self.timeout,
+                vm=self.vm,
+                hv_nonce=hello.hv_nonce,
+                hv_key=hello.hv_key,
+                hv_endorsement=challenge.endorsement,
+                verifier_nonce=challenge.nonce,
+            )
+        except EnclaveCallFailed as exc:
+            raise AttestationRefused("enclave", exc.detail) from None
+        session_id, wrapped, evidence = out["session_id"], out["wrapped_key"], out["evidence"]
         assert isinstance(session_id, bytes) and isinstance(wrapped, bytes)
-        msg = OpenSession(self.vm, session_id, Suite(int(out["suite"])), wrapped)
-        self._hv_call(msg, (SessionOpened,), self.timeout)
+        assert isinstance(evidence, bytes)
+        suite = Suite(int(out["suite"]))
+        attest = AttestSession(
+            self.enclave.backend,
+            evidence,
+            self.config,
+            challenge.nonce,
+            self.vm,
+            session_id,
+            suite,
+            hashlib.sha256(wrapped).digest(),
+            hello.hv_nonce,
+            hello.hv_key,
+        )
+        issued = self._verifier_call(attest, StatementIssued)
+        assert isinstance(issued, StatementIssued)
+        msg = OpenSession(self.vm, session_id, suite, wrapped, issued.statement)
+        try:
+            self._hv_call(msg, (SessionOpened,), self.timeout)
+        except HypervisorRefused as exc:
+            raise AttestationRefused("hypervisor service", exc.reason) from None
         self.session_id = session_id
+
+    def _verifier_call(self, msg: Message, expect: type[Message]) -> Message:
+        """One request to the attestation service (a connection kept for the run)."""
+        try:
+            if self._verifier_sock is None:
+                self._verifier_sock = connect(self.verifier.address, self.timeout)
+            send_frame(self._verifier_sock, msg, self.timeout)
+            reply = decode(recv_encoded(self._verifier_sock, self.timeout), expect=(expect, Error))
+        except (WireError, OSError) as exc:
+            if self._verifier_sock is not None:
+                self._verifier_sock.close()
+                self._verifier_sock = None
+            raise AttestationRefused(
+                "attestation service", f"unreachable at {self.verifier.address}: {exc}"
+            ) from None
+        if isinstance(reply, Error):
+            raise AttestationRefused("attestation service", reply.message or reply.code.name)
+        return reply
 
     def new_session(self) -> None:
         """Close the current session (if any) and open a fresh one: new key, new id."""
@@ -500,9 +588,7 @@ class SecureMonitor:
         except (WireError, OSError) as exc:
             raise HypervisorUnavailable(f"{type(msg).__name__}: {exc}") from None
         if isinstance(reply, Error):
-            raise HypervisorUnavailable(
-                f"{type(msg).__name__} refused: {reply.code.name}: {reply.message}"
-            )
+            raise HypervisorRefused(type(msg).__name__, reply.code, reply.message)
         return reply
 
     def _ocall(self, found: edl.CallSpec, args: Mapping[str, Value]) -> tuple[Value, ...] | None:
@@ -518,117 +604,3 @@ class SecureMonitor:
         except (WireError, OSError, HypervisorUnavailable) as exc:
             raise _OcallFailed(ErrorCode.GUEST_UNAVAILABLE, f"hypervisor link: {exc}") from None
         return None if answer is None else (answer,)
-
-
-def _public_key(key: X25519PublicKey | bytes | Path | str) -> X25519PublicKey:
-    if isinstance(key, X25519PublicKey):
-        return key
-    if isinstance(key, bytes):
-        return public_key_from_pem(key)
-    return load_public_key(Path(key))
-
-
-# --- a private hypervisor service for one run ---------------------------------------------
-
-
-@dataclass(frozen=True)
-class PrivateHypervisor:
-    """A hypervisor service started for one run: where it listens and its key."""
-
-    socket: str
-    public_key: X25519PublicKey
-    guests: tuple[str, ...]
-    pid: int
-
-    @property
-    def vm(self) -> str:
-        """The first (for a private service: the only) guest's name."""
-        return self.guests[0]
-
-
-@contextlib.contextmanager
-def start_hypervisor(
-    guests: Mapping[str, str],
-    *,
-    allow_unsealed: bool = False,
-    start_timeout: float = 30.0,
-) -> Iterator[PrivateHypervisor]:
-    """Start ``python -m sgmonitor.hypervisor`` for ``guests`` (name -> QMP socket) with
-    a throwaway key, wait for its ready line, and stop it afterwards (it also exits if
-    we die: its stdin is our pipe)."""
-    home = Path(tempfile.mkdtemp(prefix="sgm-hv-"))
-    key = generate_private_key()
-    save_private_key(home / "hv.pem", key)
-    sock_path = str(home / "hv.sock")
-    argv = [sys.executable, "-m", "sgmonitor.hypervisor", "--socket", sock_path]
-    argv += ["--key", str(home / "hv.pem"), "--exit-with-stdin"]
-    for name, qmp in guests.items():
-        argv += ["--guest", f"{name}={qmp}"]
-    if allow_unsealed:
-        argv.append("--allow-unsealed")
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=_ROOT)
-    try:
-        info = _ready_line(proc, start_timeout)
-        if info.get("fingerprint") != fingerprint(key.public_key()):
-            raise HypervisorUnavailable("the private hypervisor service reports another key")
-        yield PrivateHypervisor(sock_path, key.public_key(), tuple(guests), proc.pid)
-    finally:
-        assert proc.stdin is not None and proc.stdout is not None
-        with contextlib.suppress(OSError):
-            proc.stdin.close()
-        proc.terminate()
-        _reap(proc, 5.0)
-        proc.stdout.close()
-        shutil.rmtree(home, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def private_hypervisor(
-    qmp_socket: str, vm: str = "guest", *, allow_unsealed: bool = False
-) -> Iterator[PrivateHypervisor]:
-    """A hypervisor service for one QMP socket, for one run (see :func:`start_hypervisor`)."""
-    with start_hypervisor({vm: qmp_socket}, allow_unsealed=allow_unsealed) as hv:
-        yield hv
-
-
-def _ready_line(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, object]:
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    deadline = time.monotonic() + timeout
-    line = b""
-    while not line.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise HypervisorUnavailable(f"hypervisor service not ready within {timeout:.0f}s")
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if not ready:
-            continue
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            raise HypervisorUnavailable(f"hypervisor service exited (code {proc.wait()})")
-        line += chunk
-    try:
-        info = json.loads(line)
-    except ValueError:
-        raise HypervisorUnavailable(f"unexpected ready line {line[:200]!r}") from None
-    if not isinstance(info, dict) or info.get("ready") is not True:
-        raise HypervisorUnavailable(f"unexpected ready line {line[:200]!r}")
-    return info
-
-
-def scan_qemu(
-    qmp_socket: str,
-    *,
-    mode: str = "secure",
-    check: str = "pslist",
-    cache_budget: int = DEFAULT_CACHE_BUDGET,
-    timeout: float = 30.0,
-) -> tuple[list[dict[str, int | str]], dict[str, object]]:
-    """One secure scan of a QEMU guest: private hypervisor service + enclave, both
-    stopped afterwards (``sgmonitor ps --qemu SOCK --mode secure``)."""
-    with private_hypervisor(qmp_socket, allow_unsealed=mode == "secure-plain") as hv:
-        monitor = SecureMonitor(
-            hv.socket, hv.public_key, hv.vm, mode=mode, cache_budget=cache_budget, timeout=timeout
-        )
-        with monitor:
-            return monitor.scan(check)

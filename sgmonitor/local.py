@@ -1,0 +1,196 @@
+"""A whole deployment on this machine, for one command: the operator's convenience.
+
+``sgmonitor ps --qemu SOCK`` (and ``bench``) run every party as its own process:
+
+1. the hypervisor service makes its own key (``sgmonitor hypervisor keygen``);
+2. an attestation service makes its own key, enrolls that hypervisor key, trusts the
+   simulated platform, and verifies against a policy: the operator's ``--policy`` file,
+   or one that pins the installed enclave (its measurement, signer and version, no
+   debug), which is said on stderr;
+3. the hypervisor service starts trusting only that attestation service;
+4. the untrusted library starts the enclave, whose launch configuration names that
+   attestation service, and registers an attested session key.
+
+Everything is stopped afterwards (the services also exit when their stdin, our pipe,
+closes). Nothing here generates a key: each service makes its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+import sgmonitor
+from sgmonitor import installed
+from sgmonitor.attestation.policy import Policy
+from sgmonitor.daemon import read_ready_line, reap
+from sgmonitor.tee.boot import measure_installed
+from sgmonitor.tee.launch_config import raw_ed25519
+from sgmonitor.tee.sim import sigstruct_identity
+from sgmonitor.untrusted.library import DEFAULT_CACHE_BUDGET, SecureMonitor, Verifier
+
+__all__ = ["LocalDeployment", "installed_policy", "local_deployment", "scan_qemu"]
+
+_ROOT = Path(sgmonitor.__file__).resolve().parent.parent
+_MODULE = (sys.executable, "-m")
+
+
+@dataclass(frozen=True)
+class LocalDeployment:
+    """The services of one run: where they listen, their keys, their pids."""
+
+    hypervisor_socket: str
+    admin_socket: str
+    hv_key: bytes
+    verifier: Verifier
+    guests: tuple[str, ...]
+    pids: tuple[int, ...]
+    decisions: Path  # the attestation service's JSON Lines log
+    home: Path
+
+    @property
+    def vm(self) -> str:
+        """The first guest's name."""
+        return self.guests[0]
+
+
+def installed_policy(*, allow_unsealed: bool = False) -> Policy:
+    """A policy that pins the installed enclave: its code measurement as measured now,
+    and the signer, version and production (non-debug) flag of its installed SIGSTRUCT."""
+    signed = sigstruct_identity(installed.installed_sigstruct())
+    return Policy(
+        mrenclave=frozenset({measure_installed().mrenclave}),
+        mrsigner=frozenset({signed.mrsigner}),
+        min_isv_svn=signed.isv_svn,
+        allow_debug=False,
+        allow_unsealed=allow_unsealed,
+    )
+
+
+def _start(argv: list[str], what: str) -> tuple[subprocess.Popen[bytes], dict[str, object]]:
+    argv = [*argv, "--exit-with-stdin"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=_ROOT)
+    try:
+        return proc, read_ready_line(proc, 30.0, what)
+    except BaseException:
+        _stop(proc)
+        raise
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    assert proc.stdin is not None and proc.stdout is not None
+    with contextlib.suppress(OSError):
+        proc.stdin.close()
+    proc.terminate()
+    reap(proc, 5.0)
+    proc.stdout.close()
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+@contextlib.contextmanager
+def local_deployment(
+    guests: Mapping[str, str],
+    *,
+    policy: Policy | None = None,
+    allow_unsealed: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> Iterator[LocalDeployment]:
+    """Start a hypervisor service for ``guests`` (name -> QMP socket) and an attestation
+    service with ``policy`` (default: :func:`installed_policy`), as described above."""
+    home = Path(tempfile.mkdtemp(prefix="sgm-local-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        if policy is None:
+            policy = installed_policy(allow_unsealed=allow_unsealed)
+            if say is not None:
+                say(
+                    "no --policy: a private attestation service pins the installed enclave "
+                    f"(mrenclave {next(iter(policy.mrenclave)).hex()})"
+                )
+        keygen = [*_MODULE, "sgmonitor.hypervisor", "keygen", "--key"]
+        hv_key = subprocess.run(
+            [*keygen, str(home / "hv.pem")], cwd=_ROOT, check=True, capture_output=True
+        ).stdout.strip()
+        (home / "policy.toml").write_text(policy.to_toml())
+        platform = raw_ed25519(installed.platform_public_key()).hex()
+        (home / "attestation.toml").write_text(
+            'listen = "127.0.0.1:0"\nkey = "attestation.pem"\npolicy = "policy.toml"\n'
+            f'log = "decisions.jsonl"\n[platforms]\nsim = ["{platform}"]\n'
+            f'[[hypervisor]]\nname = "local"\npublic_key = "{hv_key.decode()}"\n'
+        )
+        proc, ready = _start(
+            [
+                *_MODULE,
+                "sgmonitor.attestation",
+                "serve",
+                "--config",
+                str(home / "attestation.toml"),
+            ],
+            "attestation service",
+        )
+        procs.append(proc)
+        verifier_key = bytes.fromhex(str(ready["public_key"]))
+        verifier = Verifier(str(ready["address"]), Ed25519PublicKey.from_public_bytes(verifier_key))
+        guest_lines = "".join(f"{_toml_str(n)} = {_toml_str(q)}\n" for n, q in guests.items())
+        (home / "hypervisor.toml").write_text(
+            f'socket = "hv.sock"\nkey = "hv.pem"\nattestation_keys = ["{verifier_key.hex()}"]\n'
+            f"allow_unsealed = {str(allow_unsealed).lower()}\n[guests]\n{guest_lines}"
+        )
+        proc, ready = _start(
+            [*_MODULE, "sgmonitor.hypervisor", "serve", "--config", str(home / "hypervisor.toml")],
+            "hypervisor service",
+        )
+        procs.append(proc)
+        yield LocalDeployment(
+            hypervisor_socket=str(ready["socket"]),
+            admin_socket=str(ready["admin_socket"]),
+            hv_key=bytes.fromhex(hv_key.decode()),
+            verifier=verifier,
+            guests=tuple(guests),
+            pids=tuple(p.pid for p in procs),
+            decisions=home / "decisions.jsonl",
+            home=home,
+        )
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def scan_qemu(
+    qmp_socket: str,
+    *,
+    mode: str = "secure",
+    check: str = "pslist",
+    cache_budget: int = DEFAULT_CACHE_BUDGET,
+    timeout: float = 30.0,
+    policy: Policy | None = None,
+    say: Callable[[str], None] | None = None,
+) -> tuple[list[dict[str, int | str]], dict[str, object]]:
+    """One secure scan of a QEMU guest through a :func:`local_deployment`."""
+    unsealed = mode == "secure-plain"
+    with local_deployment(
+        {"guest": qmp_socket}, policy=policy, allow_unsealed=unsealed, say=say
+    ) as local:
+        monitor = SecureMonitor(
+            local.hypervisor_socket,
+            local.vm,
+            local.verifier,
+            mode=mode,
+            cache_budget=cache_budget,
+            timeout=timeout,
+        )
+        with monitor:
+            return monitor.scan(check)
