@@ -296,9 +296,8 @@ def _enclave_sign(args: argparse.Namespace) -> int:
 
     from sgmonitor import installed
     from sgmonitor.keyfiles import load_or_create
-    from sgmonitor.tee import sign_enclave_for
+    from sgmonitor.tee import backend_class, sign_enclave_for
     from sgmonitor.tee.boot import measure_installed
-    from sgmonitor.tee.sim import mrsigner_of
 
     key_path = args.key or installed.signer_key_path()
     key, made = load_or_create(key_path, Ed25519PrivateKey)
@@ -310,14 +309,15 @@ def _enclave_sign(args: argparse.Namespace) -> int:
     )
     out = args.out or installed.sigstruct_path()
     out.write_bytes(sigstruct)
+    signed = backend_class(args.backend).signed_identity(sigstruct)
     print(
         json.dumps(
             {
                 "sigstruct": str(out),
-                "mrenclave": mrenclave.hex(),
-                "mrsigner": mrsigner_of(key.public_key()).hex(),
-                "isv_svn": args.isv_svn,
-                "debug": args.debug,
+                "mrenclave": signed.mrenclave.hex(),
+                "mrsigner": signed.mrsigner.hex(),
+                "isv_svn": signed.isv_svn,
+                "debug": signed.debug,
             }
         )
     )

@@ -33,9 +33,9 @@ import sgmonitor
 from sgmonitor import installed
 from sgmonitor.attestation.policy import Policy
 from sgmonitor.daemon import read_ready_line, reap
+from sgmonitor.tee import backend_class
 from sgmonitor.tee.boot import measure_installed
 from sgmonitor.tee.launch_config import raw_ed25519
-from sgmonitor.tee.sim import sigstruct_identity
 from sgmonitor.untrusted.library import DEFAULT_CACHE_BUDGET, SecureMonitor, Verifier
 
 __all__ = ["LocalDeployment", "installed_policy", "local_deployment", "scan_qemu"]
@@ -66,7 +66,7 @@ class LocalDeployment:
 def installed_policy(*, allow_unsealed: bool = False) -> Policy:
     """A policy that pins the installed enclave: its code measurement as measured now,
     and the signer, version and production (non-debug) flag of its installed SIGSTRUCT."""
-    signed = sigstruct_identity(installed.installed_sigstruct())
+    signed = backend_class("sim").signed_identity(installed.installed_sigstruct())
     return Policy(
         mrenclave=frozenset({measure_installed().mrenclave}),
         mrsigner=frozenset({signed.mrsigner}),

@@ -19,12 +19,8 @@ from guests import MAIN, GuestUnderTest, only
 
 from sgmonitor.lab import machine
 from sgmonitor.lab.initramfs import Workload
-from sgmonitor.untrusted.library import (
-    PrivateHypervisor,
-    ScanError,
-    SecureMonitor,
-    start_hypervisor,
-)
+from sgmonitor.local import LocalDeployment, local_deployment
+from sgmonitor.untrusted.library import ScanError, SecureMonitor
 from sgmonitor.untrusted.malicious import Attack, MaliciousMonitor, Recording
 from sgmonitor.wire import (
     Error,
@@ -53,13 +49,13 @@ def other_guest() -> Iterator[machine.LabGuest]:
 
 
 @pytest.fixture(scope="module")
-def hv(guest: GuestUnderTest, other_guest: machine.LabGuest) -> Iterator[PrivateHypervisor]:
-    with start_hypervisor({"a": guest.info.qmp, "b": other_guest.qmp}) as service:
+def hv(guest: GuestUnderTest, other_guest: machine.LabGuest) -> Iterator[LocalDeployment]:
+    with local_deployment({"a": guest.info.qmp, "b": other_guest.qmp}) as service:
         yield service
 
 
-def monitor(hv: PrivateHypervisor, vm: str = "a", **kw: object) -> MaliciousMonitor:
-    return MaliciousMonitor(hv.socket, hv.public_key, vm, timeout=SHORT, **kw)  # type: ignore[arg-type]
+def monitor(hv: LocalDeployment, vm: str = "a", **kw: object) -> MaliciousMonitor:
+    return MaliciousMonitor(hv.hypervisor_socket, vm, hv.verifier, timeout=SHORT, **kw)  # type: ignore[arg-type]
 
 
 def attacked_scan(m: MaliciousMonitor) -> ScanError:
@@ -80,17 +76,15 @@ def recovers(m: MaliciousMonitor, expected: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def honest_count(hv: PrivateHypervisor) -> int:
-    with SecureMonitor(hv.socket, hv.public_key, "a") as m:
+def honest_count(hv: LocalDeployment) -> int:
+    with SecureMonitor(hv.hypervisor_socket, "a", hv.verifier) as m:
         records, _ = m.scan()
     assert len(records) > 200
     return len(records)
 
 
 @pytest.mark.parametrize("attack", FORGED, ids=str)
-def test_forged_replies_are_caught(
-    hv: PrivateHypervisor, honest_count: int, attack: Attack
-) -> None:
+def test_forged_replies_are_caught(hv: LocalDeployment, honest_count: int, attack: Attack) -> None:
     with monitor(hv, attack=attack) as m:
         error = attacked_scan(m)
         assert error.code is ErrorCode.INVALID_SEAL
@@ -98,7 +92,7 @@ def test_forged_replies_are_caught(
         recovers(m, honest_count)
 
 
-def test_pages_swapped_between_guests_are_caught(hv: PrivateHypervisor, honest_count: int) -> None:
+def test_pages_swapped_between_guests_are_caught(hv: LocalDeployment, honest_count: int) -> None:
     recording = Recording()
     with monitor(hv, "b", recording=recording) as other:
         records, _ = other.scan()  # honest, recorded: genuine sealed pages of guest b
@@ -108,7 +102,7 @@ def test_pages_swapped_between_guests_are_caught(hv: PrivateHypervisor, honest_c
         recovers(m, honest_count)
 
 
-def test_dropped_reply_times_out(hv: PrivateHypervisor, honest_count: int) -> None:
+def test_dropped_reply_times_out(hv: LocalDeployment, honest_count: int) -> None:
     with monitor(hv, attack=Attack.DROP) as m:
         started = time.monotonic()
         error = attacked_scan(m)
@@ -117,7 +111,7 @@ def test_dropped_reply_times_out(hv: PrivateHypervisor, honest_count: int) -> No
         recovers(m, honest_count)
 
 
-def test_replayed_session_is_caught(hv: PrivateHypervisor, honest_count: int) -> None:
+def test_replayed_session_is_caught(hv: LocalDeployment, honest_count: int) -> None:
     with monitor(hv) as m:
         records, _ = m.scan()  # recorded
         assert len(records) == honest_count
@@ -127,25 +121,27 @@ def test_replayed_session_is_caught(hv: PrivateHypervisor, honest_count: int) ->
         recovers(m, honest_count)
 
 
-def test_hypervisor_refuses_a_replayed_session(hv: PrivateHypervisor) -> None:
+def test_hypervisor_refuses_a_replayed_session(hv: LocalDeployment) -> None:
     """Replaying a whole recorded session towards the hypervisor: its OpenSession is
-    refused (a session id is accepted once), so nothing is served a second time."""
+    refused (its statement binds a nonce the service gave another connection, once), so
+    nothing is served a second time."""
     frames: list[bytes] = []
 
     def tap(link: str, frame: bytes) -> None:
         if link == "hypervisor":
             frames.append(frame)
 
-    with SecureMonitor(hv.socket, hv.public_key, "a", tap=tap) as m:
+    with SecureMonitor(hv.hypervisor_socket, "a", hv.verifier, tap=tap) as m:
         m.scan()
     opens = [f for f in frames if f[1] == OpenSession.TYPE]
     requests = [f for f in frames if f[1] == Request.TYPE]
     assert opens and requests
     with socket.socket(socket.AF_UNIX) as s:
-        s.connect(hv.socket)
+        s.connect(hv.hypervisor_socket)
         send_encoded(s, opens[0], 5.0)
         refused = recv_frame(s, 5.0)
-        assert isinstance(refused, Error) and refused.code is ErrorCode.SESSION_EXISTS
+        assert isinstance(refused, Error) and refused.code is ErrorCode.ATTESTATION_REFUSED
+        assert "nonce this connection was not given" in refused.message
         send_encoded(s, requests[0], 5.0)
         refused = recv_frame(s, 5.0)
         assert isinstance(refused, Error) and refused.code is ErrorCode.UNKNOWN_SESSION

@@ -17,20 +17,16 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from guests import MAIN, GuestUnderTest, only
 
 from sgmonitor.channel import Suite
 from sgmonitor.guest.qemu import QemuGuest
 from sgmonitor.ids.pslist import list_processes
 from sgmonitor.keywrap import wrap_session_key
+from sgmonitor.local import LocalDeployment, local_deployment, scan_qemu
 from sgmonitor.traditional import open_guest_kernel
-from sgmonitor.untrusted.library import (
-    HypervisorUnavailable,
-    PrivateHypervisor,
-    SecureMonitor,
-    scan_qemu,
-    start_hypervisor,
-)
+from sgmonitor.untrusted.library import HypervisorUnavailable, SecureMonitor
 from sgmonitor.wire import (
     Error,
     ErrorCode,
@@ -65,16 +61,16 @@ def traditional(guest: GuestUnderTest) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def hv(guest: GuestUnderTest, traditional: dict[str, object]) -> Iterator[PrivateHypervisor]:
-    with start_hypervisor({"main": guest.info.qmp}, allow_unsealed=True) as service:
+def hv(guest: GuestUnderTest, traditional: dict[str, object]) -> Iterator[LocalDeployment]:
+    with local_deployment({"main": guest.info.qmp}, allow_unsealed=True) as service:
         yield service
 
 
 @pytest.mark.parametrize("mode", ["secure", "secure-plain"])
 def test_same_processes_as_traditional(
-    hv: PrivateHypervisor, traditional: dict[str, object], guest: GuestUnderTest, mode: str
+    hv: LocalDeployment, traditional: dict[str, object], guest: GuestUnderTest, mode: str
 ) -> None:
-    with SecureMonitor(hv.socket, hv.public_key, "main", mode=mode) as m:
+    with SecureMonitor(hv.hypervisor_socket, "main", hv.verifier, mode=mode) as m:
         records, stats = m.scan("pslist")
         again, _ = m.scan("pslist")  # a second scan starts from an empty cache
     assert stable(records) == stable(traditional["records"])  # type: ignore[arg-type]
@@ -102,7 +98,7 @@ def markers(traditional: dict[str, object]) -> list[bytes]:
 
 @pytest.mark.parametrize("mode", ["secure", "secure-plain"])
 def test_relay_sees_no_plaintext(
-    hv: PrivateHypervisor, traditional: dict[str, object], mode: str
+    hv: LocalDeployment, traditional: dict[str, object], mode: str
 ) -> None:
     relayed: list[bytes] = []
 
@@ -110,7 +106,7 @@ def test_relay_sees_no_plaintext(
         if link == "hypervisor":  # every byte carried between enclave and hypervisor
             relayed.append(frame)
 
-    with SecureMonitor(hv.socket, hv.public_key, "main", mode=mode, tap=tap) as m:
+    with SecureMonitor(hv.hypervisor_socket, "main", hv.verifier, mode=mode, tap=tap) as m:
         m.scan()
     everything = b"".join(relayed)
     assert len(everything) > 1 << 20  # megabytes of guest pages went through
@@ -121,9 +117,9 @@ def test_relay_sees_no_plaintext(
         assert b"kthreadd" in seen and traditional["release"] in seen
 
 
-def raw(hv: PrivateHypervisor) -> socket.socket:
+def raw(hv: LocalDeployment) -> socket.socket:
     s = socket.socket(socket.AF_UNIX)
-    s.connect(hv.socket)
+    s.connect(hv.hypervisor_socket)
     return s
 
 
@@ -136,8 +132,8 @@ def hung_up(s: socket.socket) -> bool:
         return True
 
 
-def test_service_survives_malformed_frames(hv: PrivateHypervisor) -> None:
-    with SecureMonitor(hv.socket, hv.public_key, "main") as m:
+def test_service_survives_malformed_frames(hv: LocalDeployment) -> None:
+    with SecureMonitor(hv.hypervisor_socket, "main", hv.verifier) as m:
         before, _ = m.scan()
         # garbage inside well-framed messages: a clear error each, the connection goes on
         with raw(hv) as s:
@@ -146,7 +142,7 @@ def test_service_survives_malformed_frames(hv: PrivateHypervisor) -> None:
                 b"\x09\x01main",  # unknown version
                 b"\x01\x07" + os.urandom(40),  # a Request of garbage
                 b"\x01\x03\x00",  # a truncated OpenSession
-                encode(HelloReply(os.urandom(32), ())),  # a type not accepted here
+                encode(HelloReply(os.urandom(32), (), os.urandom(32))),  # a type not accepted here
             ):
                 send_encoded(s, body, 5.0)
                 err = recv_frame(s, 5.0)
@@ -176,7 +172,7 @@ def test_service_survives_malformed_frames(hv: PrivateHypervisor) -> None:
             send_frame(s, Request(os.urandom(16), 1, b"x" * 32))
             assert recv_frame(s, 5.0).code is ErrorCode.UNKNOWN_SESSION
             send_frame(s, OpenSession("main", os.urandom(16), Suite(1), os.urandom(81)))
-            assert recv_frame(s, 5.0).code is ErrorCode.BAD_WRAPPED_KEY
+            assert recv_frame(s, 5.0).code is ErrorCode.ATTESTATION_REQUIRED
         # the session open all along still works, during the stall and after
         during, _ = m.scan()
         stalled.close()
@@ -184,7 +180,7 @@ def test_service_survives_malformed_frames(hv: PrivateHypervisor) -> None:
     assert stable(before) == stable(during) == stable(after)
 
 
-def test_forged_request_ends_only_that_session(hv: PrivateHypervisor) -> None:
+def test_forged_request_ends_only_that_session(hv: LocalDeployment) -> None:
     frames: list[bytes] = []
 
     def tap(link: str, frame: bytes) -> None:
@@ -192,8 +188,8 @@ def test_forged_request_ends_only_that_session(hv: PrivateHypervisor) -> None:
             frames.append(frame)
 
     with (
-        SecureMonitor(hv.socket, hv.public_key, "main", tap=tap) as victim,
-        SecureMonitor(hv.socket, hv.public_key, "main") as bystander,
+        SecureMonitor(hv.hypervisor_socket, "main", hv.verifier, tap=tap) as victim,
+        SecureMonitor(hv.hypervisor_socket, "main", hv.verifier) as bystander,
     ):
         victim.scan()
         request = next(f for f in frames if f[1] == Request.TYPE)
@@ -207,26 +203,29 @@ def test_forged_request_ends_only_that_session(hv: PrivateHypervisor) -> None:
 
 
 def test_unsealed_suite_refused_unless_allowed(guest: GuestUnderTest) -> None:
-    """A service started without --allow-unsealed refuses suite 0xFE, even with a
+    """A service configured without allow_unsealed refuses suite 0xFE, even with a
     well-formed wrapped key for it; the library says so before trying."""
-    with start_hypervisor({"main": guest.info.qmp}) as strict:
+    with local_deployment({"main": guest.info.qmp}) as strict:
         with raw(strict) as s:
             send_frame(s, Hello("main"))
             hello = recv_frame(s, 5.0)
             assert isinstance(hello, HelloReply)
             assert Suite.UNSEALED_FOR_EXPERIMENTS_ONLY not in hello.suites
             sid, suite = os.urandom(16), Suite.UNSEALED_FOR_EXPERIMENTS_ONLY
+            hv_key = X25519PublicKey.from_public_bytes(strict.hv_key)
             wrapped = wrap_session_key(
-                strict.public_key, os.urandom(32), session_id=sid, vm="main", suite=suite
+                hv_key, os.urandom(32), session_id=sid, vm="main", suite=suite
             )
             send_frame(s, OpenSession("main", sid, suite, wrapped))
             assert recv_frame(s, 5.0).code is ErrorCode.SUITE_REFUSED
         with pytest.raises(HypervisorUnavailable, match="allow-unsealed"):
-            SecureMonitor(strict.socket, strict.public_key, "main", mode="secure-plain").open()
+            SecureMonitor(
+                strict.hypervisor_socket, "main", strict.verifier, mode="secure-plain"
+            ).open()
 
 
 def test_scan_qemu_starts_and_stops_everything(
-    guest: GuestUnderTest, traditional: dict[str, object], hv: PrivateHypervisor
+    guest: GuestUnderTest, traditional: dict[str, object], hv: LocalDeployment
 ) -> None:
     """The one-shot path ``sgmonitor ps --qemu SOCK --mode secure`` uses. QEMU serves
     one QMP client: the module's service, with no session open now, has let go of it."""

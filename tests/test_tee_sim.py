@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import shutil
 import struct
 from pathlib import Path
 
@@ -14,7 +13,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import sgmonitor
 from sgmonitor.tee import edl, sim
 from sgmonitor.tee.backend import (
-    ENCLAVE_SOURCES,
     EnclaveIdentity,
     EnclaveLoadError,
     InvalidEvidence,
@@ -29,66 +27,17 @@ RD = bytes(range(64))
 
 
 @pytest.fixture
-def tree(tmp_path: Path) -> Path:
-    """A copy of the enclave's sources, free to modify."""
-    for src in ENCLAVE_SOURCES:
-        path = REPO / src
-        if path.is_dir():
-            shutil.copytree(path, tmp_path / src, ignore=shutil.ignore_patterns("__pycache__"))
-        elif path.is_file():
-            (tmp_path / src).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, tmp_path / src)
-    return tmp_path
-
-
-@pytest.fixture
 def backend() -> sim.SimBackend:
-    identity = EnclaveIdentity(b"\x11" * 32, b"\x22" * 32, 7, 3, debug=False)
+    identity = EnclaveIdentity(
+        b"\x11" * 32, b"\x22" * 32, 7, 3, debug=False, config_id=b"\x33" * 32
+    )
     return sim.SimBackend(identity, PLATFORM, announce=io.StringIO())
 
 
 PLATFORM = sim.SimPlatform.generate()
 
 
-# --- measurement ---------------------------------------------------------------------
-
-
-def test_measurement_is_deterministic_and_covers_the_real_tree(tree: Path) -> None:
-    a = sim.measure_enclave(tree, ENCLAVE_SOURCES, b"cfg")
-    assert a == sim.measure_enclave(tree, ENCLAVE_SOURCES, b"cfg")
-    assert a == sim.measure_enclave(REPO, ENCLAVE_SOURCES, b"cfg")
-    manifest = sim.enclave_manifest(tree, ENCLAVE_SOURCES, b"cfg").decode()
-    assert "file sgmonitor/channel.py " in manifest
-    assert "file sgmonitor/tee/sim.py " in manifest
-    assert "__pycache__" not in manifest and "cli.py" not in manifest
-
-
-@pytest.mark.parametrize(
-    "change",
-    ["edit", "add", "remove", "rename", "config"],
-)
-def test_measurement_changes_with_any_file_or_config(tree: Path, change: str) -> None:
-    before = sim.measure_enclave(tree, ENCLAVE_SOURCES, b"cfg")
-    config = b"cfg"
-    target = tree / "sgmonitor/wire.py"
-    if change == "edit":
-        target.write_bytes(target.read_bytes() + b"\n# one more line\n")
-    elif change == "add":
-        (tree / "sgmonitor/tee/extra.py").write_text("X = 1\n")
-    elif change == "remove":
-        (tree / "sgmonitor/tee/edl.py").unlink()
-    elif change == "rename":
-        (tree / "sgmonitor/tee/edl.py").rename(tree / "sgmonitor/tee/edl2.py")
-    else:
-        config = b"cfg2"
-    assert sim.measure_enclave(tree, ENCLAVE_SOURCES, config) != before
-
-
-def test_files_outside_the_enclave_do_not_count(tree: Path) -> None:
-    before = sim.measure_enclave(tree, ENCLAVE_SOURCES, b"")
-    (tree / "sgmonitor/cli.py").write_text("print('untrusted')\n")
-    (tree / "sgmonitor/tee/notes.txt").write_text("not python\n")
-    assert sim.measure_enclave(tree, ENCLAVE_SOURCES, b"") == before
+# --- identity ------------------------------------------------------------------------
 
 
 def test_mrsigner_is_hash_of_public_key() -> None:
@@ -103,20 +52,30 @@ def test_mrsigner_is_hash_of_public_key() -> None:
 # --- SIGSTRUCT / load ----------------------------------------------------------------
 
 
-def test_signed_enclave_loads_and_tampering_is_refused(tree: Path) -> None:
+def test_signed_enclave_loads_and_tampering_is_refused() -> None:
     signer = Ed25519PrivateKey.generate()
-    mre = sim.measure_enclave(tree, ENCLAVE_SOURCES, b"cfg")
+    mre = hashlib.sha256(b"the code as measured at launch").digest()
     sig = sim.sign_enclave(signer, mre, isv_prod_id=1, isv_svn=2, debug=True)
-    ident = sim.load_signed_enclave(tree, ENCLAVE_SOURCES, b"cfg", sig)
-    assert ident == EnclaveIdentity(mre, sim.mrsigner_of(signer.public_key()), 1, 2, True)
-    with pytest.raises(EnclaveLoadError, match="measure"):
-        sim.load_signed_enclave(tree, ENCLAVE_SOURCES, b"other config", sig)
+    ident = sim.load_signed_enclave(mre, b"cfg", sig)
+    config_id = hashlib.sha256(b"cfg").digest()
+    assert ident == EnclaveIdentity(
+        mre, sim.mrsigner_of(signer.public_key()), 1, 2, True, config_id
+    )
+    # the configuration is reported, not signed: another one loads, with its own CONFIGID
+    assert (
+        sim.load_signed_enclave(mre, b"other", sig).config_id == hashlib.sha256(b"other").digest()
+    )
+    with pytest.raises(EnclaveLoadError, match="measures"):
+        sim.load_signed_enclave(bytes(32), b"cfg", sig)  # other code than was signed
     forged = bytearray(sig)
     forged[50] ^= 1  # the product id / svn region
     with pytest.raises(EnclaveLoadError, match="signature"):
-        sim.load_signed_enclave(tree, ENCLAVE_SOURCES, b"cfg", bytes(forged))
+        sim.load_signed_enclave(mre, b"cfg", bytes(forged))
     with pytest.raises(EnclaveLoadError):
-        sim.load_signed_enclave(tree, ENCLAVE_SOURCES, b"cfg", sig[:-1])
+        sim.load_signed_enclave(mre, b"cfg", sig[:-1])
+    assert sim.sigstruct_identity(sig) == EnclaveIdentity(
+        mre, sim.mrsigner_of(signer.public_key()), 1, 2, True, b""
+    )
 
 
 # --- the backend -------------------------------------------------------------------------
@@ -124,14 +83,16 @@ def test_signed_enclave_loads_and_tampering_is_refused(tree: Path) -> None:
 
 def test_backend_announces_no_protection() -> None:
     out = io.StringIO()
-    b = sim.SimBackend(EnclaveIdentity(bytes(32), bytes(32), 0, 0, False), PLATFORM, announce=out)
+    b = sim.SimBackend(
+        EnclaveIdentity(bytes(32), bytes(32), 0, 0, False, bytes(32)), PLATFORM, announce=out
+    )
     assert "NO protection against root" in out.getvalue()
     assert isinstance(b, TeeBackend)
     assert b.name == "sim" and b.protects_against_root is False
 
 
 def test_backend_announces_on_stderr_by_default(capsys: pytest.CaptureFixture[str]) -> None:
-    sim.SimBackend(EnclaveIdentity(bytes(32), bytes(32), 0, 0, False), PLATFORM)
+    sim.SimBackend(EnclaveIdentity(bytes(32), bytes(32), 0, 0, False, bytes(32)), PLATFORM)
     assert "NO protection against root" in capsys.readouterr().err
 
 
@@ -166,8 +127,8 @@ def test_untrusted_platform_rejected(backend: sim.SimBackend) -> None:
 
 
 # offsets in the quote body: magic 0, version 4, backend 6, mrenclave 10, mrsigner 42,
-# prod 74, svn 76, flags 78, report_data 79, timestamp 143
-@pytest.mark.parametrize("offset", [0, 4, 6, 10, 42, 74, 76, 78, 79, 142, 143, 150])
+# prod 74, svn 76, flags 78, config_id 79, report_data 111, timestamp 175
+@pytest.mark.parametrize("offset", [0, 4, 6, 10, 42, 74, 76, 78, 79, 110, 111, 174, 175, 182])
 def test_altered_field_rejected(backend: sim.SimBackend, offset: int) -> None:
     ev = bytearray(backend.evidence(RD, now=NOW))
     ev[offset] ^= 0x01
@@ -217,7 +178,9 @@ def test_sealing_bound_to_enclave_and_platform(backend: sim.SimBackend) -> None:
     with pytest.raises(SealedDataError):
         backend.unseal_data(blob, aad=b"other")
     other_enclave = sim.SimBackend(
-        EnclaveIdentity(b"\x12" * 32, b"\x22" * 32, 7, 3, False), PLATFORM, announce=io.StringIO()
+        EnclaveIdentity(b"\x12" * 32, b"\x22" * 32, 7, 3, False, bytes(32)),
+        PLATFORM,
+        announce=io.StringIO(),
     )
     with pytest.raises(SealedDataError):
         other_enclave.unseal_data(blob, aad=b"ctx")
@@ -256,7 +219,15 @@ def test_edl_make_and_check_call() -> None:
         (Call(1, CallDirection.ECALL, "ecall_heartbeat", (bytes(31), 1)), "exactly 32"),
         (Call(1, CallDirection.ECALL, "ecall_heartbeat", ("x" * 32, 1)), "expected bytes"),
         (Call(1, CallDirection.ECALL, "ecall_heartbeat", (bytes(32), b"1")), "expected u64"),
-        (Call(1, CallDirection.ECALL, "ecall_open_session", ("v" * 65, bytes(32))), "exceeds"),
+        (
+            Call(
+                1,
+                CallDirection.ECALL,
+                "ecall_open_session",
+                ("v" * 65, bytes(32), bytes(32), b"", bytes(32)),
+            ),
+            "exceeds",
+        ),
     ],
 )
 def test_edl_rejects_bad_calls(call: Call, words: str) -> None:

@@ -62,14 +62,36 @@ def follow_list(draw: st.DrawFn) -> FollowList:
     )
 
 
+key32 = st.binary(min_size=32, max_size=32)
+
 messages = st.one_of(
     st.builds(wire.Hello, vm),
     st.builds(
         wire.HelloReply,
-        st.binary(min_size=32, max_size=32),
+        key32,
         st.lists(st.sampled_from(Suite), max_size=8).map(tuple),
+        key32,
     ),
     st.builds(wire.OpenSession, vm, sid, st.sampled_from(Suite), small_blob, small_blob),
+    st.builds(wire.ChallengeRequest, key32),
+    st.builds(wire.Challenge, key32, small_blob),
+    st.builds(
+        wire.AttestSession,
+        vm,
+        small_blob,
+        small_blob,
+        key32,
+        vm,
+        sid,
+        st.sampled_from(Suite),
+        key32,
+        key32,
+        key32,
+    ),
+    st.builds(wire.StatementIssued, small_blob),
+    st.builds(wire.Revoke, st.just(wire.RevokeKind.MEASUREMENT), key32),
+    st.builds(wire.Revoke, st.just(wire.RevokeKind.SESSION), sid),
+    st.builds(wire.Revoked, st.integers(0, 2**32 - 1)),
     st.builds(wire.SessionOpened, sid),
     st.builds(wire.CloseSession, sid),
     st.builds(wire.SessionClosed, sid),

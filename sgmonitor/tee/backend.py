@@ -111,6 +111,12 @@ class TeeBackend(ABC):
         """The signer's tool (like ``gramine-sgx-sign``): the signature structure over
         the code measurement and attributes that :meth:`launch` checks."""
 
+    @classmethod
+    @abstractmethod
+    def signed_identity(cls, sigstruct: bytes) -> EnclaveIdentity:
+        """The identity a signature structure vouches for, once its signature checks
+        (``config_id`` empty): what an operator pins in a policy."""
+
     @abstractmethod
     def identity(self) -> EnclaveIdentity:
         """The running enclave's measured identity."""

@@ -260,6 +260,11 @@ class SimBackend(TeeBackend):
             signing_key, mrenclave, isv_prod_id=isv_prod_id, isv_svn=isv_svn, debug=debug
         )
 
+    @classmethod
+    def signed_identity(cls, sigstruct: bytes) -> EnclaveIdentity:
+        """See :func:`sigstruct_identity`."""
+        return sigstruct_identity(sigstruct)
+
     def identity(self) -> EnclaveIdentity:
         """The identity checked at load."""
         return self._identity
