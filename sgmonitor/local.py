@@ -106,9 +106,13 @@ def local_deployment(
     policy: Policy | None = None,
     allow_unsealed: bool = False,
     say: Callable[[str], None] | None = None,
+    statement_lifetime: float = 300.0,
+    hypervisor_limits: Mapping[str, float] | None = None,
 ) -> Iterator[LocalDeployment]:
     """Start a hypervisor service for ``guests`` (name -> QMP socket) and an attestation
-    service with ``policy`` (default: :func:`installed_policy`), as described above."""
+    service with ``policy`` (default: :func:`installed_policy`), as described above.
+    ``hypervisor_limits`` are numeric keys of the hypervisor's configuration (for
+    example ``max_pause``)."""
     home = Path(tempfile.mkdtemp(prefix="sgm-local-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -127,7 +131,8 @@ def local_deployment(
         platform = raw_ed25519(installed.platform_public_key()).hex()
         (home / "attestation.toml").write_text(
             'listen = "127.0.0.1:0"\nkey = "attestation.pem"\npolicy = "policy.toml"\n'
-            f'log = "decisions.jsonl"\n[platforms]\nsim = ["{platform}"]\n'
+            f'log = "decisions.jsonl"\nstatement_lifetime = {statement_lifetime}\n'
+            f'[platforms]\nsim = ["{platform}"]\n'
             f'[[hypervisor]]\nname = "local"\npublic_key = "{hv_key.decode()}"\n'
         )
         proc, ready = _start(
@@ -146,7 +151,9 @@ def local_deployment(
         guest_lines = "".join(f"{_toml_str(n)} = {_toml_str(q)}\n" for n, q in guests.items())
         (home / "hypervisor.toml").write_text(
             f'socket = "hv.sock"\nkey = "hv.pem"\nattestation_keys = ["{verifier_key.hex()}"]\n'
-            f"allow_unsealed = {str(allow_unsealed).lower()}\n[guests]\n{guest_lines}"
+            f"allow_unsealed = {str(allow_unsealed).lower()}\n"
+            + "".join(f"{k} = {v}\n" for k, v in (hypervisor_limits or {}).items())
+            + f"[guests]\n{guest_lines}"
         )
         proc, ready = _start(
             [*_MODULE, "sgmonitor.hypervisor", "serve", "--config", str(home / "hypervisor.toml")],

@@ -14,6 +14,7 @@ service trusts and serves, so no client can add a guest or a verifier::
     max_pause = 30                        # seconds a guest may be held paused ...
     pause_window = 120                    # ... within any window this long
     session_lifetime = 3600
+    remembered_sessions = 100000          # session ids never accepted twice (full: refuse)
     [guests]
     web = "/run/qemu/web/qmp.sock"
 
@@ -55,7 +56,7 @@ UNSEALED_WARNING = (
     "suite (secure-plain). Guest pages then cross the untrusted library IN THE CLEAR. "
     "For experiments only."
 )
-_NUMBERS = ("max_pause", "pause_window", "session_lifetime")
+_NUMBERS = ("max_pause", "pause_window", "session_lifetime", "remembered_sessions")
 _KEYS = {"socket", "key", "attestation_keys", "allow_unsealed", "guests", *_NUMBERS}
 
 
@@ -81,7 +82,7 @@ def load_config(path: Path) -> tuple[str, Path, Mapping[str, str], ServiceConfig
         keys = tuple(
             Ed25519PublicKey.from_public_bytes(bytes.fromhex(k)) for k in doc["attestation_keys"]
         )
-        limits = {k: float(doc[k]) for k in _NUMBERS if k in doc}
+        limits = {k: type(getattr(ServiceConfig, k))(doc[k]) for k in _NUMBERS if k in doc}
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if not keys:
