@@ -29,6 +29,7 @@ The same file is imported as ``sgmonitor.tee.boot`` by the host, for the launch 
 
 # No ``from __future__ import annotations``: that statement imports the ``__future__``
 # module, and nothing but the interpreter's preloaded modules may run before the finder.
+import _imp
 import sys
 from _frozen_importlib import ModuleSpec
 from _frozen_importlib_external import (
@@ -82,7 +83,12 @@ STUB = (
 _MANIFEST_HEADER = "sgmonitor-enclave-boot v1\n"
 # Modules the enclave needs but imports lazily (inside functions), so they are loaded and
 # measured before the seal: argparse's HelpFormatter imports shutil, gettext imports locale.
-_LAZILY_IMPORTED = ("locale", "shutil")
+_LAZILY_IMPORTED = (
+    "locale",
+    "shutil",
+    # imported inside X25519 key functions (cryptography.hazmat.primitives.asymmetric)
+    "cryptography.hazmat.backends.openssl.backend",
+)
 
 
 class BootError(Exception):
@@ -105,8 +111,7 @@ class MeasuredFinder:
         self.loaded: dict[str, bytes | str] = {}
         self.root = ""  # the directory holding the sgmonitor package (for __file__)
         self.sealed = False
-        self._memfds: list[int] = []  # kept open: dlopen reuses a library by path name
-        self._unsealed: list[int] = []
+        self._unsealed: list[int] = []  # in-memory copies of extension modules, to seal
 
     def find_spec(self, name: str, path: object = None, target: object = None) -> object:
         """The measured spec for ``name``; ImportError if sealed or not measurable."""
@@ -114,7 +119,7 @@ class MeasuredFinder:
             raise ImportError(f"module {name!r} was not measured at launch", name=name)
         if name == "sgmonitor" or name.startswith("sgmonitor."):
             return self._enclave_spec(name)
-        if name in sys.builtin_module_names or _is_frozen(name):
+        if name in sys.builtin_module_names or _imp.is_frozen(name):
             self.loaded[name] = "builtin" if name in sys.builtin_module_names else "frozen"
             return None  # the built-in and frozen importers load it from the interpreter
         found = PathFinder.find_spec(name, path)
@@ -158,6 +163,7 @@ class MeasuredFinder:
         """Run the bytes read at find time: compiled from source, never from a .pyc."""
         spec = module.__spec__
         kind, data = spec.loader_state
+        spec.loader_state = (kind, b"")  # the bytes stay in sources/loaded until measured
         if kind == "extension":
             ExtensionFileLoader(spec.name, spec.origin).exec_module(module)
             self._seal_memfds()
@@ -174,11 +180,12 @@ class MeasuredFinder:
     def _memfd_copy(self, name: str, data: bytes) -> str:
         import os
 
+        # Never closed: dlopen takes a library it already has by its path name, so the
+        # number must not come back for another module.
         fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        self._memfds.append(fd)
         self._unsealed.append(fd)
         self._seal_memfds()
         return f"/proc/self/fd/{fd}"
@@ -191,12 +198,6 @@ class MeasuredFinder:
         for fd in self._unsealed:
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
         self._unsealed.clear()
-
-
-def _is_frozen(name: str) -> bool:
-    import _imp
-
-    return _imp.is_frozen(name)
 
 
 def build_manifest(boot_source: bytes, preloaded: dict[str, object], finder: MeasuredFinder) -> str:
@@ -313,7 +314,8 @@ def _boot(boot_source: bytes, argv: list[str]) -> int:
     finder = MeasuredFinder()
     sys.meta_path[:] = [finder, *(f for f in sys.meta_path if f is not PathFinder)]
     try:
-        if sys.orig_argv[1:6] != [*_INTERPRETER_FLAGS, "-c", STUB]:
+        launch = [*_INTERPRETER_FLAGS, "-c", STUB]
+        if sys.orig_argv[1 : 1 + len(launch)] != launch:
             raise BootError("not started by boot.STUB with the interpreter flags it needs")
         root, site, measure_only, rest = _parse_boot_args(argv)
         finder.root = root
