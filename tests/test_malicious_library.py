@@ -11,24 +11,35 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from guests import MAIN, GuestUnderTest, only
 
+from sgmonitor.hypervisor.service import HypervisorService, ServiceConfig
+from sgmonitor.keyfiles import load_or_create
 from sgmonitor.lab import machine
 from sgmonitor.lab.initramfs import Workload
 from sgmonitor.local import LocalDeployment, local_deployment
-from sgmonitor.untrusted.library import ScanError, SecureMonitor
+from sgmonitor.untrusted.library import EnclaveCallFailed, ScanError, SecureMonitor
 from sgmonitor.untrusted.malicious import Attack, MaliciousMonitor, Recording
 from sgmonitor.wire import (
+    Call,
     Error,
     ErrorCode,
+    Message,
     OpenSession,
     Request,
+    Return,
+    decode,
     recv_frame,
     send_encoded,
+    send_frame,
 )
 
 pytestmark = [pytest.mark.guest, only(MAIN)]
@@ -54,17 +65,48 @@ def hv(guest: GuestUnderTest, other_guest: machine.LabGuest) -> Iterator[LocalDe
         yield service
 
 
+class Relay:
+    """What the relay carried to and from the enclave, decoded."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[str, bytes]] = []
+
+    def __call__(self, link: str, frame: bytes) -> None:
+        self.frames.append((link, frame))
+
+    def enclave_messages(self, since: int = 0) -> list[object]:
+        return [decode(f) for link, f in self.frames[since:] if link == "enclave"]
+
+
 def monitor(hv: LocalDeployment, vm: str = "a", **kw: object) -> MaliciousMonitor:
+    kw.setdefault("tap", Relay())
     return MaliciousMonitor(hv.hypervisor_socket, vm, hv.verifier, timeout=SHORT, **kw)  # type: ignore[arg-type]
 
 
-def attacked_scan(m: MaliciousMonitor) -> ScanError:
-    """Scan under attack: it must fail, with no records, and the attack must have run."""
-    records = None
+def attacked_scan(m: SecureMonitor) -> ScanError:
+    """Scan under attack: it must fail in the enclave's own checks, the attack must have
+    run, no ``ecall_run_scan`` Return (a report) may have come back, and the session
+    must be dead on both sides: the enclave has no session for the guest any more, and
+    the hypervisor refuses the session's requests."""
+    relay = m.tap
+    assert isinstance(relay, Relay)
+    old_session = m.session_id
+    assert old_session is not None
+    start = len(relay.frames)
     with pytest.raises(ScanError) as caught:
-        records, _ = m.scan()
-    assert records is None  # no result at all, so no forged plaintext was used
-    assert m.attacked
+        m.scan()
+    assert getattr(m, "attacked", True)
+    sent = relay.enclave_messages(start)
+    scans = {c.call_id for c in sent if isinstance(c, Call) and c.name == "ecall_run_scan"}
+    assert scans and not [r for r in sent if isinstance(r, Return) and r.call_id in scans]
+    assert m.enclave is not None
+    with pytest.raises(EnclaveCallFailed) as gone:
+        m.enclave.ecall("ecall_run_scan", 10.0, vm=m.vm, check="pslist", options=b"{}")
+    assert gone.value.code is ErrorCode.UNKNOWN_SESSION
+    sock = m._connect()
+    send_frame(sock, Request(old_session, 1, os.urandom(64)), 5.0)
+    refused = recv_frame(sock, 5.0)
+    assert isinstance(refused, Error) and refused.code is ErrorCode.UNKNOWN_SESSION
     return caught.value
 
 
@@ -87,7 +129,7 @@ def honest_count(hv: LocalDeployment) -> int:
 def test_forged_replies_are_caught(hv: LocalDeployment, honest_count: int, attack: Attack) -> None:
     with monitor(hv, attack=attack) as m:
         error = attacked_scan(m)
-        assert error.code is ErrorCode.INVALID_SEAL
+        assert error.code is ErrorCode.INVALID_SEAL and error.origin == "enclave"
         assert "did not authenticate" in str(error)
         recovers(m, honest_count)
 
@@ -98,7 +140,8 @@ def test_pages_swapped_between_guests_are_caught(hv: LocalDeployment, honest_cou
         records, _ = other.scan()  # honest, recorded: genuine sealed pages of guest b
         assert 0 < len(records) < honest_count
     with monitor(hv, "a", attack=Attack.SWAP_GUEST, recording=recording) as m:
-        assert attacked_scan(m).code is ErrorCode.INVALID_SEAL
+        error = attacked_scan(m)
+        assert error.code is ErrorCode.INVALID_SEAL and error.origin == "enclave"
         recovers(m, honest_count)
 
 
@@ -106,7 +149,7 @@ def test_dropped_reply_times_out(hv: LocalDeployment, honest_count: int) -> None
     with monitor(hv, attack=Attack.DROP) as m:
         started = time.monotonic()
         error = attacked_scan(m)
-        assert error.code is ErrorCode.TIMEOUT
+        assert error.code is ErrorCode.TIMEOUT and error.origin == "enclave"
         assert time.monotonic() - started < 4 * SHORT
         recovers(m, honest_count)
 
@@ -117,7 +160,8 @@ def test_replayed_session_is_caught(hv: LocalDeployment, honest_count: int) -> N
         assert len(records) == honest_count
         m.attack = Attack.REPLAY_SESSION
         m.new_session()  # a fresh key and id; the relay answers from the old session
-        assert attacked_scan(m).code is ErrorCode.INVALID_SEAL
+        error = attacked_scan(m)
+        assert error.code is ErrorCode.INVALID_SEAL and error.origin == "enclave"
         recovers(m, honest_count)
 
 
@@ -145,3 +189,61 @@ def test_hypervisor_refuses_a_replayed_session(hv: LocalDeployment) -> None:
         send_encoded(s, requests[0], 5.0)
         refused = recv_frame(s, 5.0)
         assert isinstance(refused, Error) and refused.code is ErrorCode.UNKNOWN_SESSION
+
+
+class ForgingHypervisor(HypervisorService):
+    """The worst relay: it holds the hypervisor service's private key (stolen from its
+    file), so it can seal whatever it likes with the session's right key and sequence
+    number. It reseals one reply's second page under the wrong address, or the wrong
+    VM, in the associated data; nothing else differs from the genuine reply."""
+
+    attack = ""
+    done = False
+
+    def _serve(self, session: Any, request: Message) -> tuple[Message, list[tuple[int, bytes]]]:
+        index, pages = super()._serve(session, request)
+        if self.done or len(pages) < 2:
+            return index, pages
+        self.done = True
+        if self.attack == "address":  # page 2's bytes, sealed as if read at page 1's address
+            return index, [pages[0], (pages[0][0], pages[1][1]), *pages[2:]]
+        channel = session.channel
+        state = channel._state
+        honest = channel.seal_pages
+
+        def as_other_vm(request_id: int, items: Any, *, now: float | None = None) -> Any:
+            saved, state.vm_suffix = state.vm_suffix, b"\x01b"  # the AD names guest "b"
+            try:
+                return honest(request_id, items, now=now)
+            finally:
+                state.vm_suffix = saved
+                channel.seal_pages = honest
+
+        channel.seal_pages = as_other_vm
+        return index, pages
+
+
+@pytest.mark.parametrize("attack", ["address", "vm"])
+def test_pages_resealed_with_the_right_key_for_another_address_or_vm(
+    hv: LocalDeployment, guest: GuestUnderTest, honest_count: int, attack: str, tmp_path: Path
+) -> None:
+    """The associated data's address and VM fields are checked by themselves: with the
+    key and the sequence number right, a page sealed for another address or VM fails."""
+    key, _ = load_or_create(hv.home / "hv.pem", X25519PrivateKey)
+    config = ServiceConfig(attestation_keys=(hv.verifier.public_key,))
+    forging = ForgingHypervisor.for_qemu(
+        str(tmp_path / "f.sock"), key, {"a": guest.info.qmp}, config
+    )
+    forging.attack = attack
+    forging.listen()
+    thread = threading.Thread(target=forging.serve_forever, daemon=True)
+    thread.start()
+    try:
+        m = SecureMonitor(forging.socket_path, "a", hv.verifier, timeout=SHORT, tap=Relay())
+        with m:
+            error = attacked_scan(m)
+            assert forging.done  # the forgery was delivered
+            assert error.code is ErrorCode.INVALID_SEAL and error.origin == "enclave"
+    finally:
+        forging.shutdown()
+        thread.join(10.0)

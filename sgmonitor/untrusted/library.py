@@ -261,7 +261,10 @@ class EnclaveHost:
                 self.close()  # an enclave that does not answer is not trusted to later
                 raise EnclaveDied(f"{name}: no answer from the enclave within {timeout:.1f}s")
             try:
-                msg = decode(recv_encoded(self.sock, remaining), expect=(Call, Return, CallFailed))
+                data = recv_encoded(self.sock, remaining)
+                if self.tap is not None:
+                    self.tap("enclave", data)
+                msg = decode(data, expect=(Call, Return, CallFailed))
             except WireTimeout:
                 continue
             except (ConnectionClosed, OSError) as exc:
