@@ -170,7 +170,10 @@ def test_exhaustion_raises_before_wrap() -> None:
         enclave.seal(Kind.REQUEST, 1, b"x")
     with pytest.raises(ValueError):
         Channel(
-            SessionKeys.derive(SESSION_KEY, SESSION_ID, HV_NONCE), Side.ENCLAVE, VM, limit=MAX_MESSAGES + 1
+            SessionKeys.derive(SESSION_KEY, SESSION_ID, HV_NONCE),
+            Side.ENCLAVE,
+            VM,
+            limit=MAX_MESSAGES + 1,
         )
     with pytest.raises(ChannelExhausted):
         nonce(Direction.HV_TO_ENCLAVE, 2**64)
@@ -356,7 +359,9 @@ def test_unsealed_still_catches_naive_replay_reorder_move(attack: str) -> None:
 
 def test_make_channel_refuses_unsealed_unless_allowed() -> None:
     with pytest.raises(ValueError):
-        make_channel(SESSION_KEY, SESSION_ID, HV_NONCE, Suite.UNSEALED_FOR_EXPERIMENTS_ONLY, Side.ENCLAVE, VM)
+        make_channel(
+            SESSION_KEY, SESSION_ID, HV_NONCE, Suite.UNSEALED_FOR_EXPERIMENTS_ONLY, Side.ENCLAVE, VM
+        )
     ch = make_channel(
         SESSION_KEY,
         SESSION_ID,
@@ -367,11 +372,15 @@ def test_make_channel_refuses_unsealed_unless_allowed() -> None:
         allow_unsealed=True,
     )
     assert isinstance(ch, UnsealedChannelForExperimentsOnly)
-    sealed = make_channel(SESSION_KEY, SESSION_ID, HV_NONCE, Suite.AES256GCM_HKDF_SHA256, Side.ENCLAVE, VM)
+    sealed = make_channel(
+        SESSION_KEY, SESSION_ID, HV_NONCE, Suite.AES256GCM_HKDF_SHA256, Side.ENCLAVE, VM
+    )
     assert isinstance(sealed, Channel)
     with pytest.raises(ValueError):  # no way to get an unsealed Channel
         Channel(
-            SessionKeys.derive(SESSION_KEY, SESSION_ID, HV_NONCE, Suite.UNSEALED_FOR_EXPERIMENTS_ONLY),
+            SessionKeys.derive(
+                SESSION_KEY, SESSION_ID, HV_NONCE, Suite.UNSEALED_FOR_EXPERIMENTS_ONLY
+            ),
             Side.ENCLAVE,
             VM,
         )
