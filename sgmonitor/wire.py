@@ -130,6 +130,7 @@ MAX_EVIDENCE = 64 * 1024
 MAX_ENDORSEMENT = 1024
 MAX_ENCLAVE_CONFIG = 16 * 1024
 MAX_BACKEND_NAME = 32
+MAX_BINDING = 256  # a session binding: 114 bytes and the VM name
 HV_KEY_LEN = 32  # a raw X25519 public key
 VERIFIER_NONCE_LEN = 32
 MAX_BATCH = 4  # requests in one Batch (BeginScan, FollowList, ReadPages, EndScan)
@@ -693,19 +694,15 @@ class Challenge(Message):
 @_message(0x53)
 @dataclass(frozen=True)
 class AttestSession(Message):
-    """Library -> attestation service: the enclave's evidence for one session, with
-    everything its report data covers, for the service to recompute and check."""
+    """Library -> attestation service: the enclave's evidence for one session, with the
+    launch configuration and the session binding (``sgmonitor.statement.SessionBinding``
+    bytes) that its report data covers, for the service to recompute and check."""
 
     backend: str
     evidence: bytes
     config: bytes
     nonce: bytes
-    vm: str
-    session_id: bytes
-    suite: Suite
-    wrapped_key_sha256: bytes
-    hv_nonce: bytes
-    hv_key: bytes
+    binding: bytes
 
     def __post_init__(self) -> None:
         m = "AttestSession"
@@ -713,24 +710,14 @@ class AttestSession(Message):
         _bytes(m, "evidence", self.evidence, MAX_EVIDENCE)
         _bytes(m, "config", self.config, MAX_ENCLAVE_CONFIG)
         _bytes(m, "nonce", self.nonce, VERIFIER_NONCE_LEN, exact=VERIFIER_NONCE_LEN)
-        _text(m, "vm", self.vm, MAX_VM_NAME, nonempty=True)
-        _bytes(m, "session_id", self.session_id, SESSION_ID_LEN, exact=SESSION_ID_LEN)
-        _enum(m, "suite", self.suite, Suite)
-        _bytes(m, "wrapped_key_sha256", self.wrapped_key_sha256, 32, exact=32)
-        _bytes(m, "hv_nonce", self.hv_nonce, HV_NONCE_LEN, exact=HV_NONCE_LEN)
-        _bytes(m, "hv_key", self.hv_key, HV_KEY_LEN, exact=HV_KEY_LEN)
+        _bytes(m, "binding", self.binding, MAX_BINDING)
 
     def _encode(self, w: _Writer) -> None:
         w.text(self.backend)
         w.blob(self.evidence)
         w.blob(self.config)
         w.fixed(self.nonce)
-        w.text(self.vm)
-        w.fixed(self.session_id)
-        w.u8(self.suite)
-        w.fixed(self.wrapped_key_sha256)
-        w.fixed(self.hv_nonce)
-        w.fixed(self.hv_key)
+        w.blob(self.binding)
 
     @classmethod
     def _decode(cls, r: _Reader) -> Self:
@@ -739,12 +726,7 @@ class AttestSession(Message):
             r.blob("evidence", MAX_EVIDENCE),
             r.blob("config", MAX_ENCLAVE_CONFIG),
             r.take(VERIFIER_NONCE_LEN, "nonce"),
-            r.text("vm", MAX_VM_NAME),
-            r.take(SESSION_ID_LEN, "session_id"),
-            r.enum(Suite, "suite", r.u8("suite")),
-            r.take(32, "wrapped_key_sha256"),
-            r.take(HV_NONCE_LEN, "hv_nonce"),
-            r.take(HV_KEY_LEN, "hv_key"),
+            r.blob("binding", MAX_BINDING),
         )
 
 

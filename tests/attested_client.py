@@ -128,12 +128,7 @@ def prepare_session(
                 evidence,
                 LaunchConfig("secure", local.verifier.public_key).to_bytes(),
                 challenge.nonce,
-                vm,
-                session_id,
-                suite,
-                binding.wrapped_key_sha256,
-                hello.hv_nonce,
-                hello.hv_key,
+                binding.encode(),
             ),
         )
         assert isinstance(issued, StatementIssued), issued

@@ -105,17 +105,12 @@ def request(
     rd = session_report_data(binding, report_nonce or challenge.nonce)
     backend = SimBackend(ident or identity(service), platform, announce=io.StringIO())
     return AttestSession(
-        "sim",
-        backend.evidence(rd, now=NOW),
-        config,
-        challenge.nonce,
-        binding.vm,
-        binding.session_id,
-        suite,
-        binding.wrapped_key_sha256,
-        binding.hv_nonce,
-        hv_key,
+        "sim", backend.evidence(rd, now=NOW), config, challenge.nonce, binding.encode()
     )
+
+
+def binding_of(req: AttestSession) -> SessionBinding:
+    return SessionBinding.decode(req.binding)[0]
 
 
 def decisions(log: io.StringIO) -> list[dict[str, object]]:
@@ -129,9 +124,7 @@ def test_accepted_evidence_gets_a_statement_for_that_session(
     issued = service.attest(req)
     statement = Statement.verify(issued.statement, [service.public_key], now=NOW + 1)
     assert statement.identity == identity(service)
-    assert statement.binding == SessionBinding(
-        req.vm, req.session_id, req.suite, req.wrapped_key_sha256, req.hv_nonce, req.hv_key
-    )
+    assert statement.binding == binding_of(req)
     assert statement.not_after == NOW + service.config.statement_lifetime
     last = decisions(log)[-1]
     assert last["decision"] == "accept" and last["mrenclave"] == MRENCLAVE.hex()
@@ -179,7 +172,8 @@ def test_evidence_for_another_session(service: AttestationService, log: io.Strin
         ("vm", "other"),
     ):
         fresh = request(service)
-        moved = replace(fresh, **{field: value})
+        other = replace(binding_of(fresh), **{field: value})  # type: ignore[arg-type]
+        moved = replace(fresh, binding=other.encode())
         assert "another nonce or session" in refused(service, log, moved), field
     service.attest(req)
 

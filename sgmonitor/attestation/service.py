@@ -40,6 +40,7 @@ from sgmonitor.channel import Suite
 from sgmonitor.errors import SGMonitorError
 from sgmonitor.statement import (
     HypervisorEndorsement,
+    InvalidToken,
     SessionBinding,
     Statement,
     session_report_data,
@@ -263,7 +264,7 @@ class AttestationService:
     def attest(self, request: AttestSession, peer: str = "") -> StatementIssued:
         """A statement for accepted evidence, or :class:`Refused` with the reason."""
         now = self._clock()
-        fields: dict[str, object] = {"vm": request.vm, "session_id": request.session_id.hex()}
+        fields: dict[str, object] = {}
         try:
             statement = self._verify(request, now, fields)
         except Refused as exc:
@@ -273,6 +274,13 @@ class AttestationService:
         return StatementIssued(statement.sign(self._key))
 
     def _verify(self, request: AttestSession, now: float, fields: dict[str, object]) -> Statement:
+        try:
+            binding, used = SessionBinding.decode(request.binding)
+        except InvalidToken as exc:
+            raise Refused(str(exc)) from None
+        if used != len(request.binding):
+            raise Refused("session binding has trailing bytes")
+        fields.update(vm=binding.vm, session_id=binding.session_id.hex())
         with self._lock:
             self._nonces.redeem(request.nonce, now, self.config.nonce_lifetime)
         verifier = self._verifiers.get(request.backend)
@@ -280,14 +288,6 @@ class AttestationService:
             raise Refused(
                 f"evidence from a platform it does not know (backend {request.backend!r})"
             )
-        binding = SessionBinding(
-            request.vm,
-            request.session_id,
-            request.suite,
-            request.wrapped_key_sha256,
-            request.hv_nonce,
-            request.hv_key,
-        )
         report_data = session_report_data(binding, request.nonce)
         try:
             claims = verifier.verify(request.evidence, report_data=report_data, now=now)
@@ -308,13 +308,13 @@ class AttestationService:
         trusted = raw_ed25519(config.verifier_key)
         if trusted != raw_ed25519(self.public_key):
             raise Refused(f"the enclave trusts another attestation service ({trusted.hex()})")
-        unsealed = request.suite is Suite.UNSEALED_FOR_EXPERIMENTS_ONLY
+        unsealed = binding.suite is Suite.UNSEALED_FOR_EXPERIMENTS_ONLY
         if unsealed != (config.mode == "secure-plain"):
-            raise Refused(f"suite {request.suite.name} does not match mode {config.mode}")
+            raise Refused(f"suite {binding.suite.name} does not match mode {config.mode}")
         if unsealed and not self.config.policy.allow_unsealed:
             raise Refused("the unsealed experiment suite is refused by the policy")
-        if request.hv_key not in self.config.hypervisors:
-            raise Refused(f"hypervisor key {request.hv_key.hex()} is not enrolled")
+        if binding.hv_key not in self.config.hypervisors:
+            raise Refused(f"hypervisor key {binding.hv_key.hex()} is not enrolled")
         self.config.policy.check(identity)
         return Statement(identity, binding, now, now + self.config.statement_lifetime)
 

@@ -29,7 +29,6 @@ or, given only a QEMU QMP socket, ``sgmonitor.local.scan_qemu``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import shutil
@@ -51,6 +50,7 @@ from sgmonitor import installed
 from sgmonitor.channel import Suite
 from sgmonitor.daemon import reap
 from sgmonitor.errors import GuestDataError, SGMonitorError
+from sgmonitor.statement import SessionBinding
 from sgmonitor.tee import boot, edl
 from sgmonitor.tee.launch_config import MODES, LaunchConfig
 from sgmonitor.wire import (
@@ -450,17 +450,11 @@ class SecureMonitor:
         assert isinstance(session_id, bytes) and isinstance(wrapped, bytes)
         assert isinstance(evidence, bytes)
         suite = Suite(int(out["suite"]))
+        binding = SessionBinding.for_wrapped_key(
+            self.vm, session_id, suite, wrapped, hello.hv_nonce, hello.hv_key
+        )
         attest = AttestSession(
-            self.enclave.backend,
-            evidence,
-            self.config,
-            challenge.nonce,
-            self.vm,
-            session_id,
-            suite,
-            hashlib.sha256(wrapped).digest(),
-            hello.hv_nonce,
-            hello.hv_key,
+            self.enclave.backend, evidence, self.config, challenge.nonce, binding.encode()
         )
         issued = self._verifier_call(attest, StatementIssued)
         assert isinstance(issued, StatementIssued)
