@@ -408,28 +408,40 @@ def test_no_evidence_for_chosen_report_data(local: LocalDeployment) -> None:
 # --- revocation and the pause budget -------------------------------------------------------
 
 
-def test_a_revoked_measurement_loses_its_open_session_at_once(local: LocalDeployment) -> None:
-    with SecureMonitor(local.hypervisor_socket, "main", local.verifier) as m:
-        records, _ = m.scan()
-        assert len(records) > 200
-        measured = json.loads(
-            subprocess.run(
-                [*CLI, "enclave", "measure", "--json"], check=True, capture_output=True
-            ).stdout
-        )["mrenclave"]
-        revoked = subprocess.run(
-            [*CLI, "hypervisor", "revoke", "--admin", local.admin_socket, "--mrenclave", measured],
+def test_revocation_takes_effect_at_once(guest: GuestUnderTest) -> None:
+    """A revoked session, then a revoked measurement: each open session is refused on its
+    very next request, and the measurement can't open a new one."""
+    with local_deployment({"main": guest.info.qmp}) as own:
+        revoke = [*CLI, "hypervisor", "revoke", "--admin", own.admin_socket]
+        held = hold_session(own, "main")
+        assert isinstance(held.sealed(EndScan(), Ack), Ack)
+        out = subprocess.run(
+            [*revoke, "--session", held.session_id.hex()],
             check=True,
             capture_output=True,
             text=True,
         )
-        assert "1 open session(s) ended" in revoked.stdout
-        with pytest.raises(ScanError) as caught:
-            m.scan()
-        assert caught.value.code is ErrorCode.REVOKED
-        assert caught.value.origin == "hypervisor"
-        with pytest.raises(AttestationRefused, match="hypervisor service: REVOKED"):
-            m.open_session()
+        assert "1 open session(s) ended" in out.stdout
+        refused_by(held.sealed(EndScan(), Ack), ErrorCode.REVOKED, "revoked by the operator")
+        held.sock.close()
+        with SecureMonitor(own.hypervisor_socket, "main", own.verifier) as m:
+            records, _ = m.scan()
+            assert len(records) > 200
+            measured = json.loads(
+                subprocess.run(
+                    [*CLI, "enclave", "measure", "--json"], check=True, capture_output=True
+                ).stdout
+            )["mrenclave"]
+            out = subprocess.run(
+                [*revoke, "--mrenclave", measured], check=True, capture_output=True, text=True
+            )
+            assert "1 open session(s) ended" in out.stdout
+            with pytest.raises(ScanError) as caught:
+                m.scan()
+            assert caught.value.code is ErrorCode.REVOKED
+            assert caught.value.origin == "hypervisor"
+            with pytest.raises(AttestationRefused, match="hypervisor service: REVOKED"):
+                m.open_session()
 
 
 def jiffies_reader(guest: GuestUnderTest) -> tuple[int, str]:
