@@ -278,6 +278,10 @@ def test_odd_source_trees_are_refused_with_a_reason(tree: Path) -> None:
     os.symlink("../errors.py", tree / "sgmonitor/tee/link.py")
     with pytest.raises(boot.BootError, match="symlink"):
         boot.measure_installed(root=tree)
+    (tree / "sgmonitor/tee/link.py").unlink()
+    (tree / "sgmonitor/enclave/__main__.py").unlink()
+    with pytest.raises(boot.BootError, match="no enclave entry point"):
+        boot.measure_installed(root=tree)
 
 
 def test_the_command_line_names_the_interpreters_site_packages() -> None:

@@ -69,6 +69,7 @@ ENCLAVE_SOURCES: tuple[str, ...] = (
 
 BOOT_RELPATH = "sgmonitor/tee/boot.py"
 _BOOT_NAME = "__sgmonitor_boot__"
+_ENTRY = "sgmonitor.enclave.__main__"  # its main(argv, *, mrenclave) runs the enclave
 _INTERPRETER_FLAGS = ("-I", "-B", "-S")
 # Reads the boot file once and executes the bytes it read, handing them over so the boot
 # measures exactly what it is; the boot checks it was started by this very text.
@@ -325,6 +326,8 @@ def _boot(boot_source: bytes, argv: list[str]) -> int:
         import json
 
         finder.sources = _read_sources(root)
+        if _ENTRY not in finder.sources:
+            raise BootError(f"no enclave entry point {_ENTRY} under {root}")
         for name in (*_LAZILY_IMPORTED, *sorted(finder.sources)):
             __import__(name)
         finder.seal()
@@ -337,7 +340,7 @@ def _boot(boot_source: bytes, argv: list[str]) -> int:
     if measure_only:
         print(json.dumps({"mrenclave": mrenclave.hex(), "manifest": manifest}), flush=True)
         return 0
-    main = sys.modules["sgmonitor.enclave.__main__"].main
+    main = sys.modules[_ENTRY].main
     return int(main(rest, mrenclave=mrenclave))
 
 
