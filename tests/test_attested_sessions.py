@@ -212,6 +212,10 @@ def test_replays_after_overflow_and_after_a_restart(guest: GuestUnderTest) -> No
         held.sock.close()
         recorded_open = next(f for f in frames if f[1] == OpenSession.TYPE)
         recorded_requests = [f for f in frames if f[1] == Request.TYPE]
+        with connect(f"unix:{small.hypervisor_socket}", 10.0) as sock:  # full, not forgetting
+            call(sock, Hello("main"))
+            send_encoded(sock, recorded_open, 10.0)
+            refused_by(decode(recv_encoded(sock, 10.0)), ErrorCode.ATTESTATION_REFUSED, "nonce")
         os.kill(small.pids[1], signal.SIGTERM)  # restart the hypervisor service
         restarted = subprocess.Popen(
             [*CLI, "hypervisor", "serve", "--config", str(small.home / "hypervisor.toml")],

@@ -82,6 +82,7 @@ STUB = (
     "'BOOT_SOURCE': b})\n"
 )
 _MANIFEST_HEADER = "sgmonitor-enclave-boot v1\n"
+_SEAL_ATTEMPTS = 100_000
 # Modules the enclave needs but imports lazily (inside functions), so they are loaded and
 # measured before the seal: argparse's HelpFormatter imports shutil, gettext imports locale.
 _LAZILY_IMPORTED = (
@@ -195,9 +196,20 @@ class MeasuredFinder:
         fcntl = sys.modules.get("fcntl")  # fcntl itself is an extension module: seal it later
         if fcntl is None:
             return
+        import os
+
         seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
         for fd in self._unsealed:
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+            # F_SEAL_WRITE answers EBUSY while the kernel still holds the pages just
+            # written (a busy host): try again, a bounded number of times.
+            for attempt in range(_SEAL_ATTEMPTS):
+                try:
+                    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+                    break
+                except OSError as exc:
+                    if exc.errno != 16 or attempt == _SEAL_ATTEMPTS - 1:  # EBUSY
+                        raise
+                    os.sched_yield()
         self._unsealed.clear()
 
 
