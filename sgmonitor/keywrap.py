@@ -23,8 +23,6 @@ ciphertext of the 32-byte session key 32 | tag 16``. The AEAD key is used exactl
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -39,19 +37,8 @@ __all__ = [
     "WRAPPED_KEY_LEN",
     "WRAP_VERSION",
     "InvalidWrappedKey",
-    "KeyFormatError",
     "fingerprint",
-    "generate_private_key",
-    "load_private_key",
-    "load_public_key",
-    "new_session_key",
-    "private_key_from_pem",
-    "private_key_to_pem",
-    "public_key_from_pem",
-    "public_key_to_pem",
     "raw_public_key",
-    "save_private_key",
-    "save_public_key",
     "unwrap_session_key",
     "wrap_session_key",
 ]
@@ -68,20 +55,6 @@ class InvalidWrappedKey(SGMonitorError):
 
     def __init__(self) -> None:
         super().__init__()
-
-
-class KeyFormatError(SGMonitorError):
-    """A key file or PEM blob is not an X25519 key of the expected kind."""
-
-
-def new_session_key() -> bytes:
-    """A fresh 32-byte session key from the OS CSPRNG (made inside the enclave)."""
-    return os.urandom(KEY_LEN)
-
-
-def generate_private_key() -> X25519PrivateKey:
-    """A new hypervisor service key pair."""
-    return X25519PrivateKey.generate()
 
 
 def _context(session_id: bytes, vm: str, suite: Suite) -> bytes:
@@ -164,63 +137,3 @@ def unwrap_session_key(
 def fingerprint(public_key: X25519PublicKey) -> str:
     """SHA-256 of the raw public key, hex: how configs and statements name a key."""
     return hashlib.sha256(raw_public_key(public_key)).hexdigest()
-
-
-def private_key_to_pem(key: X25519PrivateKey) -> bytes:
-    """PKCS#8 PEM, unencrypted: protect the file itself (``save_private_key`` uses 0600)."""
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def public_key_to_pem(key: X25519PublicKey) -> bytes:
-    """SubjectPublicKeyInfo PEM."""
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def private_key_from_pem(data: bytes) -> X25519PrivateKey:
-    """Parse a PKCS#8 PEM X25519 private key."""
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise KeyFormatError(f"not a PEM private key: {exc}") from None
-    if not isinstance(key, X25519PrivateKey):
-        raise KeyFormatError(f"expected an X25519 private key, got {type(key).__name__}")
-    return key
-
-
-def public_key_from_pem(data: bytes) -> X25519PublicKey:
-    """Parse a SubjectPublicKeyInfo PEM X25519 public key."""
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as exc:
-        raise KeyFormatError(f"not a PEM public key: {exc}") from None
-    if not isinstance(key, X25519PublicKey):
-        raise KeyFormatError(f"expected an X25519 public key, got {type(key).__name__}")
-    return key
-
-
-def save_private_key(path: Path, key: X25519PrivateKey) -> None:
-    """Write the private key readable by its owner only; refuses to overwrite."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_key_to_pem(key))
-
-
-def save_public_key(path: Path, key: X25519PublicKey) -> None:
-    """Write the public key (for the IDS configuration)."""
-    Path(path).write_bytes(public_key_to_pem(key))
-
-
-def load_private_key(path: Path) -> X25519PrivateKey:
-    """Read a private key written by :func:`save_private_key`."""
-    return private_key_from_pem(Path(path).read_bytes())
-
-
-def load_public_key(path: Path) -> X25519PublicKey:
-    """Read a public key written by :func:`save_public_key`."""
-    return public_key_from_pem(Path(path).read_bytes())

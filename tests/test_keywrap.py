@@ -23,10 +23,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sgmonitor import keywrap
 from sgmonitor.channel import Suite
 from sgmonitor.errors import SGMonitorError
+from sgmonitor.keyfiles import KeyFileError, load_or_create
 from sgmonitor.keywrap import (
     WRAPPED_KEY_LEN,
     InvalidWrappedKey,
-    KeyFormatError,
     unwrap_session_key,
     wrap_session_key,
 )
@@ -73,8 +73,8 @@ def test_kat_through_module() -> None:
 
 
 def test_round_trip_random() -> None:
-    hv = keywrap.generate_private_key()
-    key = keywrap.new_session_key()
+    hv = X25519PrivateKey.generate()
+    key = os.urandom(32)
     wrapped = wrap_session_key(hv.public_key(), key, session_id=SID, vm="vm-a")
     assert len(wrapped) == WRAPPED_KEY_LEN and wrapped[0] == 1
     assert unwrap_session_key(hv, wrapped, session_id=SID, vm="vm-a") == key
@@ -134,16 +134,16 @@ def test_malformed_fails(wrapped_bob: tuple[X25519PrivateKey, bytes], mangle) ->
 def test_wrong_private_key_fails(wrapped_bob: tuple[X25519PrivateKey, bytes]) -> None:
     _, wrapped = wrapped_bob
     with pytest.raises(InvalidWrappedKey):
-        unwrap_session_key(keywrap.generate_private_key(), wrapped, session_id=SID, vm="guest1")
+        unwrap_session_key(X25519PrivateKey.generate(), wrapped, session_id=SID, vm="guest1")
 
 
 def test_exceptions_are_sgmonitor_errors() -> None:
     assert issubclass(InvalidWrappedKey, SGMonitorError)
-    assert issubclass(KeyFormatError, SGMonitorError)
+    assert issubclass(KeyFileError, SGMonitorError)
 
 
 def test_wrap_rejects_bad_arguments() -> None:
-    hv = keywrap.generate_private_key()
+    hv = X25519PrivateKey.generate()
     with pytest.raises(ValueError):
         wrap_session_key(hv.public_key(), b"short", session_id=SID, vm="g")
     with pytest.raises(ValueError):
@@ -152,30 +152,23 @@ def test_wrap_rejects_bad_arguments() -> None:
         wrap_session_key(hv, SESSION_KEY, session_id=SID, vm="g")  # type: ignore[arg-type]
 
 
-def test_pem_files(tmp_path: Path) -> None:
-    hv = keywrap.generate_private_key()
-    keywrap.save_private_key(tmp_path / "hv.key", hv)
-    keywrap.save_public_key(tmp_path / "hv.pub", hv.public_key())
-    assert stat.S_IMODE(os.stat(tmp_path / "hv.key").st_mode) == 0o600
-    with pytest.raises(FileExistsError):
-        keywrap.save_private_key(tmp_path / "hv.key", hv)
-    priv = keywrap.load_private_key(tmp_path / "hv.key")
-    pub = keywrap.load_public_key(tmp_path / "hv.pub")
-    assert keywrap.fingerprint(pub) == keywrap.fingerprint(hv.public_key())
-    wrapped = wrap_session_key(pub, SESSION_KEY, session_id=SID, vm="g")
-    assert unwrap_session_key(priv, wrapped, session_id=SID, vm="g") == SESSION_KEY
-
-
-def test_pem_of_wrong_kind_rejected() -> None:
-    ed = Ed25519PrivateKey.generate()
-    pem = ed.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+def test_key_files_are_made_once_owner_only_and_checked(tmp_path: Path) -> None:
+    path = tmp_path / "hv.pem"
+    hv, made = load_or_create(path, X25519PrivateKey)
+    assert made and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    again, made = load_or_create(path, X25519PrivateKey)
+    assert not made and keywrap.raw_public_key(again.public_key()) == keywrap.raw_public_key(
+        hv.public_key()
     )
-    with pytest.raises(KeyFormatError):
-        keywrap.private_key_from_pem(pem)
-    with pytest.raises(KeyFormatError):
-        keywrap.public_key_from_pem(pem)
-    with pytest.raises(KeyFormatError):
-        keywrap.private_key_from_pem(b"-----BEGIN NONSENSE-----")
+    wrapped = wrap_session_key(hv.public_key(), SESSION_KEY, session_id=SID, vm="g")
+    assert unwrap_session_key(again, wrapped, session_id=SID, vm="g") == SESSION_KEY
+    with pytest.raises(KeyFileError, match="not an Ed25519PrivateKey"):
+        load_or_create(path, Ed25519PrivateKey)
+    os.chmod(path, 0o640)
+    with pytest.raises(KeyFileError, match="accessible by others"):
+        load_or_create(path, X25519PrivateKey)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"-----BEGIN NONSENSE-----")
+    garbage.chmod(0o600)
+    with pytest.raises(KeyFileError, match="cannot load"):
+        load_or_create(garbage, X25519PrivateKey)
