@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from sgmonitor.attestation.policy import Policy
+from sgmonitor.errors import SGMonitorError
 from sgmonitor.guest.qemu import QemuGuest
 from sgmonitor.guest.qmp import held_still
 from sgmonitor.ids.pslist import list_processes
@@ -56,15 +57,19 @@ class Run:
 
 
 def _timed(
-    scan: Callable[[], tuple[list[dict[str, object]], int, int]], runs: int
+    scan: Callable[[], tuple[object, int, int]],
+    runs: int,
+    records_of: Callable[[object], list[dict[str, object]]] = lambda r: r,  # type: ignore[assignment,return-value]
 ) -> tuple[list[dict[str, object]], list[float], int, int]:
-    records, crossings, pages = scan()  # warm-up: imports, first connections
+    """Time ``runs`` scans after a warm-up; the last one's records (``records_of`` its
+    result, read after the timing: for a secure scan, from the monitor)."""
+    result, crossings, pages = scan()  # warm-up: imports, first connections
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        records, crossings, pages = scan()
+        result, crossings, pages = scan()
         times.append(time.perf_counter() - start)
-    return records, times, crossings, pages
+    return records_of(result), times, crossings, pages
 
 
 def measure_guest(
@@ -122,23 +127,32 @@ def measure_guest(
                             local.hypervisor_socket,
                             local.vm,
                             local.verifier,
+                            local.monitor,
                             mode=mode,
                             cache_budget=budget,
                             pause=False,
                         )
                         with monitor:
 
-                            def secure(
-                                m: SecureMonitor = monitor,
-                            ) -> tuple[list[dict[str, object]], int, int]:
-                                records, stats = m.scan("pslist")
+                            def secure(m: SecureMonitor = monitor) -> tuple[object, int, int]:
+                                """One scan, its report delivered to the monitor."""
+                                result = m.scan("pslist")
+                                assert m.link is not None
+                                if not m.link.wait_ack(result.report_seq, 30.0):
+                                    raise SGMonitorError("the monitor did not take a report")
                                 return (
-                                    [dict(r) for r in records],
-                                    int(stats["crossings"]),  # type: ignore[call-overload]
-                                    int(stats["pages_fetched"]),  # type: ignore[call-overload]
+                                    result.report_seq,
+                                    int(result.stats["crossings"]),  # type: ignore[call-overload]
+                                    int(result.stats["pages_fetched"]),  # type: ignore[call-overload]
                                 )
 
-                            record(mode, budget, _timed(secure, runs))
+                            def opened(
+                                seq: object, m: SecureMonitor = monitor
+                            ) -> list[dict[str, object]]:
+                                report = local.opened_report(m.ids, int(seq))  # type: ignore[call-overload]
+                                return list(report["records"])
+
+                            record(mode, budget, _timed(secure, runs, opened))
     return results
 
 

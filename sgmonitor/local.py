@@ -8,8 +8,10 @@
    or one that pins the installed enclave (its measurement, signer and version, no
    debug), which is said on stderr;
 3. the hypervisor service starts trusting only that attestation service;
-4. the untrusted library starts the enclave, whose launch configuration names that
-   attestation service, and registers an attested session key.
+4. a remote monitor starts, pinning that attestation service and the same policy;
+5. the untrusted library starts the enclave, whose launch configuration names that
+   attestation service and that monitor, links it to the monitor and registers an
+   attested session key; the enclave's reports are opened by the monitor only.
 
 Everything is stopped afterwards (the services also exit when their stdin, our pipe,
 closes). Nothing here generates a key: each service makes its own.
@@ -23,9 +25,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -33,10 +37,16 @@ import sgmonitor
 from sgmonitor import installed
 from sgmonitor.attestation.policy import Policy
 from sgmonitor.daemon import read_ready_line, reap
+from sgmonitor.errors import SGMonitorError
 from sgmonitor.tee import backend_class
 from sgmonitor.tee.boot import measure_installed
 from sgmonitor.tee.launch_config import raw_ed25519
-from sgmonitor.untrusted.library import DEFAULT_CACHE_BUDGET, SecureMonitor, Verifier
+from sgmonitor.untrusted.library import (
+    DEFAULT_CACHE_BUDGET,
+    MonitorEndpoint,
+    SecureMonitor,
+    Verifier,
+)
 
 __all__ = ["LocalDeployment", "installed_policy", "local_deployment", "scan_qemu"]
 
@@ -52,15 +62,40 @@ class LocalDeployment:
     admin_socket: str
     hv_key: bytes
     verifier: Verifier
+    monitor: MonitorEndpoint
     guests: tuple[str, ...]
-    pids: tuple[int, ...]
+    pids: tuple[int, ...]  # attestation service, hypervisor service, monitor
     decisions: Path  # the attestation service's JSON Lines log
+    alerts: Path  # the monitor's alerts (JSON Lines)
+    reports: Path  # every report the monitor opened (JSON Lines)
     home: Path
 
     @property
     def vm(self) -> str:
         """The first guest's name."""
         return self.guests[0]
+
+    def records(
+        self, monitor: SecureMonitor, check: str = "pslist"
+    ) -> tuple[list[dict[str, int | str]], dict[str, object]]:
+        """Scan once, and the records as the monitor opened them, with the scan's stats."""
+        result = monitor.scan(check)
+        report = self.opened_report(monitor.ids, result.report_seq)
+        return list(report["records"]), result.stats
+
+    def opened_report(self, ids: str, seq: int, timeout: float = 30.0) -> dict[str, Any]:
+        """Report ``seq`` of IDS ``ids`` as the monitor opened it (what the operator
+        reads; the host only ever carried it sealed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(FileNotFoundError):
+                for line in self.reports.read_text().splitlines():
+                    entry = json.loads(line)
+                    if entry["ids"] == ids and entry["seq"] == seq:
+                        return dict(entry["report"])
+            if time.monotonic() > deadline:
+                raise SGMonitorError(f"the monitor opened no report {seq} from {ids!r}")
+            time.sleep(0.02)
 
 
 def installed_policy(*, allow_unsealed: bool = False) -> Policy:
@@ -108,6 +143,8 @@ def local_deployment(
     say: Callable[[str], None] | None = None,
     statement_lifetime: float = 300.0,
     hypervisor_limits: Mapping[str, float] | None = None,
+    heartbeat_interval: float = 2.0,
+    monitor_limits: Mapping[str, float] | None = None,
 ) -> Iterator[LocalDeployment]:
     """Start a hypervisor service for ``guests`` (name -> QMP socket) and an attestation
     service with ``policy`` (default: :func:`installed_policy`), as described above.
@@ -160,14 +197,30 @@ def local_deployment(
             "hypervisor service",
         )
         procs.append(proc)
+        hv_ready = ready
+        (home / "monitor.toml").write_text(
+            'listen = "127.0.0.1:0"\nkey = "monitor.pem"\npolicy = "policy.toml"\n'
+            f'verifier_key = "{verifier_key.hex()}"\nlog = "alerts.jsonl"\n'
+            f'reports = "reports.jsonl"\ninterval = {heartbeat_interval}\n'
+            + "".join(f"{k} = {v}\n" for k, v in (monitor_limits or {}).items())
+        )
+        proc, ready = _start(
+            [*_MODULE, "sgmonitor.monitor", "serve", "--config", str(home / "monitor.toml")],
+            "monitor",
+        )
+        procs.append(proc)
+        monitor = MonitorEndpoint(str(ready["address"]), bytes.fromhex(str(ready["public_key"])))
         yield LocalDeployment(
-            hypervisor_socket=str(ready["socket"]),
-            admin_socket=str(ready["admin_socket"]),
+            hypervisor_socket=str(hv_ready["socket"]),
+            admin_socket=str(hv_ready["admin_socket"]),
             hv_key=bytes.fromhex(hv_key.decode()),
             verifier=verifier,
+            monitor=monitor,
             guests=tuple(guests),
             pids=tuple(p.pid for p in procs),
             decisions=home / "decisions.jsonl",
+            alerts=home / "alerts.jsonl",
+            reports=home / "reports.jsonl",
             home=home,
         )
     finally:
@@ -191,13 +244,14 @@ def scan_qemu(
     with local_deployment(
         {"guest": qmp_socket}, policy=policy, allow_unsealed=unsealed, say=say
     ) as local:
-        monitor = SecureMonitor(
+        ids = SecureMonitor(
             local.hypervisor_socket,
             local.vm,
             local.verifier,
+            local.monitor,
             mode=mode,
             cache_budget=cache_budget,
             timeout=timeout,
         )
-        with monitor:
-            return monitor.scan(check)
+        with ids:
+            return local.records(ids, check)

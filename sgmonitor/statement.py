@@ -3,10 +3,12 @@
 The words are RFC 9334's: the enclave is the *attester*, the attestation service the
 *verifier*, the hypervisor service (and the remote monitor) *relying parties*.
 
-- :class:`SessionBinding` is what one session is: guest, session id, suite, the hash of
-  the wrapped session key, the hypervisor's nonce and key. The enclave's evidence binds
-  it (:func:`session_report_data`, domain-separated, with the verifier's nonce), and
-  the verifier's statement repeats it, so a statement is good for one session only.
+- :class:`SessionBinding` is what one session is: its purpose (a hypervisor session, or
+  the link to the remote monitor), guest (or IDS name), session id, suite, the hash of
+  the wrapped session key, and the relying party's nonce and key (the hypervisor's or
+  the monitor's). The enclave's evidence binds it (:func:`session_report_data`,
+  domain-separated, with the verifier's nonce), and the verifier's statement repeats
+  it, so a statement is good for one session with one relying party only.
 - :class:`Statement` is the verifier's signed word that evidence for that session came
   from an enclave its policy accepts (measurement, signer, version, debug flag, launch
   configuration), valid until ``not_after``.
@@ -28,6 +30,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -39,15 +42,17 @@ from sgmonitor.tee.backend import REPORT_DATA_LEN, EnclaveIdentity
 __all__ = [
     "HV_KEY_LEN",
     "MAX_LIFETIME",
+    "PEER_KEY_LEN",
     "VERIFIER_NONCE_LEN",
     "HypervisorEndorsement",
     "InvalidToken",
+    "Purpose",
     "SessionBinding",
     "Statement",
     "session_report_data",
 ]
 
-HV_KEY_LEN = 32  # raw X25519 public key
+PEER_KEY_LEN = HV_KEY_LEN = 32  # raw X25519 public key of the relying party
 VERIFIER_NONCE_LEN = 32
 MAX_LIFETIME = 24 * 3600.0  # no token is believed for longer, whatever it says
 _VERSION = 1
@@ -61,13 +66,20 @@ _REPORT_DOMAIN = b"sgmonitor/v1 report data: session\0"
 _HEADER = struct.Struct(">4sBQQ")
 # mrenclave | mrsigner | isv_prod_id | isv_svn | flags (bit 0: debug) | config_id
 _IDENTITY = struct.Struct(">32s32sHHB32s")
-# session_id | wrapped_key_sha256 | hv_nonce | hv_key | suite | vm length (vm follows)
-_BINDING = struct.Struct(f">{SESSION_ID_LEN}s32s{HV_NONCE_LEN}s{HV_KEY_LEN}sBB")
+# purpose | session_id | wrapped_key_sha256 | peer_nonce | peer_key | suite | vm length, vm
+_BINDING = struct.Struct(f">B{SESSION_ID_LEN}s32s{HV_NONCE_LEN}s{PEER_KEY_LEN}sBB")
 _FLAG_DEBUG = 1
 
 
 class InvalidToken(SGMonitorError):
     """A statement or endorsement failed verification; the message says which check."""
+
+
+class Purpose(IntEnum):
+    """Which relying party a session is with: its statement is good for that one only."""
+
+    HYPERVISOR_SESSION = 1  # guest pages from the hypervisor service
+    MONITOR_LINK = 2  # sealed reports and heartbeats with the remote monitor
 
 
 def _ms(t: float) -> int:
@@ -82,8 +94,9 @@ class SessionBinding:
     session_id: bytes
     suite: Suite
     wrapped_key_sha256: bytes
-    hv_nonce: bytes
-    hv_key: bytes
+    peer_nonce: bytes
+    peer_key: bytes
+    purpose: Purpose = Purpose.HYPERVISOR_SESSION
 
     def __post_init__(self) -> None:
         vm = self.vm.encode("utf-8") if isinstance(self.vm, str) else b""
@@ -92,12 +105,13 @@ class SessionBinding:
         for name, value, size in (
             ("session_id", self.session_id, SESSION_ID_LEN),
             ("wrapped_key_sha256", self.wrapped_key_sha256, 32),
-            ("hv_nonce", self.hv_nonce, HV_NONCE_LEN),
-            ("hv_key", self.hv_key, HV_KEY_LEN),
+            ("peer_nonce", self.peer_nonce, HV_NONCE_LEN),
+            ("peer_key", self.peer_key, PEER_KEY_LEN),
         ):
             if not isinstance(value, bytes) or len(value) != size:
                 raise ValueError(f"{name} must be {size} bytes")
         Suite(self.suite)
+        Purpose(self.purpose)
 
     @classmethod
     def for_wrapped_key(
@@ -106,21 +120,23 @@ class SessionBinding:
         session_id: bytes,
         suite: Suite,
         wrapped_key: bytes,
-        hv_nonce: bytes,
-        hv_key: bytes,
+        peer_nonce: bytes,
+        peer_key: bytes,
+        purpose: Purpose = Purpose.HYPERVISOR_SESSION,
     ) -> SessionBinding:
         """The binding of a session whose wrapped key is ``wrapped_key``."""
         digest = hashlib.sha256(wrapped_key).digest()
-        return cls(vm, session_id, Suite(suite), digest, hv_nonce, hv_key)
+        return cls(vm, session_id, Suite(suite), digest, peer_nonce, peer_key, purpose)
 
     def encode(self) -> bytes:
         """The binding's bytes, as the statement and the report data carry them."""
         vm = self.vm.encode("utf-8")
         fixed = _BINDING.pack(
+            int(self.purpose),
             self.session_id,
             self.wrapped_key_sha256,
-            self.hv_nonce,
-            self.hv_key,
+            self.peer_nonce,
+            self.peer_key,
             int(self.suite),
             len(vm),
         )
@@ -131,13 +147,13 @@ class SessionBinding:
         """A binding from the front of ``data``, and how many bytes it took."""
         if len(data) < _BINDING.size:
             raise InvalidToken("session binding truncated")
-        sid, wrapped, nonce, key, suite, n = _BINDING.unpack_from(data)
+        purpose, sid, wrapped, nonce, key, suite, n = _BINDING.unpack_from(data)
         end = _BINDING.size + n
         if len(data) < end:
             raise InvalidToken("session binding truncated")
         try:
             vm = data[_BINDING.size : end].decode("utf-8")
-            return cls(vm, sid, Suite(suite), wrapped, nonce, key), end
+            return cls(vm, sid, Suite(suite), wrapped, nonce, key, Purpose(purpose)), end
         except ValueError as exc:
             raise InvalidToken(f"session binding malformed: {exc}") from None
 

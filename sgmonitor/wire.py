@@ -11,7 +11,7 @@ built locally or parsed from a peer. Any malformed, truncated, oversized or unex
 input raises :class:`WireError` with a message saying what was wrong, after bounded
 work. The catalogue and the limits are documented in docs/protocol.md.
 
-Five families share the format:
+Six families share the format:
 
 - hypervisor link (untrusted library <-> hypervisor service), in the clear:
   Hello, HelloReply, OpenSession, SessionOpened, CloseSession, SessionClosed,
@@ -19,6 +19,9 @@ Five families share the format:
 - attestation link (untrusted library <-> attestation service), in the clear:
   ChallengeRequest, Challenge, AttestSession, StatementIssued, Error;
 - hypervisor administration (operator <-> the service's admin socket): Revoke, Revoked;
+- monitor link (untrusted library <-> remote monitor), in the clear around sealed
+  reports and MACs: LinkHello, LinkChallenge, LinkOpen, LinkOpened, HeartbeatChallenge,
+  HeartbeatAnswer, SealedReport, ReportAck, Error;
 - sealed bodies (enclave <-> hypervisor, only ever inside the channel):
   ReadPages, FollowList, GetVmcoreinfo, GetRegisters, BeginScan, EndScan, Batch and
   their replies PagesReply, ListReply, VmcoreinfoReply, RegistersReply, Ack,
@@ -51,6 +54,7 @@ __all__ = [
     "MAX_PAGES_PER_REQUEST",
     "MAX_RANGES",
     "MAX_REPLY_PAGES",
+    "MAX_REPORT",
     "MAX_SEALED_PAGE",
     "MAX_SEALED_REPLY",
     "MAX_SEALED_REQUEST",
@@ -75,8 +79,14 @@ __all__ = [
     "FollowList",
     "GetRegisters",
     "GetVmcoreinfo",
+    "HeartbeatAnswer",
+    "HeartbeatChallenge",
     "Hello",
     "HelloReply",
+    "LinkChallenge",
+    "LinkHello",
+    "LinkOpen",
+    "LinkOpened",
     "ListEnd",
     "ListReply",
     "Message",
@@ -88,12 +98,14 @@ __all__ = [
     "ReadPages",
     "RegistersReply",
     "Reply",
+    "ReportAck",
     "Request",
     "RequestFailed",
     "Return",
     "Revoke",
     "RevokeKind",
     "Revoked",
+    "SealedReport",
     "SessionClosed",
     "SessionOpened",
     "StatementIssued",
@@ -130,7 +142,8 @@ MAX_EVIDENCE = 64 * 1024
 MAX_ENDORSEMENT = 1024
 MAX_ENCLAVE_CONFIG = 16 * 1024
 MAX_BACKEND_NAME = 32
-MAX_BINDING = 256  # a session binding: 114 bytes and the VM name
+MAX_BINDING = 256  # a session binding: 115 bytes and the VM name
+MAX_REPORT = 8 * 1024 * 1024  # one sealed scan report (~100 bytes per process)
 HV_KEY_LEN = 32  # a raw X25519 public key
 VERIFIER_NONCE_LEN = 32
 MAX_BATCH = 4  # requests in one Batch (BeginScan, FollowList, ReadPages, EndScan)
@@ -653,20 +666,28 @@ class Error(Message):
 @_message(0x51)
 @dataclass(frozen=True)
 class ChallengeRequest(Message):
-    """Library -> attestation service: a fresh nonce for evidence, and the service's
-    endorsement of the hypervisor key ``hv_key`` (refused if it is not enrolled)."""
+    """Library -> attestation service: a fresh nonce for evidence. For a hypervisor
+    session (purpose 1), also the service's endorsement of the hypervisor key
+    ``peer_key`` (refused if it is not enrolled); for a monitor link (purpose 2), the
+    nonce only (the monitor checks its own key in the enclave's launch configuration)."""
 
-    hv_key: bytes
+    purpose: int
+    peer_key: bytes
 
     def __post_init__(self) -> None:
-        _bytes("ChallengeRequest", "hv_key", self.hv_key, HV_KEY_LEN, exact=HV_KEY_LEN)
+        _uint("ChallengeRequest", "purpose", self.purpose, 8)
+        if self.purpose not in (1, 2):
+            raise WireError(f"ChallengeRequest: unknown purpose {self.purpose}")
+        _bytes("ChallengeRequest", "peer_key", self.peer_key, HV_KEY_LEN, exact=HV_KEY_LEN)
 
     def _encode(self, w: _Writer) -> None:
-        w.fixed(self.hv_key)
+        w.u8(self.purpose)
+        w.fixed(self.peer_key)
 
     @classmethod
     def _decode(cls, r: _Reader) -> Self:
-        return cls(r.take(HV_KEY_LEN, "hv_key"))
+        purpose = r.u8("purpose")
+        return cls(purpose, r.take(HV_KEY_LEN, "peer_key"))
 
 
 @_message(0x52)
@@ -746,6 +767,176 @@ class StatementIssued(Message):
     @classmethod
     def _decode(cls, r: _Reader) -> Self:
         return cls(r.blob("statement", MAX_STATEMENT))
+
+
+# --- monitor link (library <-> remote monitor), in the clear, over TCP -------------
+
+
+@_message(0x71)
+@dataclass(frozen=True)
+class LinkHello(Message):
+    """Library -> monitor: IDS ``ids`` wants a link."""
+
+    ids: str
+
+    def __post_init__(self) -> None:
+        _text("LinkHello", "ids", self.ids, MAX_VM_NAME, nonempty=True)
+
+    def _encode(self, w: _Writer) -> None:
+        w.text(self.ids)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(r.text("ids", MAX_VM_NAME))
+
+
+@_message(0x72)
+@dataclass(frozen=True)
+class LinkChallenge(Message):
+    """Monitor -> library: the nonce the link's statement must bind, and the monitor's
+    X25519 key (the enclave uses the one its launch configuration names, not this)."""
+
+    monitor_nonce: bytes
+    monitor_key: bytes
+
+    def __post_init__(self) -> None:
+        _bytes("LinkChallenge", "monitor_nonce", self.monitor_nonce, 32, exact=32)
+        _bytes("LinkChallenge", "monitor_key", self.monitor_key, HV_KEY_LEN, exact=HV_KEY_LEN)
+
+    def _encode(self, w: _Writer) -> None:
+        w.fixed(self.monitor_nonce)
+        w.fixed(self.monitor_key)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(r.take(32, "monitor_nonce"), r.take(HV_KEY_LEN, "monitor_key"))
+
+
+@_message(0x73)
+@dataclass(frozen=True)
+class LinkOpen(Message):
+    """Library -> monitor: the enclave's wrapped link key, the verifier's statement for
+    it, and the enclave's launch configuration (its hash is the statement's CONFIGID)."""
+
+    link_id: bytes
+    wrapped_key: bytes
+    statement: bytes
+    config: bytes
+
+    def __post_init__(self) -> None:
+        _bytes("LinkOpen", "link_id", self.link_id, SESSION_ID_LEN, exact=SESSION_ID_LEN)
+        _bytes("LinkOpen", "wrapped_key", self.wrapped_key, MAX_WRAPPED_KEY)
+        _bytes("LinkOpen", "statement", self.statement, MAX_STATEMENT)
+        _bytes("LinkOpen", "config", self.config, MAX_ENCLAVE_CONFIG)
+
+    def _encode(self, w: _Writer) -> None:
+        w.fixed(self.link_id)
+        w.blob(self.wrapped_key)
+        w.blob(self.statement)
+        w.blob(self.config)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(
+            r.take(SESSION_ID_LEN, "link_id"),
+            r.blob("wrapped_key", MAX_WRAPPED_KEY),
+            r.blob("statement", MAX_STATEMENT),
+            r.blob("config", MAX_ENCLAVE_CONFIG),
+        )
+
+
+@_message(0x74)
+@dataclass(frozen=True)
+class LinkOpened(_SessionOnly):
+    """Monitor -> library: the link key is accepted; reports and heartbeats may flow."""
+
+
+@_message(0x75)
+@dataclass(frozen=True)
+class HeartbeatChallenge(Message):
+    """Monitor -> library: challenge ``number`` for the enclave to answer."""
+
+    number: int
+    challenge: bytes
+
+    def __post_init__(self) -> None:
+        _uint("HeartbeatChallenge", "number", self.number)
+        _bytes("HeartbeatChallenge", "challenge", self.challenge, 32, exact=32)
+
+    def _encode(self, w: _Writer) -> None:
+        w.u64(self.number)
+        w.fixed(self.challenge)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(r.u64("number"), r.take(32, "challenge"))
+
+
+@_message(0x76)
+@dataclass(frozen=True)
+class HeartbeatAnswer(Message):
+    """Library -> monitor: the enclave's answer to challenge ``number``: its own answer
+    count, its progress (scans completed) and the MAC over them and the challenge."""
+
+    number: int
+    sequence: int
+    progress: int
+    mac: bytes
+
+    def __post_init__(self) -> None:
+        _uint("HeartbeatAnswer", "number", self.number)
+        _uint("HeartbeatAnswer", "sequence", self.sequence)
+        _uint("HeartbeatAnswer", "progress", self.progress)
+        _bytes("HeartbeatAnswer", "mac", self.mac, 32, exact=32)
+
+    def _encode(self, w: _Writer) -> None:
+        w.u64(self.number)
+        w.u64(self.sequence)
+        w.u64(self.progress)
+        w.fixed(self.mac)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(r.u64("number"), r.u64("sequence"), r.u64("progress"), r.take(32, "mac"))
+
+
+@_message(0x77)
+@dataclass(frozen=True)
+class SealedReport(Message):
+    """Library -> monitor: report ``seq``, sealed by the enclave for the monitor."""
+
+    seq: int
+    sealed: bytes
+
+    def __post_init__(self) -> None:
+        _uint("SealedReport", "seq", self.seq)
+        _bytes("SealedReport", "sealed", self.sealed, MAX_REPORT)
+
+    def _encode(self, w: _Writer) -> None:
+        w.u64(self.seq)
+        w.blob(self.sealed)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(r.u64("seq"), r.blob("sealed", MAX_REPORT))
+
+
+@_message(0x78)
+@dataclass(frozen=True)
+class ReportAck(Message):
+    """Monitor -> library: report ``seq`` was opened and accepted."""
+
+    seq: int
+
+    def __post_init__(self) -> None:
+        _uint("ReportAck", "seq", self.seq)
+
+    def _encode(self, w: _Writer) -> None:
+        w.u64(self.seq)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(r.u64("seq"))
 
 
 # --- hypervisor administration (operator <-> hypervisor service's admin socket) ----

@@ -3,15 +3,17 @@
 One request, one decision, one JSON line in the decision log. Two requests, both from
 the untrusted library (which only relays; everything it sends is checked):
 
-- :class:`~sgmonitor.wire.ChallengeRequest`: a fresh single-use nonce, and an
-  endorsement of the hypervisor key asked about, if that key is enrolled in the
-  configuration (the enclave wraps its session key only for an endorsed key);
+- :class:`~sgmonitor.wire.ChallengeRequest`: a fresh single-use nonce, and, for a
+  hypervisor session, an endorsement of the hypervisor key asked about if that key is
+  enrolled in the configuration (the enclave wraps its session key only for an endorsed
+  key);
 - :class:`~sgmonitor.wire.AttestSession`: evidence for one session. Checked in order:
   the nonce is one this service issued, unused and not stale; the evidence verifies
   for a platform it trusts and binds exactly this session and nonce; its CONFIGID is
   the hash of the launch configuration sent along, which names *this* service's key;
-  the hypervisor key is enrolled; the suite is allowed; the policy accepts the
-  identity. Then it signs a :class:`~sgmonitor.statement.Statement` that expires soon.
+  the hypervisor key is enrolled (for a monitor link: the monitor key is the one the
+  configuration names); the suite is allowed; the policy accepts the identity. Then it
+  signs a :class:`~sgmonitor.statement.Statement` that expires soon.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from sgmonitor.errors import SGMonitorError
 from sgmonitor.statement import (
     HypervisorEndorsement,
     InvalidToken,
+    Purpose,
     SessionBinding,
     Statement,
     session_report_data,
@@ -242,23 +245,26 @@ class AttestationService:
             return Error(ErrorCode.ATTESTATION_REFUSED, str(exc)[:1000])
 
     def challenge(self, request: ChallengeRequest, peer: str = "") -> Challenge:
-        """A nonce and the endorsement of an enrolled hypervisor key."""
+        """A nonce; for a hypervisor session also the endorsement of its enrolled key."""
         now = self._clock()
-        name = self.config.hypervisors.get(request.hv_key)
-        fields = {"hv_key": request.hv_key.hex()}
-        if name is None:
+        hypervisor = request.purpose == Purpose.HYPERVISOR_SESSION
+        name = self.config.hypervisors.get(request.peer_key) if hypervisor else None
+        fields = {"purpose": Purpose(request.purpose).name, "peer_key": request.peer_key.hex()}
+        if hypervisor and name is None:
             self._decide("challenge", peer, False, "hypervisor key is not enrolled", **fields)
-            raise Refused(f"hypervisor key {request.hv_key.hex()} is not enrolled")
+            raise Refused(f"hypervisor key {request.peer_key.hex()} is not enrolled")
         with self._lock:
             try:
                 nonce = self._nonces.issue(now, self.config.nonce_lifetime)
             except Refused as exc:
                 self._decide("challenge", peer, False, str(exc), **fields)
                 raise
-        endorsement = HypervisorEndorsement(
-            name, request.hv_key, now, now + self.config.endorsement_lifetime
-        ).sign(self._key)
-        self._decide("challenge", peer, True, "", hypervisor=name, **fields)
+        endorsement = b""
+        if name is not None:
+            endorsement = HypervisorEndorsement(
+                name, request.peer_key, now, now + self.config.endorsement_lifetime
+            ).sign(self._key)
+        self._decide("challenge", peer, True, "", hypervisor=name or "", **fields)
         return Challenge(nonce, endorsement)
 
     def attest(self, request: AttestSession, peer: str = "") -> StatementIssued:
@@ -313,8 +319,11 @@ class AttestationService:
             raise Refused(f"suite {binding.suite.name} does not match mode {config.mode}")
         if unsealed and not self.config.policy.allow_unsealed:
             raise Refused("the unsealed experiment suite is refused by the policy")
-        if binding.hv_key not in self.config.hypervisors:
-            raise Refused(f"hypervisor key {binding.hv_key.hex()} is not enrolled")
+        if binding.purpose is Purpose.MONITOR_LINK:
+            if binding.peer_key != config.monitor_key:
+                raise Refused("the link is for another monitor than the enclave's configuration")
+        elif binding.peer_key not in self.config.hypervisors:
+            raise Refused(f"hypervisor key {binding.peer_key.hex()} is not enrolled")
         self.config.policy.check(identity)
         return Statement(identity, binding, now, now + self.config.statement_lifetime)
 

@@ -29,16 +29,18 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from sgmonitor.channel import Side, make_channel
+from sgmonitor.channel import Side, Suite, make_channel
 from sgmonitor.enclave.memory import DEFAULT_BUDGET, RemoteMemory
 from sgmonitor.enclave.transport import ExchangeFailed, SealedTransport, SessionFailed
 from sgmonitor.errors import GuestDataError, SGMonitorError
 from sgmonitor.ids.pslist import list_processes
 from sgmonitor.kernel.kernel import Kernel, open_kernel
 from sgmonitor.keywrap import wrap_session_key
+from sgmonitor.monitorlink import LinkKeys, ReportSealer, heartbeat_mac
 from sgmonitor.statement import (
     HypervisorEndorsement,
     InvalidToken,
+    Purpose,
     SessionBinding,
     session_report_data,
 )
@@ -157,6 +159,15 @@ class HostPort:
 
 
 @dataclass
+class _Link:
+    """The link to the remote monitor: its keys, the report sealer, answers given."""
+
+    keys: LinkKeys
+    sealer: ReportSealer
+    answers: int = 0
+
+
+@dataclass
 class _Session:
     transport: SealedTransport  # and its channel: the session's keys and counters
     memory: RemoteMemory | None = None
@@ -173,6 +184,8 @@ class EnclaveProgram:
         self.config = config
         self.port = port
         self.sessions: dict[str, _Session] = {}
+        self.link: _Link | None = None
+        self.progress = 0  # scans completed (ok or could-not-check), for the heartbeat
 
     def handle(self, found: edl.CallSpec, args: Mapping[str, Value]) -> tuple[Value, ...]:
         """Dispatch one checked ECALL."""
@@ -247,16 +260,55 @@ class EnclaveProgram:
             session.transport.channel.close()
         return ()
 
-    def ecall_heartbeat(self, challenge: bytes, sequence: int) -> tuple[Value, ...]:
-        """Not yet: the heartbeat key is provisioned after attestation (a later issue)."""
-        raise EnclaveCallError(ErrorCode.NO_SUCH_CALL, "heartbeat key not provisioned")
+    def ecall_open_monitor_link(
+        self, ids: str, monitor_nonce: bytes, verifier_nonce: bytes
+    ) -> tuple[Value, ...]:
+        """A fresh link key for the monitor the launch configuration names, wrapped for
+        it, and evidence binding the link (the monitor accepts it with the verifier's
+        statement). Replaces an earlier link; the progress counter goes on."""
+        link_key, link_id = os.urandom(32), os.urandom(16)
+        suite = Suite.AES256GCM_HKDF_SHA256
+        monitor_key = self.config.monitor_key
+        wrapped = wrap_session_key(
+            X25519PublicKey.from_public_bytes(monitor_key),
+            link_key,
+            session_id=link_id,
+            vm=ids,
+            suite=suite,
+        )
+        keys = LinkKeys.derive(link_key, link_id, monitor_nonce)
+        del link_key
+        self.link = _Link(keys, ReportSealer(keys, ids))
+        binding = SessionBinding.for_wrapped_key(
+            ids, link_id, suite, wrapped, monitor_nonce, monitor_key, Purpose.MONITOR_LINK
+        )
+        evidence = self.backend.evidence(session_report_data(binding, verifier_nonce))
+        return link_id, wrapped, evidence
+
+    def ecall_heartbeat(self, challenge: bytes) -> tuple[Value, ...]:
+        """The monitor's challenge answered: MAC over it, this link's answer count and
+        the scans completed, so the monitor sees a frozen scan loop and a replay."""
+        link = self._require_link()
+        sequence = link.answers
+        link.answers += 1
+        return sequence, self.progress, heartbeat_mac(link.keys, challenge, sequence, self.progress)
+
+    def _require_link(self) -> _Link:
+        if self.link is None:
+            raise EnclaveCallError(
+                ErrorCode.BAD_REQUEST, "no monitor link: open one (ecall_open_monitor_link)"
+            )
+        return self.link
 
     def ecall_run_scan(self, vm: str, check: str, options: bytes) -> tuple[Value, ...]:
-        """Run ``check`` over ``vm`` with a cache emptied first; return a JSON report.
+        """Run ``check`` over ``vm`` with a cache emptied first: the JSON report sealed
+        for the monitor (its sequence number and ciphertext), and the scan's status and
+        counters in the clear.
 
         Guest data that does not make sense gives status ``could-not-check``; a failed
         session (forgery, timeout, refusal) fails the call and the session.
         """
+        link = self._require_link()
         session = self.sessions.get(vm)
         if session is None:
             raise EnclaveCallError(ErrorCode.UNKNOWN_SESSION, f"no session for {vm!r}")
@@ -312,7 +364,8 @@ class EnclaveProgram:
             opened_kernel=opened_kernel,
             crossing_s=transport.crossing_s - waited,
         )
-        report = {
+        self.progress += 1
+        clear = {
             "vm": vm,
             "check": check,
             "mode": self.config.mode,
@@ -320,9 +373,14 @@ class EnclaveProgram:
             "error": error,
             "elapsed_s": elapsed,
             "stats": stats,
-            "records": records,
+            "scan": self.progress,
         }
-        return (json.dumps(report, separators=(",", ":")).encode(),)
+        seq, sealed = link.sealer.seal(_json({**clear, "records": records}))
+        return seq, sealed, _json(clear)
+
+
+def _json(doc: object) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _options(data: bytes) -> tuple[int, float, bool]:

@@ -488,7 +488,7 @@ class HypervisorService:
         channel = make_channel(
             key,
             msg.session_id,
-            statement.binding.hv_nonce,
+            statement.binding.peer_nonce,
             msg.suite,
             Side.HYPERVISOR,
             msg.vm,
@@ -521,14 +521,14 @@ class HypervisorService:
             raise _Refused(refused, str(exc)) from None
         bound = statement.binding
         expected = SessionBinding.for_wrapped_key(
-            msg.vm, msg.session_id, msg.suite, msg.wrapped_key, bound.hv_nonce, self.hv_key
+            msg.vm, msg.session_id, msg.suite, msg.wrapped_key, bound.peer_nonce, self.hv_key
         )
-        for name in ("vm", "session_id", "suite", "wrapped_key_sha256", "hv_key"):
+        for name in ("vm", "session_id", "suite", "wrapped_key_sha256", "peer_key", "purpose"):
             if getattr(bound, name) != getattr(expected, name):
                 raise _Refused(refused, f"the statement is for another {name.replace('_', ' ')}")
-        if bound.hv_nonce not in conn.nonces:
+        if bound.peer_nonce not in conn.nonces:
             raise _Refused(refused, "the statement binds a nonce this connection was not given")
-        conn.nonces.remove(bound.hv_nonce)
+        conn.nonces.remove(bound.peer_nonce)
         with self._lock:
             if statement.identity.mrenclave in self._revoked_measurements:
                 raise _Refused(ErrorCode.REVOKED, "this enclave measurement is revoked")

@@ -61,6 +61,7 @@ ENCLAVE_SOURCES: tuple[str, ...] = (
     "sgmonitor/keywrap.py",
     "sgmonitor/wire.py",
     "sgmonitor/statement.py",
+    "sgmonitor/monitorlink.py",
     "sgmonitor/tee",
     "sgmonitor/enclave",
     "sgmonitor/kernel",

@@ -131,19 +131,29 @@ CALLS: tuple[CallSpec, ...] = (
         "Forget vm's session keys and cached pages.",
     ),
     CallSpec(
+        "ecall_open_monitor_link",
+        ECALL,
+        _p(ids=text(64), monitor_nonce=fixed(32), verifier_nonce=fixed(32)),
+        _p(link_id=fixed(16), wrapped_key=blob(1024), evidence=blob(64 * 1024)),
+        "Make a fresh link key for the remote monitor its launch configuration names, wrap "
+        "it for that monitor, and return evidence binding the link (purpose MONITOR_LINK).",
+    ),
+    CallSpec(
         "ecall_run_scan",
         ECALL,
         _p(vm=text(64), check=text(64), options=blob(64 * 1024)),
-        _p(report=blob(1024 * 1024)),
-        "Run one IDS check over vm (page cache invalidated first); the report is the "
-        "check's findings, authenticated for the remote monitor by a later issue.",
+        _p(report_seq=u64(), report=blob(8 * 1024 * 1024), stats=blob(64 * 1024)),
+        "Run one IDS check over vm (page cache invalidated first). The report (records, "
+        "findings) is sealed for the remote monitor; only the scan's status and counters "
+        "come back in the clear.",
     ),
     CallSpec(
         "ecall_heartbeat",
         ECALL,
-        _p(challenge=fixed(32), sequence=u64()),
-        _p(response=fixed(32), progress=u64()),
-        "Answer the remote monitor: HMAC over challenge, sequence and progress counter.",
+        _p(challenge=fixed(32)),
+        _p(sequence=u64(), progress=u64(), mac=fixed(32)),
+        "Answer the remote monitor's challenge: HMAC over it, the enclave's own answer "
+        "count and its progress counter (scans completed).",
     ),
     CallSpec(
         "ocall_hv_exchange",

@@ -50,9 +50,10 @@ from sgmonitor import installed
 from sgmonitor.channel import Suite
 from sgmonitor.daemon import reap
 from sgmonitor.errors import GuestDataError, SGMonitorError
-from sgmonitor.statement import SessionBinding
+from sgmonitor.statement import Purpose, SessionBinding
 from sgmonitor.tee import boot, edl
 from sgmonitor.tee.launch_config import MODES, LaunchConfig
+from sgmonitor.untrusted.monitor_link import MonitorEndpoint, MonitorLinkClient, MonitorLinkError
 from sgmonitor.wire import (
     AttestSession,
     Call,
@@ -95,7 +96,9 @@ __all__ = [
     "HypervisorRefused",
     "HypervisorUnavailable",
     "LibraryError",
+    "MonitorEndpoint",
     "ScanError",
+    "ScanResult",
     "SecureMonitor",
     "Verifier",
 ]
@@ -170,6 +173,15 @@ class Verifier:
     public_key: Ed25519PublicKey
 
 
+@dataclass(frozen=True)
+class ScanResult:
+    """What the host learns of a scan: the sealed report's sequence number (the monitor
+    acknowledges it by that number) and the scan's counters."""
+
+    report_seq: int
+    stats: dict[str, object]
+
+
 class AttestationRefused(LibraryError):
     """A party refused to attest or to accept a session; the message names the party."""
 
@@ -205,6 +217,7 @@ class EnclaveHost:
         self.backend = backend
         self._dir = Path(tempfile.mkdtemp(prefix="sgm-enclave-"))
         self._next_call = 1
+        self._ecall_lock = threading.Lock()  # one ECALL at a time (scans and heartbeats)
         if sigstruct is None:
             sigstruct = installed.installed_sigstruct()
         if platform_key is None:
@@ -248,7 +261,16 @@ class EnclaveHost:
                 print(line, file=sys.stderr, flush=True)
 
     def ecall(self, name: str, timeout: float, **args: Value) -> Mapping[str, Value]:
-        """Make one ECALL, serving its OCALLs, within ``timeout`` seconds in total."""
+        """Make one ECALL, serving its OCALLs, within ``timeout`` seconds in total (the
+        wait for another thread's ECALL included)."""
+        if not self._ecall_lock.acquire(timeout=timeout):
+            raise EnclaveDied(f"{name}: the enclave was busy for {timeout:.1f}s")
+        try:
+            return self._ecall_locked(name, timeout, **args)
+        finally:
+            self._ecall_lock.release()
+
+    def _ecall_locked(self, name: str, timeout: float, **args: Value) -> Mapping[str, Value]:
         call_id = self._next_call
         self._next_call += 1
         call = edl.make_call(call_id, name, **args)
@@ -332,6 +354,9 @@ class SecureMonitor:
     :param hypervisor_socket: the service's unix socket
     :param vm: the guest's name at that service
     :param verifier: the attestation service (address, and the key the enclave trusts)
+    :param monitor: the remote monitor the enclave reports to (its reports are sealed
+        for it: this library never sees them in clear)
+    :param ids: this IDS's name at the monitor (default: ``vm``)
     :param mode: ``secure`` (sealed, default) or ``secure-plain`` (UNSEALED, for
         experiments: the hypervisor must also allow it)
     :param cache_budget: the enclave page cache's byte budget (the EPC)
@@ -345,7 +370,9 @@ class SecureMonitor:
         hypervisor_socket: str,
         vm: str,
         verifier: Verifier,
+        monitor: MonitorEndpoint,
         *,
+        ids: str | None = None,
         mode: str = "secure",
         cache_budget: int = DEFAULT_CACHE_BUDGET,
         timeout: float = 30.0,
@@ -359,7 +386,10 @@ class SecureMonitor:
             raise ValueError(f"mode must be one of {MODES} (traditional runs in-process)")
         self.hypervisor_socket = hypervisor_socket
         self.verifier = verifier
-        self.config = LaunchConfig(mode, verifier.public_key).to_bytes()
+        self.monitor = monitor
+        self.ids = ids or vm
+        self.link: MonitorLinkClient | None = None
+        self.config = LaunchConfig(mode, verifier.public_key, monitor.key).to_bytes()
         self.sigstruct = sigstruct
         self.platform_key = platform_key
         self.vm = vm
@@ -386,7 +416,7 @@ class SecureMonitor:
         self.close()
 
     def open(self) -> None:
-        """Start the enclave and open a session with the hypervisor service."""
+        """Start the enclave, link it to the monitor, open a hypervisor session."""
         self.enclave = EnclaveHost(
             self.config,
             self._ocall,
@@ -395,6 +425,7 @@ class SecureMonitor:
             tap=self.tap,
         )
         try:
+            self.open_link()
             self.open_session()
         except BaseException:
             self.close()
@@ -408,6 +439,9 @@ class SecureMonitor:
             with contextlib.suppress(SGMonitorError, OSError):
                 self._hv_call(CloseSession(self.session_id), (SessionClosed,), 5.0)
         self.session_id = None
+        if self.link is not None:
+            self.link.close()
+            self.link = None
         if self.enclave is not None:
             self.enclave.close()
             self.enclave = None
@@ -432,7 +466,9 @@ class SecureMonitor:
                 "the hypervisor service does not allow the unsealed secure-plain mode "
                 "(allow_unsealed in its configuration)"
             )
-        challenge = self._verifier_call(ChallengeRequest(hello.hv_key), Challenge)
+        challenge = self._verifier_call(
+            ChallengeRequest(Purpose.HYPERVISOR_SESSION, hello.hv_key), Challenge
+        )
         assert isinstance(challenge, Challenge)
         try:
             out = self.enclave.ecall(
@@ -465,6 +501,55 @@ class SecureMonitor:
             raise AttestationRefused("hypervisor service", exc.reason) from None
         self.session_id = session_id
 
+    def open_link(self) -> None:
+        """Link the enclave to the remote monitor (attested, like a hypervisor session:
+        purpose MONITOR_LINK), then answer its heartbeats in the background."""
+        enclave = self.enclave
+        assert enclave is not None, "open() first"
+
+        def make_link(monitor_nonce: bytes) -> tuple[bytes, bytes, bytes]:
+            request = ChallengeRequest(Purpose.MONITOR_LINK, self.monitor.key)
+            challenge = self._verifier_call(request, Challenge)
+            assert isinstance(challenge, Challenge)
+            try:
+                out = enclave.ecall(
+                    "ecall_open_monitor_link",
+                    self.timeout,
+                    ids=self.ids,
+                    monitor_nonce=monitor_nonce,
+                    verifier_nonce=challenge.nonce,
+                )
+            except EnclaveCallFailed as exc:
+                raise AttestationRefused("enclave", exc.detail) from None
+            link_id, wrapped, evidence = out["link_id"], out["wrapped_key"], out["evidence"]
+            assert isinstance(link_id, bytes) and isinstance(wrapped, bytes)
+            assert isinstance(evidence, bytes)
+            binding = SessionBinding.for_wrapped_key(
+                self.ids,
+                link_id,
+                Suite.AES256GCM_HKDF_SHA256,
+                wrapped,
+                monitor_nonce,
+                self.monitor.key,
+                Purpose.MONITOR_LINK,
+            )
+            attest = AttestSession(
+                enclave.backend, evidence, self.config, challenge.nonce, binding.encode()
+            )
+            issued = self._verifier_call(attest, StatementIssued)
+            assert isinstance(issued, StatementIssued)
+            return link_id, wrapped, issued.statement
+
+        link = MonitorLinkClient(
+            self.monitor, self.ids, enclave.ecall, timeout=self.timeout, tap=self.tap
+        )
+        try:
+            link.open(make_link, self.config)
+        except MonitorLinkError as exc:
+            link.close()
+            raise AttestationRefused("monitor", str(exc)) from None
+        self.link = link
+
     def _verifier_call(self, msg: Message, expect: type[Message]) -> Message:
         """One request to the attestation service (a connection kept for the run)."""
         try:
@@ -490,16 +575,16 @@ class SecureMonitor:
             self._session_failed()
         self.open_session()
 
-    def scan(
-        self, check: str = "pslist", *, cache_budget: int | None = None
-    ) -> tuple[list[dict[str, int | str]], dict[str, object]]:
-        """Run one IDS check in the enclave: (records, stats).
+    def scan(self, check: str = "pslist", *, cache_budget: int | None = None) -> ScanResult:
+        """Run one IDS check in the enclave and carry its sealed report to the monitor.
 
+        :returns: the report's sequence number and the scan's clear-text counters; the
+            records are the monitor's to read
         :raises ScanError: the session failed (forgery, dropped reply, refusal); the
             next scan opens a new session
         :raises CouldNotCheck: guest data did not make sense
         """
-        if self.enclave is None:
+        if self.enclave is None or self.link is None:
             raise LibraryError("SecureMonitor is closed")
         if self.session_id is None:
             self.open_session()
@@ -519,13 +604,14 @@ class SecureMonitor:
         except EnclaveCallFailed as exc:
             self._session_failed()
             raise ScanError(f"{check} on {self.vm}", exc.code, exc.detail) from None
-        report = out["report"]
-        assert isinstance(report, bytes)
-        doc = json.loads(report)
+        seq, report, clear = out["report_seq"], out["report"], out["stats"]
+        assert isinstance(seq, int) and isinstance(report, bytes) and isinstance(clear, bytes)
+        self.link.send_report(seq, report)
+        doc = json.loads(clear)
         stats = dict(doc["stats"], elapsed_s=doc["elapsed_s"], mode=doc["mode"])
         if doc["status"] != "ok":
             raise CouldNotCheck(f"{check} on {self.vm}: could not check: {doc['error']}")
-        return list(doc["records"]), stats
+        return ScanResult(seq, stats)
 
     def _session_failed(self) -> None:
         """The enclave dropped the session; tell the hypervisor, start afresh next time."""
