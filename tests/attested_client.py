@@ -21,7 +21,7 @@ from sgmonitor import installed
 from sgmonitor.channel import Kind, SealingChannel, Side, Suite, make_channel
 from sgmonitor.keywrap import wrap_session_key
 from sgmonitor.local import LocalDeployment
-from sgmonitor.statement import SessionBinding, session_report_data
+from sgmonitor.statement import Purpose, SessionBinding, session_report_data
 from sgmonitor.tee import backend_class
 from sgmonitor.tee.backend import EnclaveIdentity
 from sgmonitor.tee.boot import measure_installed
@@ -56,7 +56,7 @@ def call(sock: socket.socket, msg: Message) -> Message:
 def accepted_identity(local: LocalDeployment, *, debug: bool = False) -> EnclaveIdentity:
     """The identity of the installed enclave launched for ``local``'s verifier."""
     signed = backend_class("sim").signed_identity(installed.installed_sigstruct())
-    config = LaunchConfig("secure", local.verifier.public_key).to_bytes()
+    config = LaunchConfig("secure", local.verifier.public_key, local.monitor.key).to_bytes()
     return EnclaveIdentity(
         measure_installed().mrenclave,
         signed.mrsigner,
@@ -105,7 +105,7 @@ def prepare_session(
     hello = call(sock, Hello(vm))
     assert isinstance(hello, HelloReply), hello
     with connect(local.verifier.address, 10.0) as verifier:
-        challenge = call(verifier, ChallengeRequest(hello.hv_key))
+        challenge = call(verifier, ChallengeRequest(Purpose.HYPERVISOR_SESSION, hello.hv_key))
         assert isinstance(challenge, Challenge), challenge
         session_key, session_id = os.urandom(32), os.urandom(16)
         suite = Suite.AES256GCM_HKDF_SHA256
@@ -126,7 +126,7 @@ def prepare_session(
             AttestSession(
                 "sim",
                 evidence,
-                LaunchConfig("secure", local.verifier.public_key).to_bytes(),
+                LaunchConfig("secure", local.verifier.public_key, local.monitor.key).to_bytes(),
                 challenge.nonce,
                 binding.encode(),
             ),

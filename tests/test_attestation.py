@@ -25,6 +25,7 @@ from sgmonitor.channel import Suite
 from sgmonitor.statement import (
     HypervisorEndorsement,
     InvalidToken,
+    Purpose,
     SessionBinding,
     Statement,
     session_report_data,
@@ -47,6 +48,7 @@ MRENCLAVE = hashlib.sha256(b"the enclave's code").digest()
 PLATFORM = SimPlatform.generate()
 SIGNER = hashlib.sha256(b"the signer's key").digest()
 HV_KEY = os.urandom(32)
+MONITOR_KEY = os.urandom(32)
 
 
 class Clock:
@@ -81,7 +83,7 @@ def service(clock: Clock, log: io.StringIO) -> AttestationService:
 
 
 def identity(service: AttestationService, **changes: object) -> EnclaveIdentity:
-    config = LaunchConfig("secure", service.public_key).to_bytes()
+    config = LaunchConfig("secure", service.public_key, MONITOR_KEY).to_bytes()
     ident = EnclaveIdentity(MRENCLAVE, SIGNER, 1, 2, False, hashlib.sha256(config).digest())
     return replace(ident, **changes)  # type: ignore[arg-type]
 
@@ -95,12 +97,13 @@ def request(
     suite: Suite = Suite.AES256GCM_HKDF_SHA256,
     report_nonce: bytes | None = None,
     hv_key: bytes = HV_KEY,
+    purpose: Purpose = Purpose.HYPERVISOR_SESSION,
 ) -> AttestSession:
     """Evidence for one session, as the enclave makes it; arguments spoil one part."""
-    challenge = service.challenge(ChallengeRequest(HV_KEY))
-    config = config or LaunchConfig("secure", service.public_key).to_bytes()
+    challenge = service.challenge(ChallengeRequest(purpose, hv_key))
+    config = config or LaunchConfig("secure", service.public_key, MONITOR_KEY).to_bytes()
     binding = SessionBinding.for_wrapped_key(
-        "web", os.urandom(16), suite, os.urandom(81), os.urandom(32), hv_key
+        "web", os.urandom(16), suite, os.urandom(81), os.urandom(32), hv_key, purpose
     )
     rd = session_report_data(binding, report_nonce or challenge.nonce)
     backend = SimBackend(ident or identity(service), platform, announce=io.StringIO())
@@ -129,7 +132,7 @@ def test_accepted_evidence_gets_a_statement_for_that_session(
     last = decisions(log)[-1]
     assert last["decision"] == "accept" and last["mrenclave"] == MRENCLAVE.hex()
     # the endorsement handed out with the nonce names the enrolled key
-    challenge = service.challenge(ChallengeRequest(HV_KEY))
+    challenge = service.challenge(ChallengeRequest(Purpose.HYPERVISOR_SESSION, HV_KEY))
     endorsed = HypervisorEndorsement.verify(challenge.endorsement, [service.public_key], now=NOW)
     assert endorsed.hv_key == HV_KEY and endorsed.name == "host-1"
 
@@ -156,7 +159,7 @@ def test_replayed_evidence(service: AttestationService, log: io.StringIO) -> Non
 
 
 def test_evidence_for_another_nonce(service: AttestationService, log: io.StringIO) -> None:
-    other = service.challenge(ChallengeRequest(HV_KEY)).nonce
+    other = service.challenge(ChallengeRequest(Purpose.HYPERVISOR_SESSION, HV_KEY)).nonce
     req = request(service, report_nonce=other)  # made for one nonce, sent with another
     assert "another nonce or session" in refused(service, log, req)
     unknown = replace(request(service), nonce=os.urandom(32))
@@ -168,7 +171,7 @@ def test_evidence_for_another_session(service: AttestationService, log: io.Strin
     for field, value in (
         ("session_id", os.urandom(16)),
         ("wrapped_key_sha256", os.urandom(32)),
-        ("hv_nonce", os.urandom(32)),
+        ("peer_nonce", os.urandom(32)),
         ("vm", "other"),
     ):
         fresh = request(service)
@@ -204,7 +207,9 @@ def test_launch_configuration_must_name_this_verifier(
 ) -> None:
     """The host writes the launch configuration; one naming its own verifier is seen in
     the CONFIGID and refused, and so is one sent that differs from the CONFIGID."""
-    rogue = LaunchConfig("secure", Ed25519PrivateKey.generate().public_key()).to_bytes()
+    rogue = LaunchConfig(
+        "secure", Ed25519PrivateKey.generate().public_key(), MONITOR_KEY
+    ).to_bytes()
     ident = identity(service, config_id=hashlib.sha256(rogue).digest())
     reason = refused(service, log, request(service, ident=ident, config=rogue))
     assert "trusts another attestation service" in reason
@@ -216,20 +221,34 @@ def test_unenrolled_hypervisor_and_unsealed_suite(
     service: AttestationService, log: io.StringIO
 ) -> None:
     with pytest.raises(Refused, match="not enrolled"):
-        service.challenge(ChallengeRequest(os.urandom(32)))
+        service.challenge(ChallengeRequest(Purpose.HYPERVISOR_SESSION, os.urandom(32)))
     assert decisions(log)[-1]["request"] == "challenge"
     assert "not enrolled" in refused(service, log, request(service, hv_key=os.urandom(32)))
-    plain = LaunchConfig("secure-plain", service.public_key).to_bytes()
+    plain = LaunchConfig("secure-plain", service.public_key, MONITOR_KEY).to_bytes()
     ident = identity(service, config_id=hashlib.sha256(plain).digest())
     req = request(service, ident=ident, config=plain, suite=Suite.UNSEALED_FOR_EXPERIMENTS_ONLY)
     assert "unsealed experiment suite is refused" in refused(service, log, req)
 
 
+def test_monitor_links(service: AttestationService, log: io.StringIO) -> None:
+    """A monitor link's nonce comes without an endorsement; its statement needs the
+    monitor key the enclave's own launch configuration names."""
+    challenge = service.challenge(ChallengeRequest(Purpose.MONITOR_LINK, MONITOR_KEY))
+    assert challenge.endorsement == b""
+    issued = service.attest(request(service, hv_key=MONITOR_KEY, purpose=Purpose.MONITOR_LINK))
+    statement = Statement.verify(issued.statement, [service.public_key], now=NOW)
+    assert statement.binding.purpose is Purpose.MONITOR_LINK
+    other = request(service, hv_key=os.urandom(32), purpose=Purpose.MONITOR_LINK)
+    assert "another monitor" in refused(service, log, other)
+
+
 def test_the_wire_face(service: AttestationService, log: io.StringIO) -> None:
     """Through ``handle``: refusals are ``Error(ATTESTATION_REFUSED)``, garbage BAD_FRAME."""
-    assert isinstance(service.handle(encode(ChallengeRequest(HV_KEY))), Challenge)
+    assert isinstance(
+        service.handle(encode(ChallengeRequest(Purpose.HYPERVISOR_SESSION, HV_KEY))), Challenge
+    )
     assert isinstance(service.handle(encode(request(service))), StatementIssued)
-    answer = service.handle(encode(ChallengeRequest(os.urandom(32))))
+    answer = service.handle(encode(ChallengeRequest(Purpose.HYPERVISOR_SESSION, os.urandom(32))))
     assert isinstance(answer, Error) and answer.code is ErrorCode.ATTESTATION_REFUSED
     answer = service.handle(b"\x01\x53garbage")
     assert isinstance(answer, Error) and answer.code is ErrorCode.BAD_FRAME
@@ -286,8 +305,9 @@ def test_report_data_is_domain_separated_and_covers_every_field() -> None:
         ("session_id", b"\1" * 16),
         ("suite", Suite.UNSEALED_FOR_EXPERIMENTS_ONLY),
         ("wrapped_key_sha256", b"\1" * 32),
-        ("hv_nonce", b"\1" * 32),
-        ("hv_key", b"\1" * 32),
+        ("peer_nonce", b"\1" * 32),
+        ("peer_key", b"\1" * 32),
+        ("purpose", Purpose.MONITOR_LINK),
     ):
         assert session_report_data(replace(binding, **{field: value}), nonce) != base, field
     assert session_report_data(binding, b"\1" * 32) != base
@@ -314,7 +334,7 @@ def test_policy_file_round_trip_and_refusals() -> None:
 
 def test_launch_configuration_is_canonical() -> None:
     key = Ed25519PrivateKey.generate().public_key()
-    config = LaunchConfig("secure", key)
+    config = LaunchConfig("secure", key, MONITOR_KEY)
     assert LaunchConfig.from_bytes(config.to_bytes()).config_id == config.config_id
     doc = json.loads(config.to_bytes())
     for bad in (

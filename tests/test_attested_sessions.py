@@ -34,6 +34,7 @@ from sgmonitor.keywrap import wrap_session_key
 from sgmonitor.local import LocalDeployment, local_deployment
 from sgmonitor.statement import (
     HypervisorEndorsement,
+    Purpose,
     SessionBinding,
     Statement,
     session_report_data,
@@ -123,12 +124,12 @@ def test_a_substituted_hypervisor_key_is_refused(local: LocalDeployment) -> None
     stand_in = os.urandom(32)
     with connect(local.verifier.address, 10.0) as verifier:
         refused_by(
-            call(verifier, ChallengeRequest(stand_in)),
+            call(verifier, ChallengeRequest(Purpose.HYPERVISOR_SESSION, stand_in)),
             ErrorCode.ATTESTATION_REFUSED,
             "not enrolled",
         )
-        genuine = call(verifier, ChallengeRequest(local.hv_key))
-    with SecureMonitor(local.hypervisor_socket, "main", local.verifier) as m:
+        genuine = call(verifier, ChallengeRequest(Purpose.HYPERVISOR_SESSION, local.hv_key))
+    with SecureMonitor(local.hypervisor_socket, "main", local.verifier, local.monitor) as m:
         assert m.enclave is not None
         common = dict(vm="main", hv_nonce=os.urandom(32), verifier_nonce=genuine.nonce)  # type: ignore[attr-defined]
         with pytest.raises(EnclaveCallFailed, match="endorsement is for another"):
@@ -203,12 +204,14 @@ def test_replays_after_overflow_and_after_a_restart(guest: GuestUnderTest) -> No
             if link == "hypervisor":
                 frames.append(frame)
 
-        with SecureMonitor(small.hypervisor_socket, "main", small.verifier, tap=tap) as m:
-            records, _ = m.scan()
+        with SecureMonitor(
+            small.hypervisor_socket, "main", small.verifier, small.monitor, tap=tap
+        ) as m:
+            records, _ = small.records(m)
             assert len(records) > 200
         held = hold_session(small, "main")
         with pytest.raises(AttestationRefused, match="hypervisor service: BUSY: too many"):
-            SecureMonitor(small.hypervisor_socket, "main", small.verifier).open()
+            SecureMonitor(small.hypervisor_socket, "main", small.verifier, small.monitor).open()
         held.sock.close()
         recorded_open = next(f for f in frames if f[1] == OpenSession.TYPE)
         recorded_requests = [f for f in frames if f[1] == Request.TYPE]
@@ -372,7 +375,7 @@ def test_a_debug_enclave_and_an_outdated_version_are_refused(
 def test_no_evidence_for_chosen_report_data(local: LocalDeployment) -> None:
     """The enclave has no ECALL that signs caller-chosen report data, and its session
     evidence binds only the session it made itself."""
-    with SecureMonitor(local.hypervisor_socket, "main", local.verifier) as m:
+    with SecureMonitor(local.hypervisor_socket, "main", local.verifier, local.monitor) as m:
         assert m.enclave is not None
         with pytest.raises(edl.EdlError):
             edl.spec("ecall_get_evidence")
@@ -384,7 +387,7 @@ def test_no_evidence_for_chosen_report_data(local: LocalDeployment) -> None:
         answer = decode(recv_encoded(m.enclave.sock, 5.0))
         assert isinstance(answer, CallFailed) and answer.code is ErrorCode.NO_SUCH_CALL
         with connect(local.verifier.address, 10.0) as verifier:
-            challenge = call(verifier, ChallengeRequest(local.hv_key))
+            challenge = call(verifier, ChallengeRequest(Purpose.HYPERVISOR_SESSION, local.hv_key))
         hv_nonce = os.urandom(32)
         out = m.enclave.ecall(
             "ecall_open_session",
@@ -428,8 +431,8 @@ def test_revocation_takes_effect_at_once(guest: GuestUnderTest) -> None:
         assert "1 open session(s) ended" in out.stdout
         refused_by(held.sealed(EndScan(), Ack), ErrorCode.REVOKED, "revoked by the operator")
         held.sock.close()
-        with SecureMonitor(own.hypervisor_socket, "main", own.verifier) as m:
-            records, _ = m.scan()
+        with SecureMonitor(own.hypervisor_socket, "main", own.verifier, own.monitor) as m:
+            records, _ = own.records(m)
             assert len(records) > 200
             measured = json.loads(
                 subprocess.run(

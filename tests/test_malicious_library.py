@@ -80,7 +80,7 @@ class Relay:
 
 def monitor(hv: LocalDeployment, vm: str = "a", **kw: object) -> MaliciousMonitor:
     kw.setdefault("tap", Relay())
-    return MaliciousMonitor(hv.hypervisor_socket, vm, hv.verifier, timeout=SHORT, **kw)  # type: ignore[arg-type]
+    return MaliciousMonitor(hv.hypervisor_socket, vm, hv.verifier, hv.monitor, timeout=SHORT, **kw)  # type: ignore[arg-type]
 
 
 def attacked_scan(m: SecureMonitor) -> ScanError:
@@ -110,17 +110,17 @@ def attacked_scan(m: SecureMonitor) -> ScanError:
     return caught.value
 
 
-def recovers(m: MaliciousMonitor, expected: int) -> None:
+def recovers(hv: LocalDeployment, m: MaliciousMonitor, expected: int) -> None:
     """After the failed session, an honest scan in a new session works again."""
     m.attack = None
-    records, _ = m.scan()
+    records, _ = hv.records(m)
     assert len(records) == expected
 
 
 @pytest.fixture(scope="module")
 def honest_count(hv: LocalDeployment) -> int:
-    with SecureMonitor(hv.hypervisor_socket, "a", hv.verifier) as m:
-        records, _ = m.scan()
+    with SecureMonitor(hv.hypervisor_socket, "a", hv.verifier, hv.monitor) as m:
+        records, _ = hv.records(m)
     assert len(records) > 200
     return len(records)
 
@@ -131,18 +131,18 @@ def test_forged_replies_are_caught(hv: LocalDeployment, honest_count: int, attac
         error = attacked_scan(m)
         assert error.code is ErrorCode.INVALID_SEAL and error.origin == "enclave"
         assert "did not authenticate" in str(error)
-        recovers(m, honest_count)
+        recovers(hv, m, honest_count)
 
 
 def test_pages_swapped_between_guests_are_caught(hv: LocalDeployment, honest_count: int) -> None:
     recording = Recording()
     with monitor(hv, "b", recording=recording) as other:
-        records, _ = other.scan()  # honest, recorded: genuine sealed pages of guest b
+        records, _ = hv.records(other)  # honest, recorded: genuine sealed pages of guest b
         assert 0 < len(records) < honest_count
     with monitor(hv, "a", attack=Attack.SWAP_GUEST, recording=recording) as m:
         error = attacked_scan(m)
         assert error.code is ErrorCode.INVALID_SEAL and error.origin == "enclave"
-        recovers(m, honest_count)
+        recovers(hv, m, honest_count)
 
 
 def test_dropped_reply_times_out(hv: LocalDeployment, honest_count: int) -> None:
@@ -151,18 +151,18 @@ def test_dropped_reply_times_out(hv: LocalDeployment, honest_count: int) -> None
         error = attacked_scan(m)
         assert error.code is ErrorCode.TIMEOUT and error.origin == "enclave"
         assert time.monotonic() - started < 4 * SHORT
-        recovers(m, honest_count)
+        recovers(hv, m, honest_count)
 
 
 def test_replayed_session_is_caught(hv: LocalDeployment, honest_count: int) -> None:
     with monitor(hv) as m:
-        records, _ = m.scan()  # recorded
+        records, _ = hv.records(m)  # recorded
         assert len(records) == honest_count
         m.attack = Attack.REPLAY_SESSION
         m.new_session()  # a fresh key and id; the relay answers from the old session
         error = attacked_scan(m)
         assert error.code is ErrorCode.INVALID_SEAL and error.origin == "enclave"
-        recovers(m, honest_count)
+        recovers(hv, m, honest_count)
 
 
 def test_hypervisor_refuses_a_replayed_session(hv: LocalDeployment) -> None:
@@ -175,7 +175,7 @@ def test_hypervisor_refuses_a_replayed_session(hv: LocalDeployment) -> None:
         if link == "hypervisor":
             frames.append(frame)
 
-    with SecureMonitor(hv.hypervisor_socket, "a", hv.verifier, tap=tap) as m:
+    with SecureMonitor(hv.hypervisor_socket, "a", hv.verifier, hv.monitor, tap=tap) as m:
         m.scan()
     opens = [f for f in frames if f[1] == OpenSession.TYPE]
     requests = [f for f in frames if f[1] == Request.TYPE]
@@ -239,7 +239,9 @@ def test_pages_resealed_with_the_right_key_for_another_address_or_vm(
     thread = threading.Thread(target=forging.serve_forever, daemon=True)
     thread.start()
     try:
-        m = SecureMonitor(forging.socket_path, "a", hv.verifier, timeout=SHORT, tap=Relay())
+        m = SecureMonitor(
+            forging.socket_path, "a", hv.verifier, hv.monitor, timeout=SHORT, tap=Relay()
+        )
         with m:
             error = attacked_scan(m)
             assert forging.done  # the forgery was delivered

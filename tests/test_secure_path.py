@@ -70,9 +70,9 @@ def hv(guest: GuestUnderTest, traditional: dict[str, object]) -> Iterator[LocalD
 def test_same_processes_as_traditional(
     hv: LocalDeployment, traditional: dict[str, object], guest: GuestUnderTest, mode: str
 ) -> None:
-    with SecureMonitor(hv.hypervisor_socket, "main", hv.verifier, mode=mode) as m:
-        records, stats = m.scan("pslist")
-        again, _ = m.scan("pslist")  # a second scan starts from an empty cache
+    with SecureMonitor(hv.hypervisor_socket, "main", hv.verifier, hv.monitor, mode=mode) as m:
+        records, stats = hv.records(m)
+        again, _ = hv.records(m)  # a second scan starts from an empty cache
     assert stable(records) == stable(traditional["records"])  # type: ignore[arg-type]
     assert stable(again) == stable(records)
     # the guest's own view (workqueue workers come, go and rename: left out)
@@ -106,7 +106,9 @@ def test_relay_sees_no_plaintext(
         if link == "hypervisor":  # every byte carried between enclave and hypervisor
             relayed.append(frame)
 
-    with SecureMonitor(hv.hypervisor_socket, "main", hv.verifier, mode=mode, tap=tap) as m:
+    with SecureMonitor(
+        hv.hypervisor_socket, "main", hv.verifier, hv.monitor, mode=mode, tap=tap
+    ) as m:
         m.scan()
     everything = b"".join(relayed)
     assert len(everything) > 1 << 20  # megabytes of guest pages went through
@@ -133,8 +135,8 @@ def hung_up(s: socket.socket) -> bool:
 
 
 def test_service_survives_malformed_frames(hv: LocalDeployment) -> None:
-    with SecureMonitor(hv.hypervisor_socket, "main", hv.verifier) as m:
-        before, _ = m.scan()
+    with SecureMonitor(hv.hypervisor_socket, "main", hv.verifier, hv.monitor) as m:
+        before, _ = hv.records(m)
         # garbage inside well-framed messages: a clear error each, the connection goes on
         with raw(hv) as s:
             for body in (
@@ -174,9 +176,9 @@ def test_service_survives_malformed_frames(hv: LocalDeployment) -> None:
             send_frame(s, OpenSession("main", os.urandom(16), Suite(1), os.urandom(81)))
             assert recv_frame(s, 5.0).code is ErrorCode.ATTESTATION_REQUIRED
         # the session open all along still works, during the stall and after
-        during, _ = m.scan()
+        during, _ = hv.records(m)
         stalled.close()
-        after, _ = m.scan()
+        after, _ = hv.records(m)
     assert stable(before) == stable(during) == stable(after)
 
 
@@ -188,8 +190,8 @@ def test_forged_request_ends_only_that_session(hv: LocalDeployment) -> None:
             frames.append(frame)
 
     with (
-        SecureMonitor(hv.hypervisor_socket, "main", hv.verifier, tap=tap) as victim,
-        SecureMonitor(hv.hypervisor_socket, "main", hv.verifier) as bystander,
+        SecureMonitor(hv.hypervisor_socket, "main", hv.verifier, hv.monitor, tap=tap) as victim,
+        SecureMonitor(hv.hypervisor_socket, "main", hv.verifier, hv.monitor) as bystander,
     ):
         victim.scan()
         request = next(f for f in frames if f[1] == Request.TYPE)
@@ -198,7 +200,7 @@ def test_forged_request_ends_only_that_session(hv: LocalDeployment) -> None:
         send_encoded(sock, request, 5.0)
         err = recv_frame(sock, 5.0)
         assert isinstance(err, Error) and err.code is ErrorCode.INVALID_SEAL
-        records, _ = bystander.scan()
+        records, _ = hv.records(bystander)
         assert len(records) > 200
 
 
@@ -220,7 +222,11 @@ def test_unsealed_suite_refused_unless_allowed(guest: GuestUnderTest) -> None:
             assert recv_frame(s, 5.0).code is ErrorCode.SUITE_REFUSED
         with pytest.raises(HypervisorUnavailable, match="allow_unsealed"):
             SecureMonitor(
-                strict.hypervisor_socket, "main", strict.verifier, mode="secure-plain"
+                strict.hypervisor_socket,
+                "main",
+                strict.verifier,
+                strict.monitor,
+                mode="secure-plain",
             ).open()
 
 

@@ -204,10 +204,14 @@ def test_edl_declares_each_call_once_with_direction() -> None:
 
 
 def test_edl_make_and_check_call() -> None:
-    call = edl.make_call(1, "ecall_heartbeat", challenge=bytes(32), sequence=5)
+    call = edl.make_call(1, "ecall_heartbeat", challenge=bytes(32))
     found = edl.check_call(call, CallDirection.ECALL)
-    assert edl.named_args(found, call) == {"challenge": bytes(32), "sequence": 5}
-    assert edl.named_results(found, (bytes(32), 9)) == {"response": bytes(32), "progress": 9}
+    assert edl.named_args(found, call) == {"challenge": bytes(32)}
+    assert edl.named_results(found, (5, 9, bytes(32))) == {
+        "sequence": 5,
+        "progress": 9,
+        "mac": bytes(32),
+    }
 
 
 @pytest.mark.parametrize(
@@ -215,10 +219,17 @@ def test_edl_make_and_check_call() -> None:
     [
         (Call(1, CallDirection.ECALL, "ecall_format_disk", ()), "no such call"),
         (Call(1, CallDirection.ECALL, "ocall_log", (1, "x")), "is an OCALL"),
-        (Call(1, CallDirection.ECALL, "ecall_heartbeat", (bytes(32),)), "expected 2 values"),
-        (Call(1, CallDirection.ECALL, "ecall_heartbeat", (bytes(31), 1)), "exactly 32"),
-        (Call(1, CallDirection.ECALL, "ecall_heartbeat", ("x" * 32, 1)), "expected bytes"),
-        (Call(1, CallDirection.ECALL, "ecall_heartbeat", (bytes(32), b"1")), "expected u64"),
+        (Call(1, CallDirection.ECALL, "ecall_heartbeat", ()), "expected 1 values"),
+        (Call(1, CallDirection.ECALL, "ecall_heartbeat", (bytes(31),)), "exactly 32"),
+        (Call(1, CallDirection.ECALL, "ecall_heartbeat", ("x" * 32,)), "expected bytes"),
+        (
+            Call(1, CallDirection.ECALL, "ecall_open_monitor_link", ("ids", b"1", bytes(32))),
+            "exactly 32",
+        ),
+        (
+            Call(1, CallDirection.ECALL, "ecall_open_monitor_link", (1, bytes(32), bytes(32))),
+            "expected str",
+        ),
         (
             Call(
                 1,

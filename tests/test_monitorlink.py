@@ -1,0 +1,81 @@
+"""The monitor link's crypto: sealed reports in order, heartbeat MACs, the key schedule."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sgmonitor.channel import InvalidSeal
+from sgmonitor.monitorlink import (
+    LinkKeys,
+    ReportOpener,
+    ReportProblem,
+    ReportRejected,
+    ReportSealer,
+    check_heartbeat,
+    heartbeat_mac,
+)
+
+KEY, LINK, NONCE = bytes(range(32)), bytes(range(16)), bytes(range(32, 64))
+
+
+def pair(ids: str = "web") -> tuple[ReportSealer, ReportOpener]:
+    keys = LinkKeys.derive(KEY, LINK, NONCE)
+    return ReportSealer(keys, ids), ReportOpener(keys, ids)
+
+
+def test_reports_in_order_open() -> None:
+    sealer, opener = pair()
+    for i in range(3):
+        seq, sealed = sealer.seal(f"report {i}".encode())
+        assert seq == i and b"report" not in sealed
+        assert opener.open(seq, sealed) == (f"report {i}".encode(), 0)
+
+
+def rejected(opener: ReportOpener, seq: int, sealed: bytes) -> ReportProblem:
+    with pytest.raises(ReportRejected) as caught:
+        opener.open(seq, sealed)
+    return caught.value.problem
+
+
+def test_replayed_edited_and_moved_reports_are_rejected() -> None:
+    sealer, opener = pair()
+    first = sealer.seal(b"a")
+    opener.open(*first)
+    assert rejected(opener, *first) is ReportProblem.REPLAYED
+    seq, sealed = sealer.seal(b"b")
+    edited = bytes([sealed[0] ^ 1]) + sealed[1:]
+    assert rejected(opener, seq, edited) is ReportProblem.FORGED
+    assert rejected(opener, seq + 1, sealed) is ReportProblem.FORGED  # renumbered
+    other_ids = pair("db")[1]
+    other_ids.expected = seq
+    assert rejected(other_ids, seq, sealed) is ReportProblem.FORGED  # another IDS's link
+    assert opener.open(seq, sealed) == (b"b", 0)  # the genuine one still opens
+
+
+def test_a_dropped_report_is_counted_and_the_next_accepted() -> None:
+    sealer, opener = pair()
+    sealer.seal(b"lost")
+    sealer.seal(b"lost too")
+    seq, sealed = sealer.seal(b"kept")
+    assert opener.open(seq, sealed) == (b"kept", 2)
+
+
+def test_fresh_monitor_nonce_gives_fresh_keys() -> None:
+    a = LinkKeys.derive(KEY, LINK, NONCE)
+    b = LinkKeys.derive(KEY, LINK, os.urandom(32))
+    assert a.report_key != b.report_key and a.heartbeat_key != b.heartbeat_key
+    assert KEY.hex() not in repr(a)
+
+
+def test_heartbeat_mac_binds_challenge_sequence_and_progress() -> None:
+    keys = LinkKeys.derive(KEY, LINK, NONCE)
+    challenge = os.urandom(32)
+    mac = heartbeat_mac(keys, challenge, 3, 7)
+    check_heartbeat(keys, challenge, 3, 7, mac)
+    for args in ((os.urandom(32), 3, 7), (challenge, 4, 7), (challenge, 3, 8)):
+        with pytest.raises(InvalidSeal):
+            check_heartbeat(keys, *args, mac)
+    with pytest.raises(InvalidSeal):
+        check_heartbeat(LinkKeys.derive(os.urandom(32), LINK, NONCE), challenge, 3, 7, mac)
