@@ -100,7 +100,8 @@ def request(
     purpose: Purpose = Purpose.HYPERVISOR_SESSION,
 ) -> AttestSession:
     """Evidence for one session, as the enclave makes it; arguments spoil one part."""
-    challenge = service.challenge(ChallengeRequest(purpose, hv_key))
+    asked = HV_KEY if purpose is Purpose.HYPERVISOR_SESSION else hv_key  # enrolled, to get a nonce
+    challenge = service.challenge(ChallengeRequest(purpose, asked))
     config = config or LaunchConfig("secure", service.public_key, MONITOR_KEY).to_bytes()
     binding = SessionBinding.for_wrapped_key(
         "web", os.urandom(16), suite, os.urandom(81), os.urandom(32), hv_key, purpose
