@@ -367,10 +367,24 @@ def _hypervisor(args: argparse.Namespace) -> int:
     return hypervisor_main(args.rest)
 
 
+def _monitor(args: argparse.Namespace) -> int:
+    from sgmonitor.monitor.__main__ import main as monitor_main
+
+    return monitor_main(args.rest)
+
+
+def _ids(args: argparse.Namespace) -> int:
+    from sgmonitor.untrusted.ids_run import main as ids_main
+
+    return ids_main(args.rest)
+
+
 def _add_services(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for name, func, what in (
         ("attestation", _attestation, "the attestation service: 'serve --config FILE'"),
         ("hypervisor", _hypervisor, "the hypervisor service: keygen, serve, revoke"),
+        ("monitor", _monitor, "the remote monitor: 'serve --config FILE'"),
+        ("ids", _ids, "the IDS (library + enclave) on a schedule: 'run --config FILE'"),
     ):
         parser = sub.add_parser(name, help=what, add_help=False)
         parser.add_argument("rest", nargs=argparse.REMAINDER)
