@@ -1,0 +1,1 @@
+"""The remote monitor (outside the cloud): heartbeats to the IDS, its sealed findings, metrics."""
