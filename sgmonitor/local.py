@@ -69,6 +69,7 @@ class LocalDeployment:
     alerts: Path  # the monitor's alerts (JSON Lines)
     reports: Path  # every report the monitor opened (JSON Lines)
     home: Path
+    metrics: str = ""  # the monitor's Prometheus endpoint, HOST:PORT, if asked for
 
     @property
     def vm(self) -> str:
@@ -145,6 +146,7 @@ def local_deployment(
     hypervisor_limits: Mapping[str, float] | None = None,
     heartbeat_interval: float = 2.0,
     monitor_limits: Mapping[str, float] | None = None,
+    metrics: bool = False,
 ) -> Iterator[LocalDeployment]:
     """Start a hypervisor service for ``guests`` (name -> QMP socket) and an attestation
     service with ``policy`` (default: :func:`installed_policy`), as described above.
@@ -202,6 +204,7 @@ def local_deployment(
             'listen = "127.0.0.1:0"\nkey = "monitor.pem"\npolicy = "policy.toml"\n'
             f'verifier_key = "{verifier_key.hex()}"\nlog = "alerts.jsonl"\n'
             f'reports = "reports.jsonl"\ninterval = {heartbeat_interval}\n'
+            + ('metrics = "127.0.0.1:0"\n' if metrics else "")
             + "".join(f"{k} = {v}\n" for k, v in (monitor_limits or {}).items())
         )
         proc, ready = _start(
@@ -222,6 +225,7 @@ def local_deployment(
             alerts=home / "alerts.jsonl",
             reports=home / "reports.jsonl",
             home=home,
+            metrics=str(ready.get("metrics", "")),
         )
     finally:
         for proc in reversed(procs):

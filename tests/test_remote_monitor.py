@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from guests import MAIN, GuestUnderTest, only
+from prometheus import ALERT_RULES, running_prometheus, wait_for_alert, wait_for_query
 
 from sgmonitor.daemon import read_ready_line, reap
 from sgmonitor.guest.qemu import QemuGuest
@@ -237,3 +238,32 @@ def test_ids_run_stops_cleanly_on_sigterm(local: LocalDeployment, tmp_path: Path
     assert "report 0 sent" in proc.stderr.read().decode()
     for stream in (proc.stdout, proc.stdin, proc.stderr):
         stream.close()
+
+
+def test_prometheus_fires_when_the_ids_is_stopped(guest: GuestUnderTest, tmp_path: Path) -> None:
+    """The real Prometheus scrapes the monitor; the IDS stops (SIGSTOP); the shipped
+    rule's alert reaches state firing in Prometheus's own API, for that IDS."""
+    with local_deployment(
+        {"main": guest.info.qmp}, heartbeat_interval=INTERVAL, metrics=True
+    ) as own:
+        assert own.metrics
+        with running_prometheus([own.metrics], ALERT_RULES) as prometheus:
+            proc = subprocess.Popen(
+                [*CLI, "ids", "run", "--config", str(ids_config(own, tmp_path, "scraped"))],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                read_ready_line(proc, 60.0, "ids run")
+                wait_alert(own, "scraped", state("ok"), 10.0)
+                wait_for_query(prometheus, 'sgmonitor_ids_state{ids="scraped",state="ok"} == 1')
+                os.kill(proc.pid, signal.SIGSTOP)
+                firing = wait_for_alert(prometheus, "SGMonitorIDSFailed", {"ids": "scraped"})
+                assert firing["state"] == "firing"
+            finally:
+                os.kill(proc.pid, signal.SIGKILL)
+                reap(proc, 5.0)
+                assert proc.stdout is not None and proc.stdin is not None
+                proc.stdout.close()
+                proc.stdin.close()
