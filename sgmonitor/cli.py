@@ -391,6 +391,34 @@ def _add_services(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         parser.set_defaults(func=func)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from sgmonitor.demo import print_table, run_demo
+
+    doc = run_demo(args.qemu, interval=args.interval, say=_say, policy=_policy(args))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print_table(doc)
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="the whole system in one command: every party, a scan, heartbeats, a failure",
+        description="Start every party as its own process (hypervisor service, attestation "
+        "service, remote monitor, the IDS), list the guest's processes as the monitor "
+        "received them, show heartbeats, stop the IDS and time its detection, stop all.",
+    )
+    demo.add_argument("--qemu", metavar="QMP_SOCKET", help="a guest of yours (default: lab)")
+    demo.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    demo.add_argument(
+        "--interval", type=float, default=0.5, help="heartbeat interval, seconds (>= 0.1)"
+    )
+    _add_policy(demo)
+    demo.set_defaults(func=_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sgmonitor", description="Secure VM introspection from a TEE"
@@ -401,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_enclave(sub)
     _add_services(sub)
+    _add_demo(sub)
     return parser
 
 

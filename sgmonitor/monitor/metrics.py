@@ -70,6 +70,12 @@ class MonitorMetrics:
             buckets=RTT_BUCKETS,
             registry=r,
         )
+        self._challenges = Counter(
+            "sgmonitor_challenges_total",
+            "Heartbeat challenges the monitor sent the IDS.",
+            ["ids"],
+            registry=r,
+        )
         self._heartbeats = Counter(
             "sgmonitor_heartbeats_total",
             "Heartbeat challenges by what became of them.",
@@ -141,6 +147,13 @@ class MonitorMetrics:
             if result == "answered":
                 self._last_success.labels(ids).set(at)
                 self._series[ids].add((self._last_success, (ids,)))
+
+    def challenge(self, ids: str) -> None:
+        """Count one challenge sent (each ends as one ``heartbeat`` result, or is pending)."""
+        _check_name("ids", ids)
+        with self._lock:
+            self._known(ids)
+            self._challenges.labels(ids).inc()
 
     def finding(self, ids: str, check: str, severity: str) -> None:
         """Count one finding of the IDS's ``check`` at ``severity`` (as the report said)."""
@@ -231,6 +244,8 @@ class MonitorMetrics:
         made.add((self._rtt, (ids,)))
         self._scans.labels(ids)
         made.add((self._scans, (ids,)))
+        self._challenges.labels(ids)
+        made.add((self._challenges, (ids,)))
         self._series[ids] = made
 
 

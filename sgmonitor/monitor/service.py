@@ -434,6 +434,7 @@ class MonitorService:
         link.backoff = 1 if len(link.challenges) <= 1 else min(link.backoff * 2, _MAX_BACKOFF)
         link.next_challenge_at = now + self.config.interval * link.backoff
         self._send(link, HeartbeatChallenge(number, challenge))
+        self.metrics.challenge(link.ids)
 
     def _answer(self, link: _Link, msg: HeartbeatAnswer, now: float) -> None:
         assert link.keys is not None
