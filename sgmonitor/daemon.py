@@ -36,9 +36,13 @@ def on_stop(callback: Callable[[], None], *, exit_with_stdin: bool = False) -> N
 
 
 def _watch_stdin(callback: Callable[[], None]) -> None:
+    # os.read, not sys.stdin: a daemon thread blocked inside the buffered reader makes the
+    # interpreter's shutdown abort ("could not acquire lock for <stdin>").
     try:
-        while sys.stdin.buffer.read(4096):
+        while os.read(sys.stdin.fileno(), 4096):
             pass
+    except OSError:
+        pass
     finally:
         callback()
 

@@ -315,7 +315,11 @@ class AttestationService:
         if trusted != raw_ed25519(self.public_key):
             raise Refused(f"the enclave trusts another attestation service ({trusted.hex()})")
         unsealed = binding.suite is Suite.UNSEALED_FOR_EXPERIMENTS_ONLY
-        if unsealed != (config.mode == "secure-plain"):
+        # The mode is the guest pages' suite; a monitor link is always sealed.
+        wanted = Suite.AES256GCM_HKDF_SHA256
+        if binding.purpose is Purpose.HYPERVISOR_SESSION:
+            wanted = config.suite
+        if binding.suite is not wanted:
             raise Refused(f"suite {binding.suite.name} does not match mode {config.mode}")
         if unsealed and not self.config.policy.allow_unsealed:
             raise Refused("the unsealed experiment suite is refused by the policy")
