@@ -276,3 +276,18 @@ def test_units_run_their_party_and_may_write_its_files(
         needed = [Path(home[0].partition("=")[2])]
     for path in needed:
         assert path is not None and may_write(path), f"{name} may not write {path}"
+
+
+def test_an_ids_config_with_a_typo_or_a_bad_mode_is_refused(tmp_path: Path) -> None:
+    good = (
+        'name = "i"\nvm = "v"\nhypervisor = "/run/hv.sock"\nattestation = "127.0.0.1:1"\n'
+        f'verifier_key = "{bytes(32).hex()}"\nmonitor = "127.0.0.1:2"\n'
+        f'monitor_key = "{bytes(32).hex()}"\n'
+    )
+    path = tmp_path / "ids.toml"
+    path.write_text(good)
+    assert IdsConfig.load(path).name == "i"
+    for bad, words in ((good + "intervall = 3\n", "unknown keys"), (good + 'mode = "x"\n', "mode")):
+        path.write_text(bad)
+        with pytest.raises(SGMonitorError, match=words):
+            IdsConfig.load(path)

@@ -267,3 +267,27 @@ def test_prometheus_fires_when_the_ids_is_stopped(guest: GuestUnderTest, tmp_pat
                 assert proc.stdout is not None and proc.stdin is not None
                 proc.stdout.close()
                 proc.stdin.close()
+
+
+def test_a_killed_ids_is_failed_at_once(local: LocalDeployment, tmp_path: Path) -> None:
+    """Killed outright, the IDS's connection closes: the monitor says failed at once,
+    not silence."""
+    proc = subprocess.Popen(
+        [*CLI, "ids", "run", "--config", str(ids_config(local, tmp_path, "killed"))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        read_ready_line(proc, 60.0, "ids run")
+        wait_alert(local, "killed", state("ok"), 10.0)
+        killed_at = time.time()
+        os.kill(proc.pid, signal.SIGKILL)
+        failed = wait_alert(local, "killed", state("failed"), 10.0)
+        assert "the link closed" in str(failed["details"])
+        assert float(failed["time"]) - killed_at < 2 * INTERVAL + 0.5  # type: ignore[arg-type]
+    finally:
+        reap(proc, 5.0)
+        assert proc.stdout is not None and proc.stdin is not None
+        proc.stdout.close()
+        proc.stdin.close()

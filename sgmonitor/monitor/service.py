@@ -327,6 +327,8 @@ class MonitorService:
         link.sock.close()
         if link.is_open:
             self._event({"kind": "link", "ids": link.ids, "event": "closed", "reason": why})
+            if not self._stop.is_set():  # an IDS that is gone has failed, whatever it did
+                self._set_state(link, "failed", self._clock(), f"the link closed: {why}")
 
     # --- the protocol ------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sgmonitor.daemon import on_stop, print_ready
 from sgmonitor.errors import GuestDataError, SGMonitorError
 from sgmonitor.untrusted.library import (
+    MODES,
     LibraryError,
     MonitorEndpoint,
     ScanError,
@@ -47,6 +48,19 @@ from sgmonitor.untrusted.monitor_link import MonitorLinkError
 __all__ = ["IdsConfig", "main", "run"]
 
 _MAX_BACKOFF = 60.0
+_KEYS = {
+    "name",
+    "vm",
+    "hypervisor",
+    "attestation",
+    "verifier_key",
+    "monitor",
+    "monitor_key",
+    "mode",
+    "checks",
+    "interval",
+    "cache_budget_mib",
+}
 
 
 @dataclass(frozen=True)
@@ -67,6 +81,11 @@ class IdsConfig:
     def load(cls, path: Path) -> IdsConfig:
         try:
             doc: dict[str, Any] = tomllib.loads(Path(path).read_text())
+            unknown = set(doc) - _KEYS
+            if unknown:
+                raise ValueError(f"unknown keys {sorted(unknown)}; known: {sorted(_KEYS)}")
+            if doc.get("mode", "secure") not in MODES:
+                raise ValueError(f"mode must be one of {MODES}")
             base = Path(path).parent
             verifier = Verifier(
                 str(doc["attestation"]),
