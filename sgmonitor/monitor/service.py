@@ -256,14 +256,15 @@ class MonitorService:
 
     def _accept(self) -> None:
         assert self._listener is not None
-        try:
-            sock, addr = self._listener.accept()
-        except OSError:
-            return
-        sock.setblocking(False)
-        link = _Link(sock, str(addr))
-        self._links[sock.fileno()] = link
-        self._selector.register(sock, selectors.EVENT_READ, link)
+        while True:  # every connection waiting, not one per pass
+            try:
+                sock, addr = self._listener.accept()
+            except OSError:
+                return
+            sock.setblocking(False)
+            link = _Link(sock, str(addr))
+            self._links[sock.fileno()] = link
+            self._selector.register(sock, selectors.EVENT_READ, link)
 
     def _ready(self, link: _Link, events: int) -> None:
         if events & selectors.EVENT_WRITE:
@@ -434,7 +435,9 @@ class MonitorService:
             del link.challenges[old]
         # answered: every interval; unanswered: back off, doubling up to _MAX_BACKOFF
         link.backoff = 1 if len(link.challenges) <= 1 else min(link.backoff * 2, _MAX_BACKOFF)
-        link.next_challenge_at = now + self.config.interval * link.backoff
+        # from its own due time (no drift, no bunching with links due in the same pass)
+        due = max(link.next_challenge_at, now - self.config.interval)
+        link.next_challenge_at = due + self.config.interval * link.backoff
         self._send(link, HeartbeatChallenge(number, challenge))
         self.metrics.challenge(link.ids)
 
