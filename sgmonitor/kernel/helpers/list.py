@@ -4,9 +4,10 @@ drgn trusts guest data unless asked (``validate_list_for_each``); a monitor faci
 hostile guest can't, so every walk here checks each link as it goes:
 
 - ``next->prev == pos`` (``hlist``: ``node->pprev == &prev->next``),
-- no node is visited twice (a cycle that skips the head would otherwise never end),
+- no node is visited twice (a cycle that skips the head would otherwise never end):
+  Brent's cycle detection, in constant memory, see :class:`WalkGuard`,
 - at most ``limit`` nodes (default :data:`DEFAULT_LIMIT`, 2**20: far above any real
-  kernel list, small enough to bound work and the visited-set memory, ~100 MB worst),
+  kernel list, small enough to bound the work),
 - every node must be readable (a :class:`~sgmonitor.errors.PageFault` is a wild pointer).
 
 Any failure raises :class:`~sgmonitor.errors.ValidationError` naming the list and the
@@ -29,6 +30,7 @@ from sgmonitor.kernel.objects import CType, Object, TypedMemory, TypeKind
 
 __all__ = [
     "DEFAULT_LIMIT",
+    "WalkGuard",
     "hlist_empty",
     "hlist_for_each",
     "hlist_for_each_entry",
@@ -40,6 +42,38 @@ __all__ = [
 ]
 
 DEFAULT_LIMIT = 1 << 20
+
+
+class WalkGuard:
+    """The guard of one walk over guest data: a hard bound and a cycle check.
+
+    Call :meth:`step` with each node's address before using it. Cycles are found with
+    Brent's algorithm (a saved node, replaced at power-of-two distances): constant
+    memory, and a cycle of length L entered after M nodes is seen within about
+    M + 2L steps. Either failure raises :class:`~sgmonitor.errors.ValidationError`
+    naming the walk (``what``) and the node.
+    """
+
+    __slots__ = ("_power", "_saved", "_since", "count", "limit", "what")
+
+    def __init__(self, what: str, limit: int = DEFAULT_LIMIT) -> None:
+        self.what = what
+        self.limit = limit
+        self.count = 0
+        self._saved: int | None = None
+        self._power = 1
+        self._since = 0
+
+    def step(self, pos: int) -> None:
+        """Account for visiting ``pos``: a cycle or node ``limit + 1`` raises."""
+        if pos == self._saved:
+            raise ValidationError(f"{self.what}: node {pos:#x} seen twice (cycle)")
+        if self.count >= self.limit:
+            raise ValidationError(f"{self.what}: more than {self.limit} nodes")
+        self.count += 1
+        self._since += 1
+        if self._since == self._power:  # Brent: move the saved node, double the distance
+            self._saved, self._power, self._since = pos, self._power * 2, 0
 
 
 def _address(obj: Object, struct_name: str) -> int:
@@ -87,8 +121,8 @@ def list_for_each(head: Object, limit: int = DEFAULT_LIMIT) -> Iterator[Object]:
     layout = _links(tm, "list_head", "next", "prev")
     node_type: CType = tm.type("struct list_head *")
     head_addr = _address(head, "list_head")
-    what = f"list at {head_addr:#x}"
-    seen: set[int] = set()
+    guard = WalkGuard(f"list at {head_addr:#x}", limit)
+    what = guard.what
     prev = head_addr
     pos, _ = _read_pair(tm, what, head_addr, layout)
     while True:
@@ -99,11 +133,7 @@ def list_for_each(head: Object, limit: int = DEFAULT_LIMIT) -> Iterator[Object]:
             )
         if pos == head_addr:
             return
-        if pos in seen:
-            raise ValidationError(f"{what}: node {pos:#x} seen twice (cycle)")
-        if len(seen) >= limit:
-            raise ValidationError(f"{what}: more than {limit} nodes")
-        seen.add(pos)
+        guard.step(pos)
         yield tm.value(node_type, pos)
         prev, pos = pos, nxt
 
@@ -234,17 +264,13 @@ def hlist_for_each(head: Object, limit: int = DEFAULT_LIMIT) -> Iterator[Object]
     next_off = layout[1]
     node_type = tm.type("struct hlist_node *")
     head_addr = _address(head, "hlist_head")
-    what = f"hlist at {head_addr:#x}"
+    guard = WalkGuard(f"hlist at {head_addr:#x}", limit)
+    what = guard.what
     first_off = tm.offsetof("struct hlist_head", "first")
     pos = _hlist_first(tm, head_addr)
     link = head_addr + first_off  # the address that must hold pos: &head->first
-    seen: set[int] = set()
     while pos:
-        if pos in seen:
-            raise ValidationError(f"{what}: node {pos:#x} seen twice (cycle)")
-        if len(seen) >= limit:
-            raise ValidationError(f"{what}: more than {limit} nodes")
-        seen.add(pos)
+        guard.step(pos)
         nxt, pprev = _read_pair(tm, what, pos, layout)
         if pprev != link:
             raise ValidationError(
