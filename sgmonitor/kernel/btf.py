@@ -179,6 +179,7 @@ class Btf:
         self._members: dict[int, dict[str, Member]] = {}
         self._by_name_off: dict[int, list[int]] | None = None
         self._found: dict[str, list[int]] = {}
+        self._enum_by_name_off: dict[int, list[int]] | None = None
 
     @classmethod
     def from_vmlinux(cls, path: str | Path) -> Btf:
@@ -331,6 +332,40 @@ class Btf:
         ids.sort()
         self._found[name] = ids
         return list(ids)
+
+    def enumerator_value(self, name: str) -> int:
+        """The value of enumerator ``name`` (``PIDTYPE_TGID``) in the first ENUM or ENUM64
+        type declaring it; KeyError when no enum has it.
+
+        Found as :meth:`find_all` finds types: by the string's offsets, through an index of
+        every enumerator's name offset built on the first call (no enum decoded to build it).
+        """
+        if self._enum_by_name_off is None:
+            self._enum_by_name_off = self._index_enumerators()
+        key = name.encode() + b"\0"
+        ids: set[int] = set()
+        pos = self._strings.find(key, 1)
+        while pos >= 0:
+            ids.update(self._enum_by_name_off.get(pos, ()))
+            pos = self._strings.find(key, pos + 1)
+        for type_id in sorted(ids):
+            for enumerator in self.type(type_id).enumerators:
+                if enumerator.name == name:
+                    return enumerator.value
+        raise KeyError(f"no enumerator named {name!r} in BTF")
+
+    def _index_enumerators(self) -> dict[int, list[int]]:
+        words = self._words
+        by_offset: dict[int, list[int]] = {}
+        for type_id, at in enumerate(self._offsets, 1):
+            info = words[at + 1]
+            kind = (info >> 24) & 0x1F
+            if kind not in (Kind.ENUM, Kind.ENUM64):
+                continue
+            per = _PER[kind]
+            for i in range(info & 0xFFFF):
+                by_offset.setdefault(words[at + 3 + per * i], []).append(type_id)
+        return by_offset
 
     def _index_name_offsets(self) -> dict[int, list[int]]:
         words = self._words

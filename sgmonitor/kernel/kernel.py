@@ -84,6 +84,17 @@ class Kernel:
                 f"no type known for {name!r}: name it, e.g. object({name!r}, 'unsigned long')"
             ) from None
 
+    def constant(self, name: str) -> int:
+        """The value of the enumerator ``name`` from BTF (``constant("PIDTYPE_TGID")``).
+
+        Enumerators are the one kind of kernel constant BTF keeps (``#define``s are lost);
+        LookupError when ``name`` is no enumerator of this kernel.
+        """
+        try:
+            return self.btf.enumerator_value(name)
+        except KeyError:
+            raise LookupError(f"the guest kernel's BTF has no enumerator {name!r}") from None
+
     def cast(self, type_name: str, value: Object | int) -> Object:
         return self.types.cast(type_name, value)
 

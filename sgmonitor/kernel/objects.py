@@ -18,14 +18,21 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
+from sgmonitor.errors import GuestDataError
 from sgmonitor.kernel.address_space import AddressSpace
 from sgmonitor.kernel.btf import Btf, BtfError, Kind
 
-__all__ = ["CType", "Object", "TypeKind", "TypedMemory"]
+__all__ = ["CType", "DesignatorIndexError", "Object", "TypeKind", "TypedMemory"]
 
 MAX_READ = 1 << 20  # largest single value read (bytes); a hostile BTF can claim huge arrays
 MAX_STRING = 4096  # default bound for C strings read through a pointer
 PAGE = 4096
+MAX_DESIGNATOR = 256  # characters in a member designator ("pid_links[1].next")
+
+
+class DesignatorIndexError(GuestDataError, IndexError):
+    """A designator's subscript is outside the array's length as the guest's BTF declares
+    it (``pid_links[7]`` of a ``struct hlist_node [4]``)."""
 
 
 class TypeKind:
@@ -49,6 +56,33 @@ _COMPOUND = frozenset({TypeKind.STRUCT, TypeKind.UNION})
 
 _INT_WORDS = frozenset({"char", "short", "int", "long", "signed", "unsigned", "_Bool"})
 _TOKEN = re.compile(r"\s*(?:([A-Za-z_]\w*)|(\*)|\[\s*(\d*)\s*\]|(\S))")
+_DESIGNATOR_PART = re.compile(r"(?:^|\.)([A-Za-z_]\w*)|\[(\d{1,10})\]")
+
+
+def _designator(path: str) -> list[str | int]:
+    """The parts of a C member designator: ``"pid_links[1].next"`` is
+    ``["pid_links", 1, "next"]``; ValueError for anything else (bounded length)."""
+    if len(path) > MAX_DESIGNATOR:
+        raise ValueError(f"member designator longer than {MAX_DESIGNATOR} characters")
+    parts: list[str | int] = []
+    at = 0
+    while at < len(path):
+        m = _DESIGNATOR_PART.match(path, at)
+        if m is None or (at == 0) != (m[1] is not None and not m[0].startswith(".")):
+            raise ValueError(f"cannot parse member designator {path!r} at {at}")
+        parts.append(m[1] if m[1] is not None else int(m[2]))
+        at = m.end()
+    if not parts:
+        raise ValueError("empty member designator")
+    return parts
+
+
+def _check_index(ctype: CType, index: int) -> None:
+    """A designator's subscript must lie in a fixed array (flexible arrays: any)."""
+    if ctype.kind != TypeKind.ARRAY:
+        raise TypeError(f"{ctype.name} is not an array")
+    if ctype.length and index >= ctype.length:
+        raise DesignatorIndexError(f"index {index} out of range for {ctype.name}")
 
 
 class CType:
@@ -190,7 +224,8 @@ class TypedMemory:
         return ctype.size
 
     def offsetof(self, spec: str | int | CType, member: str) -> int:
-        """``offsetof(spec, member)``; ``member`` may be a dotted path (``"se.run_node"``)."""
+        """``offsetof(spec, member)``; ``member`` is a designator (``"se.run_node"``,
+        ``"pid_links[1]"``)."""
         offset, _ = self._member_path(self.type(spec), member)
         return offset
 
@@ -202,7 +237,12 @@ class TypedMemory:
 
     def _member_path(self, ctype: CType, path: str) -> tuple[int, CType]:
         offset = 0
-        for part in path.split("."):
+        for part in _designator(path):
+            if isinstance(part, int):
+                _check_index(ctype, part)
+                ctype = ctype.target
+                offset += part * self.sizeof(ctype)
+                continue
             step, ctype, bits = ctype.member(part)
             if bits is not None:
                 raise TypeError(f"offsetof a bitfield ({path!r})")
@@ -456,7 +496,11 @@ class Object:
         return self.member_(name)
 
     def member_(self, name: str) -> Object:
-        """``obj.name`` (or ``obj->name`` when this is a pointer)."""
+        """``obj.name`` (or ``obj->name`` when this is a pointer); ``name`` may be a
+        designator (``"pid_links[1].pprev"``), its subscripts checked against the
+        array's length (:class:`DesignatorIndexError`)."""
+        if not name.isidentifier():
+            return self._designated(name)
         obj = self
         if self._type.kind == TypeKind.POINTER:
             obj = self.deref_()
@@ -467,6 +511,17 @@ class Object:
         assert isinstance(raw, bytes)
         size = mtype.size if bits is None else (bits[0] + bits[1] + 7) // 8
         return Object(self._tm, mtype, None, raw[offset : offset + (size or 0)], bits)
+
+    def _designated(self, path: str) -> Object:
+        obj = self
+        for part in _designator(path):
+            if isinstance(part, int):
+                if obj._type.kind != TypeKind.POINTER:
+                    _check_index(obj._type, part)
+                obj = obj[part]
+            else:
+                obj = obj.member_(part)
+        return obj
 
     def deref_(self) -> Object:
         """``*ptr`` as a reference object (nothing is read until used)."""
