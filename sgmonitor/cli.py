@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sgmonitor.errors import GuestDataError, SGMonitorError
 from sgmonitor.lab.kernel import FLAVORS, LabError
@@ -22,6 +23,11 @@ MODES = ("traditional", "secure-plain", "secure")
 EXIT_COULD_NOT_CHECK = 3
 # A party (enclave loader, attestation service, hypervisor service) refused the session.
 EXIT_REFUSED = 4
+EXIT_USAGE = 2
+
+
+class UsageError(SGMonitorError):
+    """The command's arguments are wrong (exit 2, as argparse's own errors)."""
 
 
 def _lab_start(args: argparse.Namespace) -> int:
@@ -143,32 +149,30 @@ def _add_policy(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _ps(args: argparse.Namespace) -> int:
-    mode = args.mode or ("secure" if args.qemu else "traditional")
-    if (args.cr3 is None) != (args.raw is None) or (args.cr4 is None) != (args.raw is None):
-        raise SGMonitorError("--raw needs --cr3 and --cr4 (from 'info registers'), and only it")
-    if mode != "traditional":
-        if not args.qemu or args.ram:
-            raise SGMonitorError(
-                "--core, --raw and --ram are read in this process: --mode traditional"
-            )
-        if args.vmlinux or args.system_map or args.btf_sha256:
-            raise SGMonitorError(
-                "--vmlinux, --system-map and --btf-sha256 apply to --mode traditional only"
-            )
-        from sgmonitor.local import scan_qemu
-
-        records, _ = scan_qemu(
-            args.qemu,
-            mode=mode,
-            cache_budget=args.cache_budget << 20,
-            policy=_policy(args),
-            say=_say,
+def _secure_report(args: argparse.Namespace, mode: str, check: str) -> dict[str, Any]:
+    """``check`` run through a local deployment: the report as the monitor opened it."""
+    if not args.qemu or args.ram:
+        raise SGMonitorError("--core, --raw and --ram are read in this process: --mode traditional")
+    if args.vmlinux or args.system_map or args.btf_sha256:
+        raise SGMonitorError(
+            "--vmlinux, --system-map and --btf-sha256 apply to --mode traditional only"
         )
-        _print_processes([dict(r) for r in records], args.json)
-        return 0
+    from sgmonitor.local import scan_qemu
 
-    from sgmonitor.ids.pslist import list_processes
+    return scan_qemu(
+        args.qemu,
+        mode=mode,
+        check=check,
+        cache_budget=args.cache_budget << 20,
+        policy=_policy(args),
+        say=_say,
+    )
+
+
+@contextlib.contextmanager
+def _traditional_kernel(args: argparse.Namespace) -> Iterator[Any]:
+    """The guest kernel read in this process, from a live guest (held paused), an ELF
+    core or a raw image."""
     from sgmonitor.traditional import open_guest_kernel
 
     options = {
@@ -183,14 +187,88 @@ def _ps(args: argparse.Namespace) -> int:
         # CR0.PG: a raw image of a running 64-bit kernel has paging on.
         registers = Registers(cr0=1 << 31, cr3=args.cr3 or 0, cr4=args.cr4 or 0)
         with ElfCore(args.core) if args.core else RawImage(args.raw, registers) as dump:
-            found = list_processes(open_guest_kernel(dump, **options))
+            yield open_guest_kernel(dump, **options)
     else:
         from sgmonitor.guest.qemu import QemuGuest
 
         with QemuGuest(args.qemu, args.ram) as live, live.paused():
-            found = list_processes(open_guest_kernel(live, **options))
+            yield open_guest_kernel(live, **options)
+
+
+def _mode(args: argparse.Namespace) -> str:
+    if (args.cr3 is None) != (args.raw is None) or (args.cr4 is None) != (args.raw is None):
+        raise SGMonitorError("--raw needs --cr3 and --cr4 (from 'info registers'), and only it")
+    return str(args.mode or ("secure" if args.qemu else "traditional"))
+
+
+def _ps(args: argparse.Namespace) -> int:
+    mode = _mode(args)
+    if mode != "traditional":
+        records = _secure_report(args, mode, "pslist")["records"]
+        _print_processes([dict(r) for r in records], args.json)
+        return 0
+    from sgmonitor.ids.pslist import list_processes
+
+    with _traditional_kernel(args) as kernel:
+        found = list_processes(kernel)
     _print_processes([r.as_dict() for r in found], args.json)
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from sgmonitor.ids.registry import registered, run_checks
+
+    mode = _mode(args)
+    names = [n for n in (args.only or "").split(",") if n]
+    unknown = sorted(set(names) - set(registered()))
+    if unknown:
+        raise UsageError(f"unknown checks {unknown}; known: {list(registered())}")
+    if mode != "traditional":
+        findings = _secure_report(args, mode, ",".join(names) or "all")["findings"]
+    else:
+        with _traditional_kernel(args) as kernel:
+            findings = [f.as_dict() for f in run_checks(kernel, names)]
+    for finding in findings:
+        if args.json:
+            print(json.dumps(finding))
+        else:
+            where = " ".join(
+                f"{k}={finding[k]:#x}" if k == "address" else f"{k}={finding[k]}"
+                for k in ("pid", "module", "symbol", "address")
+                if k in finding
+            )
+            print(
+                f"{finding['severity'].upper():8} {finding['check']}: {finding['summary']} {where}"
+            )
+    return 1 if findings else 0
+
+
+def _add_guest_source(parser: argparse.ArgumentParser, default_mode: str) -> None:
+    """The options ``ps`` and ``check`` share: where the guest is, which path reads it."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--qemu", metavar="QMP_SOCKET", help="a running QEMU guest's QMP socket")
+    source.add_argument("--core", metavar="FILE", help="an ELF core from dump-guest-memory")
+    source.add_argument(
+        "--raw", metavar="FILE", help="a raw RAM image (QEMU layout), with --cr3 and --cr4"
+    )
+    parser.add_argument("--cr3", type=lambda v: int(v, 16), metavar="HEX", help="for --raw")
+    parser.add_argument("--cr4", type=lambda v: int(v, 16), metavar="HEX", help="for --raw")
+    parser.add_argument(
+        "--mode",
+        choices=("secure", "secure-plain", "traditional"),
+        help=default_mode,
+    )
+    parser.add_argument(
+        "--cache-budget", type=int, default=32, metavar="MIB", help="enclave page cache (MiB)"
+    )
+    parser.add_argument("--ram", metavar="FILE", help="the guest RAM file (default: ask QMP)")
+    parser.add_argument("--json", action="store_true", help="JSON Lines instead of a table")
+    parser.add_argument(
+        "--vmlinux", type=Path, help="vendor vmlinux: refuse a guest whose BTF differs"
+    )
+    parser.add_argument("--system-map", type=Path, help="System.map to take symbols from")
+    parser.add_argument("--btf-sha256", metavar="HEX", help="refuse a guest whose BTF hash differs")
+    _add_policy(parser)
 
 
 def _add_ps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -200,31 +278,25 @@ def _add_ps(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="List the guest's processes by reading its kernel memory. Needs no "
         "debug files: symbols and types come from the guest itself.",
     )
-    source = ps.add_mutually_exclusive_group(required=True)
-    source.add_argument("--qemu", metavar="QMP_SOCKET", help="a running QEMU guest's QMP socket")
-    source.add_argument("--core", metavar="FILE", help="an ELF core from dump-guest-memory")
-    source.add_argument(
-        "--raw", metavar="FILE", help="a raw RAM image (QEMU layout), with --cr3 and --cr4"
-    )
-    ps.add_argument("--cr3", type=lambda v: int(v, 16), metavar="HEX", help="for --raw")
-    ps.add_argument("--cr4", type=lambda v: int(v, 16), metavar="HEX", help="for --raw")
-    ps.add_argument(
-        "--mode",
-        choices=("secure", "secure-plain", "traditional"),
-        help="secure (default for --qemu): enclave + hypervisor service, sealed pages; "
+    _add_guest_source(
+        ps,
+        "secure (default for --qemu): enclave + hypervisor service, sealed pages; "
         "secure-plain: the same path UNSEALED, for experiments only; traditional: read "
         "guest RAM in this process (default for --core and --raw)",
     )
-    ps.add_argument(
-        "--cache-budget", type=int, default=32, metavar="MIB", help="enclave page cache (MiB)"
-    )
-    ps.add_argument("--ram", metavar="FILE", help="the guest RAM file (default: ask QMP)")
-    ps.add_argument("--json", action="store_true", help="JSON Lines instead of a table")
-    ps.add_argument("--vmlinux", type=Path, help="vendor vmlinux: refuse a guest whose BTF differs")
-    ps.add_argument("--system-map", type=Path, help="System.map to take symbols from")
-    ps.add_argument("--btf-sha256", metavar="HEX", help="refuse a guest whose BTF hash differs")
-    _add_policy(ps)
     ps.set_defaults(func=_ps)
+
+
+def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    check = sub.add_parser(
+        "check",
+        help="run the IDS checks once: exit 0 nothing found, 1 findings, 3 could not check",
+        description="Run the registered checks (sgmonitor/ids/checks/) over the guest. "
+        "Exit 0: nothing found; 1: findings; 3: could not check the guest.",
+    )
+    _add_guest_source(check, "secure (default for --qemu) or traditional (see ps)")
+    check.add_argument("--only", metavar="NAME,...", help="these checks only (default: all)")
+    check.set_defaults(func=_check)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -426,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_lab(sub)
     _add_ps(sub)
+    _add_check(sub)
     _add_bench(sub)
     _add_enclave(sub)
     _add_services(sub)
@@ -447,6 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AttestationRefused as exc:
         print(f"sgmonitor: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    except UsageError as exc:
+        print(f"sgmonitor: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (LabError, SGMonitorError) as exc:
         print(f"sgmonitor: error: {exc}", file=sys.stderr)
         return 1

@@ -242,8 +242,9 @@ def scan_qemu(
     timeout: float = 30.0,
     policy: Policy | None = None,
     say: Callable[[str], None] | None = None,
-) -> tuple[list[dict[str, int | str]], dict[str, object]]:
-    """One secure scan of a QEMU guest through a :func:`local_deployment`."""
+) -> dict[str, Any]:
+    """One secure scan of a QEMU guest through a :func:`local_deployment`: the report as
+    the monitor opened it (``records`` for pslist, ``findings`` for checks, ``stats``)."""
     unsealed = mode == "secure-plain"
     with local_deployment(
         {"guest": qmp_socket}, policy=policy, allow_unsealed=unsealed, say=say
@@ -258,4 +259,5 @@ def scan_qemu(
             timeout=timeout,
         )
         with ids:
-            return local.records(ids, check)
+            result = ids.scan(check)
+            return local.opened_report(ids.ids, result.report_seq)

@@ -4,19 +4,17 @@ from the live guest and from an ELF core, and against hostile guest data.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import mmap
-import os
 import re
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dkom import pointer as _pointer
+from dkom import tampered
 from guests import MAIN, GuestUnderTest, only
 
 from sgmonitor.guest.qemu import QemuGuest
@@ -186,36 +184,6 @@ def test_system_map_is_used_when_it_fits(guest: GuestUnderTest, tmp_path: Path) 
 
 
 # -- hostile guest data: written into the paused guest's RAM file by the test --------
-
-
-@contextlib.contextmanager
-def tampered(live: QemuGuest, patches: dict[int, bytes]) -> Iterator[None]:
-    """Write ``patches`` (guest-physical address -> bytes) into the paused guest's RAM
-    file, and put the original bytes back afterwards."""
-    saved = {gpa: live.read_physical(gpa, len(data)) for gpa, data in patches.items()}
-    fd = os.open(live.path, os.O_RDWR)
-    try:
-        with mmap.mmap(fd, 0) as ram:
-            for gpa, data in patches.items():
-                offset = _file_offset(live, gpa)
-                ram[offset : offset + len(data)] = data
-            try:
-                yield
-            finally:
-                for gpa, data in saved.items():
-                    offset = _file_offset(live, gpa)
-                    ram[offset : offset + len(data)] = data
-    finally:
-        os.close(fd)
-
-
-def _file_offset(live: QemuGuest, gpa: int) -> int:
-    seg = next(s for s in live.segments if s.address <= gpa < s.end)
-    return seg.file_offset + gpa - seg.address
-
-
-def _pointer(value: int) -> bytes:
-    return value.to_bytes(8, "little")
 
 
 def assert_could_not_check(qmp: str, mode: str, *expected: str) -> None:

@@ -237,7 +237,7 @@ def test_scan_qemu_starts_and_stops_everything(
     one QMP client: the module's service, with no session open now, has let go of it."""
     children_before = _children()
     started = time.monotonic()
-    records, _ = scan_qemu(guest.info.qmp, mode="secure")
+    records = scan_qemu(guest.info.qmp, mode="secure")["records"]
     assert stable(records) == stable(traditional["records"])  # type: ignore[arg-type]
     assert time.monotonic() - started < 60
     assert _children() == children_before  # no orphans: enclave and service are gone

@@ -34,6 +34,7 @@ from sgmonitor.enclave.memory import DEFAULT_BUDGET, RemoteMemory
 from sgmonitor.enclave.transport import ExchangeFailed, SealedTransport, SessionFailed
 from sgmonitor.errors import GuestDataError, SGMonitorError
 from sgmonitor.ids.pslist import list_processes
+from sgmonitor.ids.registry import registered, run_checks
 from sgmonitor.kernel.kernel import Kernel, open_kernel
 from sgmonitor.keywrap import wrap_session_key
 from sgmonitor.monitorlink import LinkKeys, ReportSealer, heartbeat_mac
@@ -65,7 +66,7 @@ from sgmonitor.wire import (
 
 __all__ = ["EnclaveCallError", "EnclaveProgram", "HostPort"]
 
-CHECKS = ("pslist",)
+LISTING = "pslist"  # the process list; any other name is one or more registered checks
 _OCALL_IDS = 1 << 63  # OCALL ids count up from here, ECALL ids (the host's) below
 _MAX_TIMEOUT_MS = 600_000
 _MIN_BUDGET = 1 << 20
@@ -312,8 +313,7 @@ class EnclaveProgram:
         session = self.sessions.get(vm)
         if session is None:
             raise EnclaveCallError(ErrorCode.UNKNOWN_SESSION, f"no session for {vm!r}")
-        if check not in CHECKS:
-            raise EnclaveCallError(ErrorCode.BAD_REQUEST, f"unknown check {check!r}: {CHECKS}")
+        names = _check_names(check)
         budget, timeout, pause = _options(options)
         transport = session.transport
         if transport.failure is not None:
@@ -332,7 +332,7 @@ class EnclaveProgram:
             transport.crossing_s,
         )
         started = time.perf_counter()
-        status, error, records = "ok", "", []
+        status, error, records, findings = "ok", "", [], []
         opened_kernel = session.kernel is None
         try:
             try:
@@ -340,11 +340,16 @@ class EnclaveProgram:
                 if session.kernel is None:
                     session.kernel = open_kernel(memory, transport.vmcoreinfo_notes())
                     memory.learn_from_here()  # later scans do not open the kernel
-                records = [r.as_dict() for r in list_processes(session.kernel)]
+                if names is None:
+                    records = [r.as_dict() for r in list_processes(session.kernel)]
+                else:
+                    found = run_checks(session.kernel, names, discover=False)
+                    findings = [f.as_dict() for f in found]
             except GuestDataError as exc:
                 # Perhaps the guest rebooted (new KASLR slide): find the kernel afresh.
                 session.kernel = None
                 status, error, records = "could-not-check", for_host(str(exc))[:2000], []
+                findings = []
             finally:
                 if transport.failure is None:
                     transport.end_scan()
@@ -375,8 +380,23 @@ class EnclaveProgram:
             "stats": stats,
             "scan": self.progress,
         }
-        seq, sealed = link.sealer.seal(_json({**clear, "records": records}))
+        seq, sealed = link.sealer.seal(_json({**clear, "records": records, "findings": findings}))
         return seq, sealed, _json(clear)
+
+
+def _check_names(check: str) -> list[str] | None:
+    """None for the process list; else the checks asked for ("all", or names joined
+    by commas), each of them registered."""
+    if check == LISTING:
+        return None
+    known = registered(discover=False)
+    names = list(known) if check == "all" else check.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise EnclaveCallError(
+            ErrorCode.BAD_REQUEST, f"unknown check {check!r}: {LISTING}, all, or {list(known)}"
+        )
+    return names
 
 
 def _json(doc: object) -> bytes:
