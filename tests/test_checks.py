@@ -21,6 +21,7 @@ from sgmonitor.traditional import open_guest_kernel
 pytestmark = pytest.mark.guest
 
 EXIT_FINDINGS = 1
+MODES = ("traditional", "secure")
 
 
 def check_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -70,9 +71,38 @@ def test_a_borrowed_root_cred_is_found(guest: GuestUnderTest, mode: str) -> None
     assert after.returncode == 0 and after.stdout == ""  # restored
 
 
+@only(MAIN)
+def test_a_hooked_syscall_table_entry_is_found(guest: GuestUnderTest) -> None:
+    """DKOM from outside: ``sys_call_table[getppid]`` set to getpid's handler. (On these
+    kernels ``x64_sys_call`` dispatches, so the hook is inert: the test confirms the
+    write by reading it back, not by the guest's behaviour.)"""
+    with QemuGuest(guest.info.qmp) as live:
+        with live.paused():
+            kernel = open_guest_kernel(live)
+            symbols = kernel.symbols
+            table = symbols["sys_call_table"]  # type: ignore[index]
+            raw = kernel.memory.read(table, 8 * 512)
+            entries = [int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 8)]
+            nr = entries.index(symbols["__x64_sys_getppid"])  # type: ignore[index]
+            slot = kernel.memory.translate(table + 8 * nr)
+            hook = pointer(symbols["__x64_sys_getpid"])  # type: ignore[index]
+        live.qmp.close()
+        with tampered(live, {slot: hook}):
+            assert live.read_physical(slot, 8) == hook
+            results = {m: check_cli("--qemu", guest.info.qmp, "--mode", m) for m in MODES}
+    for mode, result in results.items():
+        assert result.returncode == EXIT_FINDINGS, (mode, result.stderr)
+        findings = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [(f["check"], f["symbol"]) for f in findings] == [
+            ("syscall_table", f"sys_call_table[{nr}]")
+        ], mode
+        assert findings[0]["found"] == "__x64_sys_getpid"
+
+
 def test_the_registry_finds_checks_by_name_and_refuses_unknown_ones() -> None:
     checks = registered()
-    assert "credentials" in checks and checks["credentials"].description
+    assert {"credentials", "syscall_table"} <= set(checks)
+    assert all(c.description for c in checks.values())
     with pytest.raises(KeyError, match="unknown checks"):
         run_checks(object(), ["no-such-check"])
     with pytest.raises(ValueError, match="registered twice"):
