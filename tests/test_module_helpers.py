@@ -37,6 +37,7 @@ from sgmonitor.kernel.helpers.rbtree import (
     latch_tree_for_each,
     rb_first,
     rb_next,
+    rb_parent,
     rbtree_inorder_for_each,
     rbtree_inorder_for_each_entry,
 )
@@ -125,6 +126,11 @@ def test_inorder_walk(trees: Trees, count: int) -> None:
         stepped.append(int(node))
         node = rb_next(node)
     assert stepped == expected
+    top = expected[count // 2]  # build() puts the middle node on top
+    assert int(rb_parent(trees.tm.value("struct rb_node *", top))) == 0
+    for i in range(count):
+        up = int(rb_parent(trees.tm.value("struct rb_node *", expected[i])))
+        assert up == 0 if expected[i] == top else up in expected
     # The root may also be given as the struct rb_root object itself.
     assert len(list(rbtree_inorder_for_each(trees.tm.object("struct rb_root", ROOT)))) == count
 

@@ -101,7 +101,7 @@ def for_each_mod_tree_module(kernel: Kernel, limit: int = DEFAULT_LIMIT) -> Iter
     seen: set[int] = set()
     nodes = latch_tree_for_each_entry("struct mod_tree_node", mod_tree.root, "node", None, limit)
     for mtn in nodes:
-        mod = mtn.mod
+        mod = mtn.mod.read_()  # a value: read once
         owned = {m.mtn.address_ for m in _module_memories(mod)}
         if int(mtn) not in owned:
             raise ValidationError(
