@@ -41,10 +41,32 @@ def _lab_start(args: argparse.Namespace) -> int:
         kaslr=not args.no_kaslr,
         pti=args.pti,
         workload=Workload(procs=args.procs, busy=args.busy),
+        files=tuple(_added_file(spec) for spec in args.add),
     )
     guest = machine.start(args.name, config)
     print(json.dumps(guest.as_dict()))
     return 0
+
+
+def _added_file(spec: str) -> tuple[str, str]:
+    """``FILE[:GUEST_PATH]`` as (host file, guest path); the default is /root/NAME."""
+    host, sep, guest = spec.partition(":")
+    if not host:
+        raise LabError(f"--add {spec!r}: no file named")
+    return (host, guest if sep else f"/root/{Path(host).name}")
+
+
+def _lab_exec(args: argparse.Namespace) -> int:
+    from sgmonitor.lab import machine
+
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise LabError("no command: sgmonitor lab exec NAME -- CMD [ARGS...]")
+    status, output = machine.exec_in_guest(machine.load(args.name), argv, args.timeout)
+    sys.stdout.write(output)
+    sys.stdout.flush()
+    print(f"exit status {status}", file=sys.stderr)
+    return status
 
 
 def _lab_stop(args: argparse.Namespace) -> int:
@@ -96,7 +118,27 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     start.add_argument("--no-kaslr", action="store_true")
     start.add_argument("--pti", action="store_true", help="boot with pti=on")
     start.add_argument("--mem", type=int, default=256, help="guest RAM in MiB")
+    start.add_argument(
+        "--add",
+        action="append",
+        default=[],
+        metavar="FILE[:GUEST_PATH]",
+        help="put FILE into the guest's initramfs (default /root/NAME); repeatable",
+    )
     start.set_defaults(func=_lab_start)
+
+    run = labsub.add_parser(
+        "exec",
+        help="run a command in a running guest (as root); print its output, exit with its status",
+        description="Run CMD ARGS in the guest over its command channel, words quoted for "
+        "its shell (use 'sh -c LINE' for pipes). Output (stdout and stderr together) is cut "
+        "at 64 KiB; the guest kills the command after --timeout seconds (status 143). "
+        "Options go before NAME: sgmonitor lab exec --timeout 5 NAME -- CMD ARGS.",
+    )
+    run.add_argument("name")
+    run.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    run.add_argument("argv", nargs="*", metavar="CMD [ARGS...]", help="after a '--'")
+    run.set_defaults(func=_lab_exec)
 
     stop = labsub.add_parser("stop", help="stop guests and remove their RAM files")
     stop.add_argument("names", nargs="*")

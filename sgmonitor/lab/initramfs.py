@@ -11,12 +11,20 @@ Console protocol written by /init (one record a line):
 ``SGM-END <n>``                         end of truth block number n
 ``SGM-READY``                           after the first block: the guest is ready
 
-Writing a line to the guest's second serial port (a socket) asks for a fresh block.
+Commands, one a line, on the guest's second serial port (a socket):
+
+``exec <id> <seconds> <base64>``        run the decoded shell command line with stdin
+                                        from /dev/null, killed after <seconds>; answers
+``SGM-OUT <id> <base64>``               its stdout and stderr (first MAX_OUTPUT bytes)
+``SGM-EXIT <id> <status> <size>``       its exit status (143: timed out) and full size
+anything else                           a fresh truth block
 """
 
 from __future__ import annotations
 
+import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +41,10 @@ TRUTH_SYMBOLS = (
 
 # Every 4th workload process runs as this uid so ps has more than root to report.
 WORKLOAD_UID = 1000
+# What an exec command may print back (the rest is counted, not sent).
+MAX_OUTPUT = 65536
+# An exec command line, base64-encoded, must fit a canonical tty line (4095 bytes).
+MAX_COMMAND = 3000
 # Long enough to outlive any lab run, small enough for busybox's sleep.
 _FOREVER = 2147483647
 
@@ -72,11 +84,25 @@ truth() {
 }
 truth 0
 echo SGM-READY
+run() {
+  case "$1$2" in *[!0-9a-f]*|'') echo "SGM-WARN bad exec request"; return;; esac
+  echo "$3" | base64 -d > /tmp/.sgm-cmd 2>/dev/null
+  timeout "$2" sh /tmp/.sgm-cmd > /tmp/.sgm-out 2>&1 < /dev/null
+  st=$?
+  size=$(wc -c < /tmp/.sgm-out)
+  head -c @MAXOUT@ /tmp/.sgm-out | base64 | sed "s/^/SGM-OUT $1 /"
+  echo "SGM-EXIT $1 $st $size"
+  rm -f /tmp/.sgm-cmd /tmp/.sgm-out
+}
 n=1
 stty -F /dev/ttyS1 -echo 2>/dev/null
-while read -r line; do
-  truth $n
-  n=$((n + 1))
+while read -r kind a b c; do
+  if [ "$kind" = exec ]; then
+    run "$a" "$b" "$c"
+  else
+    truth $n
+    n=$((n + 1))
+  fi
 done < /dev/ttyS1 &
 wait
 while :; do sleep @FOREVER@; done
@@ -99,15 +125,40 @@ def init_script(workload: Workload) -> str:
         .replace("@BUSY@", "1" if workload.busy else "0")
         .replace("@FOREVER@", str(_FOREVER))
         .replace("@SYMBOLS@", " ".join(TRUTH_SYMBOLS))
+        .replace("@MAXOUT@", str(MAX_OUTPUT))
     )
 
 
-def build_initramfs(fw_cfg_module: Path, workload: Workload, busybox: Path = BUSYBOX) -> bytes:
-    """Return a cpio (newc) archive holding busybox, the fw_cfg module and /init."""
+def guest_path(path: str) -> str:
+    """An absolute, normalised guest path for an added file, or ValueError."""
+    parts = path.split("/")
+    if not path.startswith("/") or any(p in ("", ".", "..") for p in parts[1:]):
+        raise ValueError(f"bad guest path {path!r} (absolute, no . or .. or //)")
+    return path
+
+
+def build_initramfs(
+    fw_cfg_module: Path,
+    workload: Workload,
+    busybox: Path = BUSYBOX,
+    files: Sequence[tuple[str, str]] = (),
+) -> bytes:
+    """Return a cpio (newc) archive holding busybox, the fw_cfg module and /init, and
+    each ``(host file, guest path)`` of ``files`` (executable if the host file is)."""
     if not busybox.exists():
         raise FileNotFoundError(f"{busybox} missing: apt-get install busybox-static")
+    added = []
+    for host, guest in files:
+        source = Path(host)
+        if not source.is_file():
+            raise FileNotFoundError(f"{host}: no such file to add to the guest")
+        added.append((guest_path(guest).lstrip("/"), source))
     archive = CpioWriter()
-    for d in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"):
+    dirs = ["bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules", "root"]
+    for name, _ in added:
+        parents = name.split("/")[:-1]
+        dirs += ["/".join(parents[: i + 1]) for i in range(len(parents))]
+    for d in dict.fromkeys(dirs):
         archive.add_dir(d)
     archive.add_device("dev/console", major=5, minor=1)
     archive.add_file("bin/busybox", busybox.read_bytes(), mode=0o755)
@@ -116,6 +167,9 @@ def build_initramfs(fw_cfg_module: Path, workload: Workload, busybox: Path = BUS
     archive.add_file("etc/passwd", _PASSWD.encode(), mode=0o644)
     archive.add_file("etc/group", _GROUP.encode(), mode=0o644)
     archive.add_file("init", init_script(workload).encode(), mode=0o755)
+    for name, source in added:
+        mode = 0o755 if os.access(source, os.X_OK) else 0o644
+        archive.add_file(name, source.read_bytes(), mode=mode)
     return archive.finish()
 
 

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
+import math
 import os
 import re
+import secrets
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sgmonitor.guest.qmp import Qmp, QmpError
-from sgmonitor.lab.initramfs import Workload, build_initramfs
+from sgmonitor.lab.initramfs import (
+    MAX_COMMAND,
+    MAX_OUTPUT,
+    Workload,
+    build_initramfs,
+    guest_path,
+)
 from sgmonitor.lab.kernel import LabError, fetch_kernel
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
@@ -35,8 +47,15 @@ class MachineConfig:
     kaslr: bool = True
     pti: bool = False
     workload: Workload = field(default_factory=Workload)
+    # (host file, guest path) pairs put into the initramfs.
+    files: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        for _, path in self.files:
+            try:
+                guest_path(path)
+            except ValueError as exc:
+                raise LabError(str(exc)) from None
         if self.paging not in (4, 5):
             raise LabError("--paging must be 4 or 5")
         if not 64 <= self.mem_mib <= 16384:
@@ -94,7 +113,11 @@ def start(name: str, config: MachineConfig, timeout: float | None = None) -> Lab
     for old in ("console.log", "qemu.log"):  # a stale log would look ready at once
         (home / old).unlink(missing_ok=True)
     initrd = home / "initramfs.cpio"
-    initrd.write_bytes(build_initramfs(kernel.fw_cfg_module, config.workload))
+    try:
+        image = build_initramfs(kernel.fw_cfg_module, config.workload, files=config.files)
+    except (OSError, ValueError) as exc:
+        raise LabError(str(exc)) from None
+    initrd.write_bytes(image)
     guest = LabGuest(
         name=name,
         pid=0,
@@ -104,7 +127,11 @@ def start(name: str, config: MachineConfig, timeout: float | None = None) -> Lab
         control=str(home / "control.sock"),
         release=kernel.release,
         vmlinux=str(kernel.vmlinux),
-        config={**asdict(config), "workload": asdict(config.workload)},
+        config={
+            **asdict(config),
+            "workload": asdict(config.workload),
+            "files": [list(f) for f in config.files],
+        },
     )
     cpu = "max" if config.paging == 5 else "max,-la57"
     mem = f"{config.mem_mib}M"
@@ -238,6 +265,49 @@ def truth(guest: LabGuest, fresh: bool = False, timeout: float = 180.0) -> Truth
     return blocks[-1]
 
 
+def exec_in_guest(guest: LabGuest, argv: Sequence[str], timeout: float = 30.0) -> tuple[int, str]:
+    """Run ``argv`` in the guest (as root, through ``sh``, stdin from /dev/null) and
+    return its exit status and its stdout and stderr together.
+
+    The guest kills the command after ``timeout`` seconds (status 143). Output beyond
+    ``MAX_OUTPUT`` bytes is cut off. The words are quoted for the guest's shell, so run
+    ``["sh", "-c", LINE]`` for a command line of your own.
+    """
+    if not argv:
+        raise LabError("nothing to run in the guest")
+    if timeout <= 0:
+        raise LabError("the timeout must be positive")
+    line = " ".join(shlex.quote(word) for word in argv)
+    encoded = base64.b64encode(line.encode()).decode()
+    if len(encoded) > MAX_COMMAND:
+        raise LabError(f"command line too long for the guest ({len(line)} bytes)")
+    ident = secrets.token_hex(8)
+    seconds = math.ceil(timeout)
+    exit_line = re.compile(rf"^SGM-EXIT {ident} (\d+) (\d+)\s*$", re.MULTILINE)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(guest.control)
+        sock.sendall(f"exec {ident} {seconds} {encoded}\n".encode())
+        # The guest's own timeout, then time for a slow (TCG) guest to print the output.
+        deadline = time.monotonic() + seconds + 30 + MAX_OUTPUT / 4096
+        while not (done := exit_line.search(console := _read(guest.console))):
+            if time.monotonic() > deadline:
+                raise LabError(f"guest {guest.name!r} did not answer the command in time")
+            if not _alive(guest.name):
+                raise LabError(f"guest {guest.name!r} stopped while running the command")
+            time.sleep(0.05)
+    prefix = f"SGM-OUT {ident} "
+    chunks = [
+        line.rstrip("\r").removeprefix(prefix)
+        for line in console[: done.start()].splitlines()
+        if line.startswith(prefix)
+    ]
+    try:
+        output = base64.b64decode("".join(chunks), validate=True)
+    except binascii.Error as exc:
+        raise LabError(f"guest {guest.name!r} sent garbled output: {exc}") from None
+    return int(done[1]), output.decode(errors="replace")
+
+
 def _truth_blocks(console: str) -> list[Truth]:
     blocks: list[Truth] = []
     procs: list[dict[str, object]] = []
@@ -302,4 +372,14 @@ def _remove_files(name: str) -> None:
         (home / leftover).unlink(missing_ok=True)
 
 
-__all__ = ["LabGuest", "MachineConfig", "Truth", "load", "running", "start", "stop", "truth"]
+__all__ = [
+    "LabGuest",
+    "MachineConfig",
+    "Truth",
+    "exec_in_guest",
+    "load",
+    "running",
+    "start",
+    "stop",
+    "truth",
+]
