@@ -14,6 +14,7 @@ from sgmonitor.kernel.objects import Object
 
 __all__ = [
     "for_each_process",
+    "for_each_thread",
     "get_kthread_comm",
     "kthread_data",
     "proc_task_name",
@@ -54,6 +55,30 @@ def for_each_process(kernel: HasInitTask, limit: int = DEFAULT_LIMIT) -> Iterato
     """
     init_task = kernel.object("init_task")
     return list_for_each_entry("struct task_struct", init_task.tasks, "tasks", limit)
+
+
+def for_each_thread(task: Object, limit: int = DEFAULT_LIMIT) -> Iterator[Object]:
+    """Every thread of ``task``'s thread group (``for_each_thread()``), the leader first.
+
+    Walks ``signal->thread_head`` through ``thread_node`` (v3.14, commit 0c740d0afc3b,
+    "introduce for_each_thread() to replace the buggy while_each_thread()"); older
+    kernels only have the headless ``thread_group`` ring, which v6.7 removed (commit
+    8e1f385104ac, "kill task_struct->thread_group").
+
+    :param task: ``struct task_struct *``
+    :return: iterator of ``struct task_struct *``
+    :raises ValidationError: the thread list is corrupt
+    """
+    try:
+        head = task.signal.thread_head
+    except AttributeError:
+        leader = task.group_leader
+        yield leader
+        yield from list_for_each_entry(
+            "struct task_struct", leader.thread_group, "thread_group", limit
+        )
+        return
+    yield from list_for_each_entry("struct task_struct", head, "thread_node", limit)
 
 
 def task_state(task: Object) -> int:
