@@ -1,0 +1,250 @@
+"""Real attacks in a running lab guest: our test rootkit (tests/rootkit/) is loaded with
+each trick in turn over ``sgmonitor lab exec``, and the guest's own view shows that the
+trick took effect (and, where the module can undo it, that rmmod undoes it).
+
+These tests prove the attacks work; the checks that detect them are tested elsewhere.
+One small guest of its own (4-level paging, two workload processes) serves them all, in
+file order: hiding the module comes last, since a hidden module cannot be removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import rootkit
+
+from sgmonitor.cli import main
+from sgmonitor.lab import machine
+from sgmonitor.lab.initramfs import Workload, build_initramfs
+from sgmonitor.lab.kernel import LabError, resolve_release
+
+KO = "/root/sgm_rootkit.ko"
+GETPGID = 121  # getpgid(MAGIC) is -ESRCH (-3) unless a hook answers with its marker
+ESRCH = -3
+
+
+def sgmonitor(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sgmonitor", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def name() -> Iterator[str]:
+    release = resolve_release("cloud")
+    module = rootkit.build_rootkit(release)
+    tool = rootkit.build_syscall_tool()
+    guest = f"rk{os.getpid()}"
+    started = sgmonitor(
+        "lab",
+        "start",
+        "--name",
+        guest,
+        "--paging",
+        "4",
+        "--procs",
+        "2",
+        "--add",
+        str(module),
+        "--add",
+        f"{tool}:/bin/sgm_syscall",
+    )
+    assert started.returncode == 0, started.stderr
+    try:
+        assert json.loads(started.stdout)["release"] == release
+        yield guest
+    finally:
+        sgmonitor("lab", "stop", guest)
+
+
+def sh(name: str, line: str, timeout: float = 30) -> tuple[int, str]:
+    """Run a shell command line in the guest through the CLI: (status, output)."""
+    done = sgmonitor("lab", "exec", "--timeout", str(timeout), name, "--", "sh", "-c", line)
+    assert f"exit status {done.returncode}" in done.stderr, done.stderr
+    return done.returncode, done.stdout
+
+
+def ok(name: str, line: str) -> str:
+    status, out = sh(name, line)
+    assert status == 0, out
+    return out
+
+
+def getpgid_magic(name: str) -> int:
+    return int(ok(name, f"sgm_syscall {GETPGID}"))
+
+
+def symbol(name: str, sym: str) -> int:
+    """A kallsyms address, as the guest's /proc/kallsyms shows it (root sees them)."""
+    return int(ok(name, f"grep -w {sym} /proc/kallsyms").split()[0], 16)
+
+
+def peek(name: str, address: int) -> int:
+    """The kernel word at ``address``, read by the guest from its /proc/kcore."""
+    return int(ok(name, f"sgm_syscall peek {address:x}"), 16)
+
+
+def destination(name: str, site: int) -> int:
+    """Where the call (E8) or jump (E9) at ``site`` goes, read from the guest's kcore."""
+    word = peek(name, site)
+    assert word & 0xFF in (0xE8, 0xE9), hex(word)
+    rel = (word >> 8) & 0xFFFF_FFFF
+    rel -= (rel & 0x8000_0000) << 1
+    return (site + 5 + rel) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def assert_alive_and_sane(name: str) -> None:
+    assert ok(name, "echo alive") == "alive\n"
+    log = ok(name, "dmesg")
+    assert not re.search(r"BUG|Oops|general protection|kernel panic", log), log[-3000:]
+
+
+@pytest.mark.guest
+def test_exec_runs_commands_and_added_files_are_there(name: str) -> None:
+    assert sh(name, "echo out; echo err >&2; exit 3") == (3, "out\nerr\n")
+    done = sgmonitor("lab", "exec", name, "--", "echo", "a  b", "$HOME;", "'q'")
+    assert (done.returncode, done.stdout) == (0, "a  b $HOME; 'q'\n")
+    status, _ = sh(name, "sleep 20", timeout=1)
+    assert status == 143  # killed by the guest's timeout
+    listing = ok(name, f"ls -l {KO} /bin/sgm_syscall").splitlines()
+    assert [line.split()[0] for line in listing] == ["-rwxr-xr-x", "-rw-r--r--"]
+    assert getpgid_magic(name) == ESRCH
+
+
+@pytest.mark.guest
+def test_patch_x64_sys_call_answers_getpgid_from_the_module(name: str) -> None:
+    ok(name, f"insmod {KO} patch_x64_sys_call={GETPGID}")
+    assert getpgid_magic(name) == rootkit.MARK_PATCH
+    assert int(ok(name, f"sgm_syscall {GETPGID} 1")) == 0  # other calls go on (pid 1: pgid 0)
+    log = ok(name, "dmesg")
+    patched = re.search(r"x64_sys_call\+(0x[0-9a-f]+): (call|jmp) __x64_sys_getpgid", log)
+    assert patched, log[-2000:]
+    # The instruction as the guest's /proc/kcore shows it: E8/E9 and a rel32 that now
+    # lands on the module's handler; after rmmod, on the system call again.
+    site = symbol(name, "x64_sys_call") + int(patched[1], 16)
+    assert destination(name, site) == symbol(name, "sgm_patch_handler")
+    ok(name, "rmmod sgm_rootkit")
+    assert getpgid_magic(name) == ESRCH
+    assert destination(name, site) == symbol(name, "__x64_sys_getpgid")
+    assert_alive_and_sane(name)
+
+
+@pytest.mark.guest
+def test_hook_syscall_rewrites_the_table_and_is_inert_on_this_kernel(name: str) -> None:
+    """Debian 6.1 dispatches through x64_sys_call(): the table entry changes (the guest
+    reads it in its /proc/kcore) but the system call does not (see DESIGN.md)."""
+    entry = symbol(name, "sys_call_table") + 8 * GETPGID
+    original = symbol(name, "__x64_sys_getpgid")
+    assert peek(name, entry) == original  # read from the guest's /proc/kcore
+    ok(name, f"insmod {KO} hook_syscall={GETPGID}")
+    assert peek(name, entry) == symbol(name, "sgm_table_handler")
+    assert getpgid_magic(name) == ESRCH  # inert: dispatch does not read the table
+    ok(name, "rmmod sgm_rootkit")
+    assert peek(name, entry) == original
+    assert_alive_and_sane(name)
+
+
+@pytest.mark.guest
+def test_ftrace_hook_redirects_getpgid_and_shows_in_enabled_functions(name: str) -> None:
+    ok(name, f"insmod {KO} ftrace_hook=__x64_sys_getpgid")
+    assert getpgid_magic(name) == rootkit.MARK_FTRACE
+    tracing = "/sys/kernel/tracing"
+    ok(name, f"grep -q tracefs /proc/mounts || mount -t tracefs nodev {tracing}")
+    enabled = ok(name, f"cat {tracing}/enabled_functions")
+    assert re.search(r"__x64_sys_getpgid .*\bR\b.*\bI\b", enabled), enabled  # regs, ipmodify
+    ok(name, "rmmod sgm_rootkit")
+    assert getpgid_magic(name) == ESRCH
+    assert "__x64_sys_getpgid" not in ok(name, f"cat {tracing}/enabled_functions")
+    assert_alive_and_sane(name)
+
+
+@pytest.mark.guest
+def test_hide_pid_escapes_kill_minus_one_but_stays_in_proc(name: str) -> None:
+    """Off the task list, the process escapes what walks it (kill -1: for_each_process);
+    /proc (and so ps) lists pids from the pid IDR, where it stays."""
+    spawn = "su -s /bin/sh worker -c 'exec sleep 1000' >/dev/null 2>&1 & echo $!"
+    hidden, visible = int(ok(name, spawn)), int(ok(name, spawn))
+    ok(name, f"insmod {KO} hide_pid={hidden}")
+    assert f"pid {hidden} (sleep) unlinked" in ok(name, "dmesg")
+    ok(name, f"su -s /bin/sh worker -c 'kill -TERM -1'; sleep 1; test -d /proc/{hidden}")
+    assert ok(name, f"test -d /proc/{visible} || echo gone") == "gone\n"
+    assert re.search(rf"^\s*{hidden}\s+worker\s+sleep 1000", ok(name, "ps"), re.MULTILINE)
+    ok(name, "rmmod sgm_rootkit")
+    ok(name, f"su -s /bin/sh worker -c 'kill -TERM -1'; sleep 1; ! test -d /proc/{hidden}")
+    assert_alive_and_sane(name)
+
+
+@pytest.mark.guest
+def test_root_pid_makes_a_users_shell_root(name: str) -> None:
+    # A user's shell prints the ids of a fresh child (busybox's in-shell 'id' would report
+    # ids the shell cached when it started) to a file root opened for it.
+    loop = "while :; do /bin/busybox id; sleep 0.2; done"
+    shell = int(ok(name, f"su -s /bin/sh worker -c '{loop}' >/tmp/ids 2>&1 & echo $!"))
+    ok(name, "sleep 1")
+    assert ok(name, "tail -n1 /tmp/ids").startswith("uid=1000(worker) gid=1000(worker)")
+    ok(name, f"insmod {KO} root_pid={shell}")
+    assert "Uid:\t0\t0\t0\t0" in ok(name, f"cat /proc/{shell}/status")
+    assert wait_for_line(name, "/tmp/ids", "uid=0(root) gid=0(root)")
+    assert re.search(rf"^\s*{shell}\s+root\s", ok(name, "ps"), re.MULTILINE)
+    ok(name, "rmmod sgm_rootkit")
+    assert "Uid:\t1000\t1000\t1000\t1000" in ok(name, f"cat /proc/{shell}/status")
+    assert wait_for_line(name, "/tmp/ids", "uid=1000(worker) gid=1000(worker)")
+    ok(name, f"kill {shell}")
+    assert_alive_and_sane(name)
+
+
+def wait_for_line(name: str, path: str, prefix: str, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ok(name, f"tail -n1 {path}").startswith(prefix):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+@pytest.mark.guest
+def test_hide_module_vanishes_from_lsmod_proc_and_sys_yet_runs(name: str) -> None:
+    ok(name, f"insmod {KO} hide_module=1 patch_x64_sys_call={GETPGID}")
+    assert "sgm_rootkit" not in ok(name, "lsmod; cat /proc/modules; ls /sys/module")
+    assert getpgid_magic(name) == rootkit.MARK_PATCH  # still loaded and hooking
+    status, out = sh(name, "rmmod sgm_rootkit")
+    assert status != 0 and "No such file" in out  # and so it cannot be removed
+    assert_alive_and_sane(name)
+
+
+def test_added_files_land_in_the_initramfs_where_asked(tmp_path: Path) -> None:
+    tool = tmp_path / "tool"
+    tool.write_bytes(b"#!/bin/sh\n")
+    tool.chmod(0o755)
+    data = tmp_path / "data.txt"
+    data.write_text("x")
+    files = ((str(tool), "/root/tool"), (str(data), "/opt/deep/data.txt"))
+    fw_cfg = tmp_path / "fw.ko"
+    fw_cfg.write_bytes(b"ko")
+    (tmp_path / "a.cpio").write_bytes(build_initramfs(fw_cfg, Workload(), files=files))
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(
+        ["busybox", "cpio", "-i", "-d", "-F", str(tmp_path / "a.cpio")], cwd=out, check=True
+    )
+    assert (out / "root/tool").read_bytes() == b"#!/bin/sh\n"
+    assert os.access(out / "root/tool", os.X_OK)
+    assert (out / "opt/deep/data.txt").read_text() == "x"
+    assert not os.access(out / "opt/deep/data.txt", os.X_OK)
+
+
+def test_bad_added_files_and_commands_are_refused(tmp_path: Path) -> None:
+    for bad in ("root/x", "/root/../etc/x", "/root//x", "/root/."):
+        with pytest.raises(LabError, match="bad guest path"):
+            machine.MachineConfig(files=(("/etc/hostname", bad),))
+    with pytest.raises(LabError, match="nothing to run"):
+        machine.exec_in_guest(machine.LabGuest("g", 0, "", "", "", "", "", "", {}), [])
+    assert main(["lab", "exec", "no-such-guest", "--", "true"]) == 1
