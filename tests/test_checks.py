@@ -22,6 +22,7 @@ pytestmark = pytest.mark.guest
 
 EXIT_FINDINGS = 1
 MODES = ("traditional", "secure")
+PS = (sys.executable, "-m", "sgmonitor", "ps")
 
 
 def check_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -99,9 +100,44 @@ def test_a_hooked_syscall_table_entry_is_found(guest: GuestUnderTest) -> None:
         assert findings[0]["found"] == "__x64_sys_getpid"
 
 
+@only(MAIN)
+def test_a_process_unlinked_from_the_task_list_is_found(guest: GuestUnderTest) -> None:
+    """DKOM from outside: a sleeping process unlinked from ``init_task.tasks`` (its
+    neighbours pointed past it). The guest still runs it and lists it in /proc; a task
+    list walk (our ps) no longer sees it; the check names it from the other views."""
+    victim = next(p for p in guest.truth.processes if p["comm"] == "sleep")
+    with QemuGuest(guest.info.qmp) as live:
+        with live.paused():
+            kernel = open_guest_kernel(live)
+            task = next(t for t in for_each_process(kernel) if int(t.pid) == victim["pid"])
+            prev, nxt = task.tasks.prev, task.tasks.next
+            patches = {
+                kernel.memory.translate(prev.next.address_): pointer(int(nxt)),
+                kernel.memory.translate(nxt.prev.address_): pointer(int(prev)),
+            }
+        live.qmp.close()
+        with tampered(live, patches):
+            alive = {p["pid"] for p in machine.truth(guest.info, fresh=True).processes}
+            assert victim["pid"] in alive  # the guest still has it, /proc shows it
+            listed = subprocess.run(
+                [*PS, "--qemu", guest.info.qmp, "--mode", "traditional", "--json"],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            assert victim["pid"] not in {json.loads(x)["pid"] for x in listed.stdout.splitlines()}
+            results = {m: check_cli("--qemu", guest.info.qmp, "--mode", m) for m in MODES}
+    for mode, result in results.items():
+        assert result.returncode == EXIT_FINDINGS, (mode, result.stderr)
+        findings = [json.loads(line) for line in result.stdout.splitlines()]
+        assert {(f["check"], f["pid"]) for f in findings} == {
+            ("hidden_processes", victim["pid"])
+        }, (mode, findings)
+
+
 def test_the_registry_finds_checks_by_name_and_refuses_unknown_ones() -> None:
     checks = registered()
-    assert {"credentials", "syscall_table"} <= set(checks)
+    assert {"credentials", "hidden_processes", "syscall_table"} <= set(checks)
     assert all(c.description for c in checks.values())
     with pytest.raises(KeyError, match="unknown checks"):
         run_checks(object(), ["no-such-check"])
