@@ -58,7 +58,8 @@ def for_each_process(kernel: HasInitTask, limit: int = DEFAULT_LIMIT) -> Iterato
 
 
 def for_each_thread(task: Object, limit: int = DEFAULT_LIMIT) -> Iterator[Object]:
-    """Every thread of ``task``'s thread group (``for_each_thread()``), the leader first.
+    """Every thread of ``task``'s thread group (``for_each_thread()``), in list order
+    (the leader first, unless a thread other than it exec'd: ``de_thread()``).
 
     Walks ``signal->thread_head`` through ``thread_node`` (v3.14, commit 0c740d0afc3b,
     "introduce for_each_thread() to replace the buggy while_each_thread()"); older
