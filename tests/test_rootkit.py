@@ -101,6 +101,16 @@ def destination(name: str, site: int) -> int:
     return (site + 5 + rel) & 0xFFFF_FFFF_FFFF_FFFF
 
 
+def checked(name: str, only: str) -> Iterator[list[dict[str, object]]]:
+    """``sgmonitor check --only ONLY --json`` on the guest in each mode: its findings
+    (the command must say it found some: exit 1)."""
+    qmp = machine.load(name).qmp
+    for mode in ("traditional", "secure"):
+        done = sgmonitor("check", "--qemu", qmp, "--mode", mode, "--only", only, "--json")
+        assert done.returncode == 1, (mode, done.stderr)
+        yield [json.loads(line) for line in done.stdout.splitlines()]
+
+
 def assert_alive_and_sane(name: str) -> None:
     assert ok(name, "echo alive") == "alive\n"
     log = ok(name, "dmesg")
@@ -147,6 +157,11 @@ def test_hook_syscall_rewrites_the_table_and_is_inert_on_this_kernel(name: str) 
     ok(name, f"insmod {KO} hook_syscall={GETPGID}")
     assert peek(name, entry) == symbol(name, "sgm_table_handler")
     assert getpgid_magic(name) == ESRCH  # inert: dispatch does not read the table
+    for found in checked(name, "syscall_table"):
+        assert [(f["check"], f["symbol"]) for f in found] == [
+            ("syscall_table", f"sys_call_table[{GETPGID}]")
+        ]
+        assert found[0]["address"] == symbol(name, "sgm_table_handler")
     ok(name, "rmmod sgm_rootkit")
     assert peek(name, entry) == original
     assert_alive_and_sane(name)
@@ -177,6 +192,8 @@ def test_hide_pid_escapes_kill_minus_one_but_stays_in_proc(name: str) -> None:
     ok(name, f"su -s /bin/sh worker -c 'kill -TERM -1'; sleep 1; test -d /proc/{hidden}")
     assert ok(name, f"test -d /proc/{visible} || echo gone") == "gone\n"
     assert re.search(rf"^\s*{hidden}\s+worker\s+sleep 1000", ok(name, "ps"), re.MULTILINE)
+    for found in checked(name, "hidden_processes"):
+        assert [(f["check"], f["pid"]) for f in found] == [("hidden_processes", hidden)]
     ok(name, "rmmod sgm_rootkit")
     ok(name, f"su -s /bin/sh worker -c 'kill -TERM -1'; sleep 1; ! test -d /proc/{hidden}")
     assert_alive_and_sane(name)
@@ -216,6 +233,8 @@ def test_hide_module_vanishes_from_lsmod_proc_and_sys_yet_runs(name: str) -> Non
     ok(name, f"insmod {KO} hide_module=1 patch_x64_sys_call={GETPGID}")
     assert "sgm_rootkit" not in ok(name, "lsmod; cat /proc/modules; ls /sys/module")
     assert getpgid_magic(name) == rootkit.MARK_PATCH  # still loaded and hooking
+    for found in checked(name, "hidden_modules"):
+        assert {(f["check"], f["module"]) for f in found} == {("hidden_modules", "sgm_rootkit")}
     status, out = sh(name, "rmmod sgm_rootkit")
     assert status != 0 and "No such file" in out  # and so it cannot be removed
     assert_alive_and_sane(name)
