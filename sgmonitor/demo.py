@@ -8,8 +8,10 @@
    their keys through attestation and scan on a schedule;
 4. the guest's processes as the monitor opened them from the first sealed report;
 5. heartbeats answered for a few intervals (the monitor's own counters);
-6. an attack on the guest and the monitor's alert: not yet (the rootkit checks come with
-   a later issue), and the demo says so;
+6. an attack on the lab guest (DKOM from outside: a process unlinked from the task list
+   in guest RAM, as a rootkit's ``list_del`` does), the monitor's alert naming it and
+   the time it took, then the guest restored (a guest of yours, ``--qemu``, is not
+   attacked);
 7. the IDS stopped with SIGSTOP, and the time the monitor took to declare it failed;
 8. everything stopped.
 
@@ -32,6 +34,7 @@ from typing import Any
 from sgmonitor.attestation.policy import Policy
 from sgmonitor.daemon import read_ready_line, reap
 from sgmonitor.errors import SGMonitorError
+from sgmonitor.lab import attacks
 from sgmonitor.local import LocalDeployment, local_deployment
 from sgmonitor.tee.launch_config import raw_ed25519
 
@@ -41,9 +44,10 @@ IDS = "demo-ids"
 
 
 @contextlib.contextmanager
-def _guest(qmp: str | None, say: Callable[[str], None]) -> Iterator[str]:
+def _guest(qmp: str | None, say: Callable[[str], None]) -> Iterator[tuple[str, str | None]]:
+    """(QMP socket, the RAM file to attack: the lab guest's only)."""
     if qmp is not None:
-        yield qmp
+        yield qmp, None
         return
     from sgmonitor.lab import machine
     from sgmonitor.lab.initramfs import Workload
@@ -52,7 +56,7 @@ def _guest(qmp: str | None, say: Callable[[str], None]) -> Iterator[str]:
     say("booting the lab guest (a Debian kernel under QEMU, ~250 processes)")
     guest = machine.start(name, machine.MachineConfig(workload=Workload(procs=200)))
     try:
-        yield guest.qmp
+        yield guest.qmp, guest.ram
     finally:
         say("stopping the lab guest")
         machine.stop(name)
@@ -67,6 +71,7 @@ def _ids_run(local: LocalDeployment, scan_interval: float) -> Iterator[subproces
         f'verifier_key = "{raw_ed25519(local.verifier.public_key).hex()}"\n'
         f'monitor = "{local.monitor.address}"\nmonitor_key = "{local.monitor.key.hex()}"\n'
         f"interval = {scan_interval}\n"
+        'checks = ["pslist", "all"]\n'
     )
     argv = [sys.executable, "-m", "sgmonitor.cli", "ids", "run", "--config", str(config)]
     proc = subprocess.Popen(
@@ -115,6 +120,46 @@ def _counter(metrics: str, name: str, labels: str) -> float:
     return 0.0
 
 
+def _attack(
+    local: LocalDeployment,
+    ram: str | None,
+    victim: int,
+    patches: list[attacks.Patch],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """Hide a process in guest RAM while the IDS runs; the monitor's finding alert."""
+    if ram is None:
+        say("attack step skipped: the demo attacks only its own lab guest, not yours")
+        return {"performed": False, "why": "not the demo's own lab guest"}
+    say(f"attack: unlinking pid {victim} (sleep) from the task list in guest RAM")
+    started = time.time()
+    attacks.apply(ram, patches)
+    try:
+        alert = _wait(
+            "the monitor's finding",
+            120.0,
+            lambda: next(
+                (
+                    a
+                    for a in _alerts(local)
+                    if a.get("kind") == "finding" and a.get("pid") == victim
+                ),
+                None,
+            ),
+        )
+    finally:
+        attacks.undo(ram, patches)
+    detected = float(alert["time"]) - started
+    say(f"the monitor alerted after {detected:.2f}s: {alert['summary']}; guest restored")
+    return {
+        "performed": True,
+        "what": "a process unlinked from the task list in guest RAM (DKOM)",
+        "pid": victim,
+        "alert": alert,
+        "detected_after_s": round(detected, 3),
+    }
+
+
 def run_demo(
     qmp: str | None,
     *,
@@ -123,7 +168,8 @@ def run_demo(
     policy: Policy | None = None,
 ) -> dict[str, Any]:
     """Run the demo (see the module docstring); the JSON document."""
-    with _guest(qmp, say) as qmp_socket:
+    with _guest(qmp, say) as (qmp_socket, ram):
+        victim, patches = attacks.hide_process(qmp_socket, "sleep") if ram else (0, [])
         say("starting the hypervisor service, the attestation service and the remote monitor")
         with local_deployment(
             {"guest": qmp_socket}, heartbeat_interval=interval, metrics=True, say=say, policy=policy
@@ -146,10 +192,7 @@ def run_demo(
                     local.metrics, "sgmonitor_heartbeats_total", f'{labels},result="answered"'
                 )
                 say(f"heartbeats every {interval:g}s: {answered:.0f} of {sent:.0f} answered")
-                say(
-                    "attack step skipped: the rootkit checks (a later issue) do not exist "
-                    "yet, so there is no attack the IDS could report"
-                )
+                attack = _attack(local, ram, victim, patches, say)
                 say("stopping the IDS with SIGSTOP")
                 stopped = time.time()
                 os.kill(ids.pid, signal.SIGSTOP)
@@ -180,7 +223,7 @@ def run_demo(
         },
         "heartbeat": {"interval_s": interval, "sent": int(sent), "answered": int(answered)},
         "alerts": alerts,
-        "attack": "skipped: the rootkit checks do not exist yet",
+        "attack": attack,
         "failure_detected_after_s": round(detected, 3),
     }
 
@@ -200,5 +243,14 @@ def print_table(doc: dict[str, Any], out: Any = sys.stdout) -> None:
     print(
         f"heartbeats every {h['interval_s']:g}s: {h['answered']} of {h['sent']} answered", file=out
     )
-    print(f"alerts: {len(doc['alerts'])}; attack: {doc['attack']}", file=out)
+    attack = doc["attack"]
+    if attack["performed"]:
+        print(
+            f"attack: {attack['what']} (pid {attack['pid']}): the monitor alerted after "
+            f"{attack['detected_after_s']:.2f}s: {attack['alert']['summary']}",
+            file=out,
+        )
+    else:
+        print(f"attack: not performed ({attack['why']})", file=out)
+    print(f"alerts: {len(doc['alerts'])}", file=out)
     print(f"IDS stopped -> declared failed after {doc['failure_detected_after_s']:.2f}s", file=out)
