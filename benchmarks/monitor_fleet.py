@@ -95,7 +95,6 @@ from sgmonitor.statement import Purpose, SessionBinding, Statement
 from sgmonitor.tee.backend import EnclaveIdentity
 from sgmonitor.tee.launch_config import LaunchConfig, raw_ed25519
 from sgmonitor.wire import (
-    MAX_FRAME,
     Error,
     HeartbeatAnswer,
     HeartbeatChallenge,
@@ -104,8 +103,10 @@ from sgmonitor.wire import (
     LinkOpen,
     LinkOpened,
     Message,
+    WireError,
     decode,
-    encode,
+    framed,
+    pop_frame,
 )
 
 INTERVAL = 1.0
@@ -398,15 +399,14 @@ class Fleet:
             self._close(ep, "closed by the monitor")
             return
         ep.inbox += chunk
-        while len(ep.inbox) >= 4:
-            length = int.from_bytes(ep.inbox[:4], "big")
-            if not 2 <= length <= MAX_FRAME:
-                self._close(ep, f"bad frame length {length}")
+        while True:
+            try:
+                data = pop_frame(ep.inbox)
+            except WireError as exc:
+                self._close(ep, str(exc))
                 return
-            if len(ep.inbox) < 4 + length:
+            if data is None:
                 return
-            data = bytes(ep.inbox[4 : 4 + length])
-            del ep.inbox[: 4 + length]
             self._handle(ep, decode(data), woke)
             if ep.phase == "closed":
                 return
@@ -459,8 +459,7 @@ class Fleet:
         self._send(ep, LinkOpen(ep.link_id, wrapped, statement, self.config))
 
     def _send(self, ep: Endpoint, msg: Message) -> None:
-        data = encode(msg)
-        ep.outbox += len(data).to_bytes(4, "big") + data
+        ep.outbox += framed(msg)
         self._flush(ep)
 
     def _flush(self, ep: Endpoint) -> None:

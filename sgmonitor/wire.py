@@ -117,7 +117,9 @@ __all__ = [
     "connect",
     "decode",
     "encode",
+    "framed",
     "parse_address",
+    "pop_frame",
     "recv_encoded",
     "recv_frame",
     "send_encoded",
@@ -1639,6 +1641,29 @@ def decode(data: bytes, expect: tuple[type[_T], ...] | None = None) -> _T:
 # --- stream sockets ------------------------------------------------------------------
 
 _SMALL_FRAME = 64 * 1024
+
+
+def framed(msg: Message) -> bytes:
+    """``msg`` as it goes on a stream: its length, then its encoding (for non-blocking
+    senders that buffer frames themselves)."""
+    data = encode(msg)
+    return _U32.pack(len(data)) + data
+
+
+def pop_frame(buffer: bytearray) -> bytes | None:
+    """The next whole frame's encoding, taken off the front of ``buffer`` (None: not all
+    of it has arrived). :class:`WireError` for a length out of bounds: the stream is
+    out of step, and the caller should drop the connection."""
+    if len(buffer) < 4:
+        return None
+    (length,) = _U32.unpack_from(buffer)
+    if not 2 <= length <= MAX_FRAME:
+        raise WireError(f"frame length {length} out of bounds")
+    if len(buffer) < 4 + length:
+        return None
+    data = bytes(buffer[4 : 4 + length])
+    del buffer[: 4 + length]
+    return data
 
 
 def send_encoded(sock: socket.socket, data: bytes, timeout: float) -> None:

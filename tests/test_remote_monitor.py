@@ -232,6 +232,7 @@ def test_ids_run_stops_cleanly_on_sigterm(local: LocalDeployment, tmp_path: Path
     )
     read_ready_line(proc, 60.0, "ids run")
     wait_alert(local, "clean", state("ok"), 10.0)
+    local.opened_report("clean", 0)  # its first scan reached the monitor
     proc.terminate()
     assert proc.wait(15.0) == 0
     assert proc.stdout is not None and proc.stdin is not None and proc.stderr is not None

@@ -448,3 +448,16 @@ def test_bulk_parsed_pages_fail_as_before() -> None:
         wire.decode(index[:-1])
     listed = wire.ListReply((8, 16), wire.ListEnd.LIMIT, ())
     assert wire.decode(wire.encode(listed)) == listed
+
+
+def test_pop_frame_takes_whole_frames_only_and_refuses_bad_lengths() -> None:
+    one, two = wire.framed(wire.Hello("a")), wire.framed(wire.ReportAck(7))
+    buffer = bytearray(one + two[:5])
+    assert wire.pop_frame(buffer) == one[4:]
+    assert wire.pop_frame(buffer) is None  # the second has not all arrived
+    buffer += two[5:]
+    assert wire.decode(wire.pop_frame(buffer) or b"") == wire.ReportAck(7)
+    assert buffer == bytearray()
+    for length in (0, 1, wire.MAX_FRAME + 1):
+        with pytest.raises(wire.WireError, match="out of bounds"):
+            wire.pop_frame(bytearray(length.to_bytes(4, "big") + b"xx"))

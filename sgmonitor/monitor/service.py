@@ -55,7 +55,6 @@ from sgmonitor.monitorlink import (
 from sgmonitor.statement import InvalidToken, Purpose, SessionBinding, Statement
 from sgmonitor.tee.launch_config import LaunchConfig, LaunchConfigError, raw_ed25519
 from sgmonitor.wire import (
-    MAX_FRAME,
     Error,
     ErrorCode,
     HeartbeatAnswer,
@@ -69,8 +68,9 @@ from sgmonitor.wire import (
     SealedReport,
     WireError,
     decode,
-    encode,
+    framed,
     parse_address,
+    pop_frame,
 )
 
 __all__ = ["STATES", "MonitorConfig", "MonitorService"]
@@ -284,16 +284,15 @@ class MonitorService:
 
     def _frames(self, link: _Link) -> None:
         """Handle every whole frame in the inbox; bad framing ends the connection."""
-        while len(link.inbox) >= 4:
-            length = int.from_bytes(link.inbox[:4], "big")
-            if not 2 <= length <= MAX_FRAME:
-                self._send(link, Error(ErrorCode.BAD_FRAME, f"frame length {length}"))
+        while True:
+            try:
+                data = pop_frame(link.inbox)
+            except WireError as exc:
+                self._send(link, Error(ErrorCode.BAD_FRAME, str(exc)))
                 self._close(link, "bad framing")
                 return
-            if len(link.inbox) < 4 + length:
+            if data is None:
                 return
-            data = bytes(link.inbox[4 : 4 + length])
-            del link.inbox[: 4 + length]
             try:
                 self._handle(link, decode(data))
             except (WireError, SGMonitorError) as exc:
@@ -302,8 +301,7 @@ class MonitorService:
                 return
 
     def _send(self, link: _Link, msg: Message) -> None:
-        data = encode(msg)
-        link.outbox += len(data).to_bytes(4, "big") + data
+        link.outbox += framed(msg)
         self._flush(link)
 
     def _flush(self, link: _Link) -> None:
