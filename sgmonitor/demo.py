@@ -203,7 +203,9 @@ def run_demo(
                         (
                             a
                             for a in _alerts(local)
-                            if a.get("ids") == IDS and a.get("to") == "failed"
+                            if a.get("ids") == IDS
+                            and a.get("to") == "failed"
+                            and float(a["time"]) >= stopped
                         ),
                         None,
                     ),
