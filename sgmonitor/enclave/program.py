@@ -230,14 +230,9 @@ class EnclaveProgram:
                 ErrorCode.ATTESTATION_REFUSED, "the endorsement is for another hypervisor key"
             )
         self.ecall_close_session(vm)
-        session_key, session_id = os.urandom(32), os.urandom(16)
         suite = self.config.suite
-        wrapped = wrap_session_key(
-            X25519PublicKey.from_public_bytes(hv_key),
-            session_key,
-            session_id=session_id,
-            vm=vm,
-            suite=suite,
+        session_key, session_id, wrapped, evidence = self._attested_key(
+            vm, suite, hv_key, hv_nonce, verifier_nonce, Purpose.HYPERVISOR_SESSION
         )
         channel = make_channel(
             session_key,
@@ -250,9 +245,32 @@ class EnclaveProgram:
         )
         del session_key
         self.sessions[vm] = _Session(SealedTransport(channel, self._exchange))
-        binding = SessionBinding.for_wrapped_key(vm, session_id, suite, wrapped, hv_nonce, hv_key)
-        evidence = self.backend.evidence(session_report_data(binding, verifier_nonce))
         return session_id, int(suite), wrapped, evidence
+
+    def _attested_key(
+        self,
+        name: str,
+        suite: Suite,
+        peer_key: bytes,
+        peer_nonce: bytes,
+        verifier_nonce: bytes,
+        purpose: Purpose,
+    ) -> tuple[bytes, bytes, bytes, bytes]:
+        """A fresh key and id for one relying party, the key wrapped for ``peer_key``,
+        and evidence binding exactly that: (key, id, wrapped key, evidence)."""
+        key, key_id = os.urandom(32), os.urandom(16)
+        wrapped = wrap_session_key(
+            X25519PublicKey.from_public_bytes(peer_key),
+            key,
+            session_id=key_id,
+            vm=name,
+            suite=suite,
+        )
+        binding = SessionBinding.for_wrapped_key(
+            name, key_id, suite, wrapped, peer_nonce, peer_key, purpose
+        )
+        evidence = self.backend.evidence(session_report_data(binding, verifier_nonce))
+        return key, key_id, wrapped, evidence
 
     def ecall_close_session(self, vm: str) -> tuple[Value, ...]:
         """Forget ``vm``'s session keys and cached pages."""
@@ -267,23 +285,17 @@ class EnclaveProgram:
         """A fresh link key for the monitor the launch configuration names, wrapped for
         it, and evidence binding the link (the monitor accepts it with the verifier's
         statement). Replaces an earlier link; the progress counter goes on."""
-        link_key, link_id = os.urandom(32), os.urandom(16)
-        suite = Suite.AES256GCM_HKDF_SHA256
-        monitor_key = self.config.monitor_key
-        wrapped = wrap_session_key(
-            X25519PublicKey.from_public_bytes(monitor_key),
-            link_key,
-            session_id=link_id,
-            vm=ids,
-            suite=suite,
+        link_key, link_id, wrapped, evidence = self._attested_key(
+            ids,
+            Suite.AES256GCM_HKDF_SHA256,
+            self.config.monitor_key,
+            monitor_nonce,
+            verifier_nonce,
+            Purpose.MONITOR_LINK,
         )
         keys = LinkKeys.derive(link_key, link_id, monitor_nonce)
         del link_key
         self.link = _Link(keys, ReportSealer(keys, ids))
-        binding = SessionBinding.for_wrapped_key(
-            ids, link_id, suite, wrapped, monitor_nonce, monitor_key, Purpose.MONITOR_LINK
-        )
-        evidence = self.backend.evidence(session_report_data(binding, verifier_nonce))
         return link_id, wrapped, evidence
 
     def ecall_heartbeat(self, challenge: bytes) -> tuple[Value, ...]:

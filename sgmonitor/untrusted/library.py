@@ -53,7 +53,12 @@ from sgmonitor.errors import GuestDataError, SGMonitorError
 from sgmonitor.statement import Purpose, SessionBinding
 from sgmonitor.tee import boot, edl
 from sgmonitor.tee.launch_config import MODES, LaunchConfig
-from sgmonitor.untrusted.monitor_link import MonitorEndpoint, MonitorLinkClient, MonitorLinkError
+from sgmonitor.untrusted.monitor_link import (
+    MonitorEndpoint,
+    MonitorLinkClient,
+    MonitorLinkError,
+    Tap,
+)
 from sgmonitor.wire import (
     AttestSession,
     Call,
@@ -110,7 +115,6 @@ DEFAULT_CACHE_BUDGET = 32 << 20
 HYPERVISOR_ORIGIN = "hypervisor link error (unauthenticated)"
 _MAX_RELAY_TIMEOUT = 600.0
 _ROOT = Path(sgmonitor.__file__).resolve().parent.parent
-Tap = Callable[[str, bytes], None]  # (link, frame bytes): what the relay sees
 
 
 class LibraryError(SGMonitorError):
@@ -470,31 +474,22 @@ class SecureMonitor:
             ChallengeRequest(Purpose.HYPERVISOR_SESSION, hello.hv_key), Challenge
         )
         assert isinstance(challenge, Challenge)
-        try:
-            out = self.enclave.ecall(
-                "ecall_open_session",
-                self.timeout,
-                vm=self.vm,
-                hv_nonce=hello.hv_nonce,
-                hv_key=hello.hv_key,
-                hv_endorsement=challenge.endorsement,
-                verifier_nonce=challenge.nonce,
-            )
-        except EnclaveCallFailed as exc:
-            raise AttestationRefused("enclave", exc.detail) from None
-        session_id, wrapped, evidence = out["session_id"], out["wrapped_key"], out["evidence"]
+        out = self._attesting_ecall(
+            "ecall_open_session",
+            vm=self.vm,
+            hv_nonce=hello.hv_nonce,
+            hv_key=hello.hv_key,
+            hv_endorsement=challenge.endorsement,
+            verifier_nonce=challenge.nonce,
+        )
+        session_id, wrapped = out["session_id"], out["wrapped_key"]
         assert isinstance(session_id, bytes) and isinstance(wrapped, bytes)
-        assert isinstance(evidence, bytes)
-        suite = Suite(int(out["suite"]))
+        suite = Suite(int(out["suite"]))  # type: ignore[call-overload]
         binding = SessionBinding.for_wrapped_key(
             self.vm, session_id, suite, wrapped, hello.hv_nonce, hello.hv_key
         )
-        attest = AttestSession(
-            self.enclave.backend, evidence, self.config, challenge.nonce, binding.encode()
-        )
-        issued = self._verifier_call(attest, StatementIssued)
-        assert isinstance(issued, StatementIssued)
-        msg = OpenSession(self.vm, session_id, suite, wrapped, issued.statement)
+        statement = self._statement(binding, out["evidence"], challenge.nonce)
+        msg = OpenSession(self.vm, session_id, suite, wrapped, statement)
         try:
             self._hv_call(msg, (SessionOpened,), self.timeout)
         except HypervisorRefused as exc:
@@ -511,19 +506,14 @@ class SecureMonitor:
             request = ChallengeRequest(Purpose.MONITOR_LINK, self.monitor.key)
             challenge = self._verifier_call(request, Challenge)
             assert isinstance(challenge, Challenge)
-            try:
-                out = enclave.ecall(
-                    "ecall_open_monitor_link",
-                    self.timeout,
-                    ids=self.ids,
-                    monitor_nonce=monitor_nonce,
-                    verifier_nonce=challenge.nonce,
-                )
-            except EnclaveCallFailed as exc:
-                raise AttestationRefused("enclave", exc.detail) from None
-            link_id, wrapped, evidence = out["link_id"], out["wrapped_key"], out["evidence"]
+            out = self._attesting_ecall(
+                "ecall_open_monitor_link",
+                ids=self.ids,
+                monitor_nonce=monitor_nonce,
+                verifier_nonce=challenge.nonce,
+            )
+            link_id, wrapped = out["link_id"], out["wrapped_key"]
             assert isinstance(link_id, bytes) and isinstance(wrapped, bytes)
-            assert isinstance(evidence, bytes)
             binding = SessionBinding.for_wrapped_key(
                 self.ids,
                 link_id,
@@ -533,12 +523,7 @@ class SecureMonitor:
                 self.monitor.key,
                 Purpose.MONITOR_LINK,
             )
-            attest = AttestSession(
-                enclave.backend, evidence, self.config, challenge.nonce, binding.encode()
-            )
-            issued = self._verifier_call(attest, StatementIssued)
-            assert isinstance(issued, StatementIssued)
-            return link_id, wrapped, issued.statement
+            return link_id, wrapped, self._statement(binding, out["evidence"], challenge.nonce)
 
         link = MonitorLinkClient(
             self.monitor, self.ids, enclave.ecall, timeout=self.timeout, tap=self.tap
@@ -549,6 +534,22 @@ class SecureMonitor:
             link.close()
             raise AttestationRefused("monitor", str(exc)) from None
         self.link = link
+
+    def _attesting_ecall(self, name: str, **args: Value) -> Mapping[str, Value]:
+        """An ECALL that makes a key and its evidence; a refusal names the enclave."""
+        assert self.enclave is not None, "open() first"
+        try:
+            return self.enclave.ecall(name, self.timeout, **args)
+        except EnclaveCallFailed as exc:
+            raise AttestationRefused("enclave", exc.detail) from None
+
+    def _statement(self, binding: SessionBinding, evidence: Value, nonce: bytes) -> bytes:
+        """The verifier's statement for the enclave's ``evidence`` over ``binding``."""
+        assert self.enclave is not None and isinstance(evidence, bytes)
+        attest = AttestSession(self.enclave.backend, evidence, self.config, nonce, binding.encode())
+        issued = self._verifier_call(attest, StatementIssued)
+        assert isinstance(issued, StatementIssued)
+        return issued.statement
 
     def _verifier_call(self, msg: Message, expect: type[Message]) -> Message:
         """One request to the attestation service (a connection kept for the run)."""

@@ -41,7 +41,7 @@ from sgmonitor.wire import (
 
 __all__ = ["MonitorEndpoint", "MonitorLinkClient", "MonitorLinkError"]
 
-Tap = Callable[[str, bytes], None]
+Tap = Callable[[str, bytes], None]  # (link, frame bytes): what the relay sees
 EcallFn = Callable[..., Mapping[str, Value]]
 
 
