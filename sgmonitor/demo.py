@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -32,11 +31,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from sgmonitor.attestation.policy import Policy
-from sgmonitor.daemon import read_ready_line, reap
 from sgmonitor.errors import SGMonitorError
 from sgmonitor.lab import attacks
-from sgmonitor.local import LocalDeployment, local_deployment
-from sgmonitor.tee.launch_config import raw_ed25519
+from sgmonitor.local import LocalDeployment, local_deployment, running_ids
 
 __all__ = ["run_demo"]
 
@@ -60,37 +57,6 @@ def _guest(qmp: str | None, say: Callable[[str], None]) -> Iterator[tuple[str, s
     finally:
         say("stopping the lab guest")
         machine.stop(name)
-
-
-@contextlib.contextmanager
-def _ids_run(local: LocalDeployment, scan_interval: float) -> Iterator[subprocess.Popen[bytes]]:
-    config = local.home / "ids.toml"
-    config.write_text(
-        f'name = "{IDS}"\nvm = "{local.vm}"\nhypervisor = "{local.hypervisor_socket}"\n'
-        f'attestation = "{local.verifier.address}"\n'
-        f'verifier_key = "{raw_ed25519(local.verifier.public_key).hex()}"\n'
-        f'monitor = "{local.monitor.address}"\nmonitor_key = "{local.monitor.key.hex()}"\n'
-        f"interval = {scan_interval}\n"
-        'checks = ["pslist", "all"]\n'
-    )
-    argv = [sys.executable, "-m", "sgmonitor.cli", "ids", "run", "--config", str(config)]
-    proc = subprocess.Popen(
-        [*argv, "--exit-with-stdin"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        read_ready_line(proc, 120.0, "ids run")
-        yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGCONT)
-        proc.terminate()
-        reap(proc, 10.0)
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
 
 
 def _alerts(local: LocalDeployment) -> list[dict[str, Any]]:
@@ -175,7 +141,8 @@ def run_demo(
             {"guest": qmp_socket}, heartbeat_interval=interval, metrics=True, say=say, policy=policy
         ) as local:
             say("starting the IDS: it registers its keys through attestation, then scans")
-            with _ids_run(local, scan_interval=max(2.0, 4 * interval)) as ids:
+            checks = ("pslist", "all")
+            with running_ids(local, IDS, interval=max(2.0, 4 * interval), checks=checks) as ids:
                 report = local.opened_report(IDS, 0, timeout=120.0)
                 records = report["records"]
                 say(f"the monitor opened report 0: {len(records)} processes")

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,7 +50,7 @@ from sgmonitor.untrusted.library import (
     Verifier,
 )
 
-__all__ = ["LocalDeployment", "installed_policy", "local_deployment", "scan_qemu"]
+__all__ = ["LocalDeployment", "installed_policy", "local_deployment", "running_ids", "scan_qemu"]
 
 _ROOT = Path(sgmonitor.__file__).resolve().parent.parent
 _MODULE = (sys.executable, "-m")
@@ -231,6 +233,45 @@ def local_deployment(
         for proc in reversed(procs):
             _stop(proc)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_ids(
+    local: LocalDeployment,
+    name: str,
+    *,
+    interval: float,
+    checks: tuple[str, ...] = ("pslist",),
+    stderr: int = subprocess.DEVNULL,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``sgmonitor ids run`` as its own process against ``local``'s services, scanning
+    its first guest every ``interval`` seconds, ready (linked and attested) when
+    yielded; stopped (continued first, if someone SIGSTOPped it) afterwards."""
+    config = local.home / f"ids-{name}.toml"
+    config.write_text(
+        f"name = {_toml_str(name)}\nvm = {_toml_str(local.vm)}\n"
+        f"hypervisor = {_toml_str(local.hypervisor_socket)}\n"
+        f"attestation = {_toml_str(local.verifier.address)}\n"
+        f'verifier_key = "{raw_ed25519(local.verifier.public_key).hex()}"\n'
+        f'monitor = {_toml_str(local.monitor.address)}\nmonitor_key = "{local.monitor.key.hex()}"\n'
+        f"interval = {interval}\nchecks = {json.dumps(list(checks))}\n"
+    )
+    proc = subprocess.Popen(
+        [*_MODULE, "sgmonitor.cli", "ids", "run", "--config", str(config), "--exit-with-stdin"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        cwd=_ROOT,
+    )
+    try:
+        read_ready_line(proc, 120.0, "ids run")
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+        _stop(proc)
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 def scan_qemu(

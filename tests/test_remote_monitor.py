@@ -11,20 +11,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from guests import MAIN, GuestUnderTest, only
 from prometheus import ALERT_RULES, running_prometheus, wait_for_alert, wait_for_query
 
-from sgmonitor.daemon import read_ready_line, reap
 from sgmonitor.guest.qemu import QemuGuest
 from sgmonitor.ids.pslist import list_processes
-from sgmonitor.local import LocalDeployment, local_deployment
-from sgmonitor.tee.launch_config import raw_ed25519
+from sgmonitor.local import LocalDeployment, local_deployment, running_ids
 from sgmonitor.traditional import open_guest_kernel
 from sgmonitor.untrusted.library import SecureMonitor
 from sgmonitor.wire import HeartbeatAnswer, HeartbeatChallenge, decode
@@ -32,7 +28,6 @@ from sgmonitor.wire import HeartbeatAnswer, HeartbeatChallenge, decode
 pytestmark = [pytest.mark.guest, only(MAIN)]
 
 INTERVAL = 0.2
-CLI = [sys.executable, "-m", "sgmonitor.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -183,29 +178,8 @@ def test_reports_edited_dropped_or_replayed_are_detected(local: LocalDeployment)
         assert m.link.wait_ack(later, 10.0)  # the later genuine report is accepted
 
 
-def ids_config(local: LocalDeployment, tmp_path: Path, name: str) -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(
-        f'name = "{name}"\nvm = "main"\nhypervisor = "{local.hypervisor_socket}"\n'
-        f'attestation = "{local.verifier.address}"\n'
-        f'verifier_key = "{raw_ed25519(local.verifier.public_key).hex()}"\n'
-        f'monitor = "{local.monitor.address}"\nmonitor_key = "{local.monitor.key.hex()}"\n'
-        "interval = 0.5\n"
-    )
-    return path
-
-
-def test_a_stopped_ids_is_failed_within_three_intervals(
-    local: LocalDeployment, tmp_path: Path
-) -> None:
-    proc = subprocess.Popen(
-        [*CLI, "ids", "run", "--config", str(ids_config(local, tmp_path, "stopped"))],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        read_ready_line(proc, 60.0, "ids run")
+def test_a_stopped_ids_is_failed_within_three_intervals(local: LocalDeployment) -> None:
+    with running_ids(local, "stopped", interval=0.5) as proc:
         wait_alert(local, "stopped", state("ok"), 10.0)
         stopped_at = time.time()
         os.kill(proc.pid, signal.SIGSTOP)
@@ -213,82 +187,43 @@ def test_a_stopped_ids_is_failed_within_three_intervals(
         detected = float(failed["time"]) - stopped_at  # type: ignore[arg-type]
         assert detected <= 3 * INTERVAL + INTERVAL + 0.3, detected  # 3 intervals (+ tick)
         assert float(failed["detected_after_s"]) > 3 * INTERVAL  # type: ignore[arg-type]
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
+
+
+def test_ids_run_stops_cleanly_on_sigterm(local: LocalDeployment) -> None:
+    with running_ids(local, "clean", interval=0.5, stderr=subprocess.PIPE) as proc:
+        wait_alert(local, "clean", state("ok"), 10.0)
+        local.opened_report("clean", 0)  # its first scan reached the monitor
         proc.terminate()
-        reap(proc, 5.0)
-        assert proc.stdout is not None and proc.stdin is not None
-        proc.stdout.close()
-        proc.stdin.close()
+        assert proc.wait(15.0) == 0
+        assert proc.stderr is not None
+        assert "report 0 sent" in proc.stderr.read().decode()
 
 
-def test_ids_run_stops_cleanly_on_sigterm(local: LocalDeployment, tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [*CLI, "ids", "run", "--config", str(ids_config(local, tmp_path, "clean"))],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    read_ready_line(proc, 60.0, "ids run")
-    wait_alert(local, "clean", state("ok"), 10.0)
-    local.opened_report("clean", 0)  # its first scan reached the monitor
-    proc.terminate()
-    assert proc.wait(15.0) == 0
-    assert proc.stdout is not None and proc.stdin is not None and proc.stderr is not None
-    assert "report 0 sent" in proc.stderr.read().decode()
-    for stream in (proc.stdout, proc.stdin, proc.stderr):
-        stream.close()
-
-
-def test_prometheus_fires_when_the_ids_is_stopped(guest: GuestUnderTest, tmp_path: Path) -> None:
+def test_prometheus_fires_when_the_ids_is_stopped(guest: GuestUnderTest) -> None:
     """The real Prometheus scrapes the monitor; the IDS stops (SIGSTOP); the shipped
     rule's alert reaches state firing in Prometheus's own API, for that IDS."""
     with local_deployment(
         {"main": guest.info.qmp}, heartbeat_interval=INTERVAL, metrics=True
     ) as own:
         assert own.metrics
-        with running_prometheus([own.metrics], ALERT_RULES) as prometheus:
-            proc = subprocess.Popen(
-                [*CLI, "ids", "run", "--config", str(ids_config(own, tmp_path, "scraped"))],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                read_ready_line(proc, 60.0, "ids run")
-                wait_alert(own, "scraped", state("ok"), 10.0)
-                wait_for_query(prometheus, 'sgmonitor_ids_state{ids="scraped",state="ok"} == 1')
-                os.kill(proc.pid, signal.SIGSTOP)
-                firing = wait_for_alert(prometheus, "SGMonitorIDSFailed", {"ids": "scraped"})
-                assert firing["state"] == "firing"
-            finally:
-                os.kill(proc.pid, signal.SIGKILL)
-                reap(proc, 5.0)
-                assert proc.stdout is not None and proc.stdin is not None
-                proc.stdout.close()
-                proc.stdin.close()
+        with (
+            running_prometheus([own.metrics], ALERT_RULES) as prometheus,
+            running_ids(own, "scraped", interval=0.5) as proc,
+        ):
+            wait_alert(own, "scraped", state("ok"), 10.0)
+            wait_for_query(prometheus, 'sgmonitor_ids_state{ids="scraped",state="ok"} == 1')
+            os.kill(proc.pid, signal.SIGSTOP)
+            firing = wait_for_alert(prometheus, "SGMonitorIDSFailed", {"ids": "scraped"})
+            assert firing["state"] == "firing"
 
 
-def test_a_killed_ids_is_failed_at_once(local: LocalDeployment, tmp_path: Path) -> None:
+def test_a_killed_ids_is_failed_at_once(local: LocalDeployment) -> None:
     """Killed outright, the IDS's connection closes: the monitor says failed at once,
     not silence."""
-    proc = subprocess.Popen(
-        [*CLI, "ids", "run", "--config", str(ids_config(local, tmp_path, "killed"))],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        read_ready_line(proc, 60.0, "ids run")
+    with running_ids(local, "killed", interval=0.5) as proc:
         wait_alert(local, "killed", state("ok"), 10.0)
         killed_at = time.time()
         os.kill(proc.pid, signal.SIGKILL)
         failed = wait_alert(local, "killed", state("failed"), 10.0)
         assert "the link closed" in str(failed["details"])
         assert float(failed["time"]) - killed_at < 2 * INTERVAL + 0.5  # type: ignore[arg-type]
-    finally:
-        reap(proc, 5.0)
-        assert proc.stdout is not None and proc.stdin is not None
-        proc.stdout.close()
-        proc.stdin.close()
