@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import sys
@@ -469,40 +470,30 @@ def _add_enclave(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     platform.set_defaults(func=_enclave_platform)
 
 
-def _attestation(args: argparse.Namespace) -> int:
-    from sgmonitor.attestation.__main__ import main as attestation_main
+def _service(module: str) -> Callable[[argparse.Namespace], int]:
+    """A party's own command line (its module's ``main``), imported only when run."""
 
-    return attestation_main(args.rest)
+    def run(args: argparse.Namespace) -> int:
+        main: Callable[[list[str]], int] = importlib.import_module(module).main
+        return main(args.rest)
 
-
-def _hypervisor(args: argparse.Namespace) -> int:
-    from sgmonitor.hypervisor.__main__ import main as hypervisor_main
-
-    return hypervisor_main(args.rest)
-
-
-def _monitor(args: argparse.Namespace) -> int:
-    from sgmonitor.monitor.__main__ import main as monitor_main
-
-    return monitor_main(args.rest)
-
-
-def _ids(args: argparse.Namespace) -> int:
-    from sgmonitor.untrusted.ids_run import main as ids_main
-
-    return ids_main(args.rest)
+    return run
 
 
 def _add_services(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    for name, func, what in (
-        ("attestation", _attestation, "the attestation service: 'serve --config FILE'"),
-        ("hypervisor", _hypervisor, "the hypervisor service: keygen, serve, revoke"),
-        ("monitor", _monitor, "the remote monitor: 'serve --config FILE'"),
-        ("ids", _ids, "the IDS (library + enclave) on a schedule: 'run --config FILE'"),
+    for name, module, what in (
+        ("attestation", "sgmonitor.attestation.__main__", "the attestation service: 'serve'"),
+        (
+            "hypervisor",
+            "sgmonitor.hypervisor.__main__",
+            "the hypervisor service: keygen, serve, revoke",
+        ),
+        ("monitor", "sgmonitor.monitor.__main__", "the remote monitor: 'serve --config FILE'"),
+        ("ids", "sgmonitor.untrusted.ids_run", "the IDS on a schedule: 'run --config FILE'"),
     ):
         parser = sub.add_parser(name, help=what, add_help=False)
         parser.add_argument("rest", nargs=argparse.REMAINDER)
-        parser.set_defaults(func=func)
+        parser.set_defaults(func=_service(module))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -549,7 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # A party's own options go to its command line whole: argparse's REMAINDER does not
+    # take a leading option ("sgmonitor monitor --help"), so those come back as extras.
+    args, extra = parser.parse_known_args(argv)
+    if extra and not hasattr(args, "rest"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.rest = [*extra, *args.rest]
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
