@@ -89,6 +89,7 @@ __all__ = [
     "LinkOpened",
     "ListEnd",
     "ListReply",
+    "ListWalk",
     "Message",
     "OpenSession",
     "PageEntry",
@@ -1043,62 +1044,91 @@ class ReadPages(Message):
         return [rng.address + i * PAGE_SIZE for rng in self.ranges for i in range(rng.count)]
 
 
-@_message(0x22)
 @dataclass(frozen=True)
-class FollowList(Message):
-    """Enclave -> hypervisor (sealed): walk a kernel ``list_head`` list, return its entries.
+class ListWalk:
+    """A kernel list for the trusted side to walk: the one shape of that request, from
+    ``list_for_each_entry`` through ``RemoteMemory.prefetch_list``, the transport and
+    the wire (:class:`FollowList`) to ``PageServer.follow_list``.
 
     Like ``list_for_each_entry(pos, head, member)``: start at ``*(head + next_offset)``
     (``next_offset`` is ``offsetof(struct list_head, next)``, 0 on every kernel so far),
     or at ``*(after + next_offset)`` to continue a walk that stopped at node ``after``
-    (0: from the head); each entry begins ``member_offset`` bytes before its
-    ``list_head``; stop on returning to ``head``, after ``limit`` entries, or on a fault
-    or loop. The reply lists entry addresses and the pages covering ``[entry, entry +
-    entry_size)`` for each.
+    (0: from the head); each node's successor is ``*(node + next_offset)``; each node's
+    span is ``[node - member_offset, node - member_offset + span_size)`` (for a whole
+    entry: ``member_offset = offsetof(type, member)``, ``span_size = sizeof(type)``; a
+    narrower span keeps the node's ``list_head`` inside it). Stop on returning to
+    ``head``, after ``limit`` nodes, or on a fault or loop.
+
+    One sign convention: ``member_offset`` is where the node lies in its span, never
+    negative (the kernel's ``container_of``). Validated here and only here.
     """
 
     head: int
+    next_offset: int
     member_offset: int
-    entry_size: int
+    span_size: int
     limit: int
-    next_offset: int = 0
     after: int = 0
 
     def __post_init__(self) -> None:
-        _uint("FollowList", "head", self.head)
-        _aligned("FollowList", "head", self.head, 8)
-        _uint("FollowList", "member_offset", self.member_offset, 32)
-        _uint("FollowList", "entry_size", self.entry_size, 32)
-        _uint("FollowList", "limit", self.limit, 32)
-        _uint("FollowList", "next_offset", self.next_offset, 32)
-        _uint("FollowList", "after", self.after)
-        if not 0 < self.entry_size <= MAX_ENTRY_SIZE:
-            raise WireError(f"FollowList: entry_size must be 1..{MAX_ENTRY_SIZE}")
-        if self.member_offset + 16 > self.entry_size:
-            raise WireError("FollowList: the list_head must lie inside the entry")
+        _uint("ListWalk", "head", self.head)
+        _aligned("ListWalk", "head", self.head, 8)
+        _uint("ListWalk", "next_offset", self.next_offset, 32)
+        _uint("ListWalk", "member_offset", self.member_offset, 32)
+        _uint("ListWalk", "span_size", self.span_size, 32)
+        _uint("ListWalk", "limit", self.limit, 32)
+        _uint("ListWalk", "after", self.after)
+        if not 0 < self.span_size <= MAX_ENTRY_SIZE:
+            raise WireError(f"ListWalk: span_size must be 1..{MAX_ENTRY_SIZE}")
+        if self.member_offset + 16 > self.span_size:
+            raise WireError("ListWalk: the list_head must lie inside the span")
         if self.next_offset + 8 > 16:
-            raise WireError("FollowList: next_offset must lie inside the list_head")
-        if not 0 < self.limit <= MAX_LIST_NODES:
+            raise WireError("ListWalk: next_offset must lie inside the list_head")
+        if self.limit < 1:
+            raise WireError("ListWalk: limit must be at least 1")
+
+    @property
+    def layout(self) -> tuple[int, int, int, int]:
+        """(head, next_offset, member_offset, span_size): the list and its span."""
+        return self.head, self.next_offset, self.member_offset, self.span_size
+
+    def span_start(self, node: int) -> int:
+        """Where the node's span begins: ``node - member_offset``."""
+        return node - self.member_offset
+
+
+@_message(0x22)
+@dataclass(frozen=True)
+class FollowList(Message):
+    """Enclave -> hypervisor (sealed): walk a kernel ``list_head`` list (a
+    :class:`ListWalk` of at most ``MAX_LIST_NODES`` nodes), return its entries. The
+    reply lists node addresses and the pages covering each node's span."""
+
+    walk: ListWalk
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.walk, ListWalk):
+            raise WireError("FollowList: walk must be a ListWalk")
+        if self.walk.limit > MAX_LIST_NODES:
             raise WireError(f"FollowList: limit must be 1..{MAX_LIST_NODES}")
 
     def _encode(self, w: _Writer) -> None:
-        w.u64(self.head)
-        w.u32(self.member_offset)
-        w.u32(self.entry_size)
-        w.u32(self.limit)
-        w.u32(self.next_offset)
-        w.u64(self.after)
+        walk = self.walk
+        w.u64(walk.head)
+        w.u32(walk.member_offset)
+        w.u32(walk.span_size)
+        w.u32(walk.limit)
+        w.u32(walk.next_offset)
+        w.u64(walk.after)
 
     @classmethod
     def _decode(cls, r: _Reader) -> Self:
-        return cls(
-            r.u64("head"),
-            r.u32("member_offset"),
-            r.u32("entry_size"),
-            r.u32("limit"),
-            r.u32("next_offset"),
-            r.u64("after"),
-        )
+        head = r.u64("head")
+        member_offset = r.u32("member_offset")
+        span_size = r.u32("span_size")
+        limit = r.u32("limit")
+        next_offset = r.u32("next_offset")
+        return cls(ListWalk(head, next_offset, member_offset, span_size, limit, r.u64("after")))
 
 
 @dataclass(frozen=True)

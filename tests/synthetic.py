@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sgmonitor.guest.memory import RawImage, Registers
-from sgmonitor.hypervisor.pages import ListWalk, PageServer
+from sgmonitor.hypervisor.pages import ListWalk, PageServer, WalkedList
 
 PRESENT_RW = 0x3
 LARGE = 0x80
@@ -154,6 +154,10 @@ class Ring:
         start = node - self.member
         return set(range(start & ~0xFFF, start + self.entry, 0x1000))
 
-    def follow(self, server: PageServer, limit: int = 100, after: int | None = None) -> ListWalk:
+    def walk(self, limit: int = 100, after: int = 0) -> ListWalk:
+        """The walk ``list_for_each_entry`` over this ring asks for."""
+        return ListWalk(self.head, 0, self.member, self.entry, limit, after)
+
+    def follow(self, server: PageServer, limit: int = 100, after: int = 0) -> WalkedList:
         """``follow_list`` as ``list_for_each_entry`` over this ring would ask it."""
-        return server.follow_list(self.head, 0, -self.member, self.entry, limit, after=after)
+        return server.follow_list(self.walk(limit, after))

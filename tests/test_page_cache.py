@@ -192,7 +192,7 @@ def prefetch_all(memory: RemoteMemory, ring: Ring, limit: int = 1000) -> int:
     calls, after = 0, None
     while True:
         calls += 1
-        after = memory.prefetch_list(ring.head, 0, -ring.member, ring.entry, limit, after=after)
+        after = memory.prefetch_list(ring.walk(limit, after or 0))
         if after is None:
             return calls
 
@@ -405,15 +405,16 @@ def test_later_scans_ask_only_for_the_part_of_each_entry_read(tmp_path: Path) ->
     memory.begin_scan()
     assert walk_fields(memory, ring.head) == expected
     first = memory.stats()
-    assert list_calls(transport)[-1][2:4] == (-ring.member, ring.entry)  # whole entries
+    assert list_calls(transport)[-1][2:4] == (ring.member, ring.entry)  # whole entries
     memory.begin_scan()
     assert walk_fields(memory, ring.head) == expected
     second = memory.stats().since(first)
-    _, _, offset, size, _ = list_calls(transport)[-1]
+    _, _, member, size, _ = list_calls(transport)[-1]
     tm = TypedMemory(vendor_btf(), None)  # type: ignore[arg-type]
     pid = tm.offsetof("struct task_struct", "pid")
-    assert size < ring.entry and offset <= -ring.member + min(pid, ring.member)
-    assert offset + size >= -ring.member + max(pid + 8, ring.member + 16)
+    start = ring.member - member  # the span's start in the entry
+    assert size < ring.entry and start <= min(pid, ring.member)
+    assert start + size >= max(pid + 8, ring.member + 16)
     assert second.crossings == 1 and second.misses == 0
     assert second.pages_fetched < first.pages_fetched
 

@@ -14,7 +14,7 @@ from synthetic import MEMBER, RAM_SIZE, Region, Ring, Tables
 
 from sgmonitor.errors import PageFault
 from sgmonitor.hypervisor.pages import ListEnd, PageNotRam, PageServer
-from sgmonitor.wire import MAX_LIST_NODES
+from sgmonitor.wire import MAX_LIST_NODES, ListWalk, WireError
 
 PAGE = 0x1000
 NONCANONICAL = 0x4141_4141_4141_4141
@@ -129,7 +129,7 @@ def test_reply_full_bounds_the_pages_of_one_reply(tmp_path: Path) -> None:
     server = ring.server(tmp_path, max_list_pages=21)
     nodes: list[int] = []
     pages: set[int] = set()
-    after = None
+    after = 0
     for _ in range(12):
         walk = ring.follow(server, after=after)
         assert len(walk.pages) <= 21 and walk.nodes
@@ -153,7 +153,7 @@ def test_endless_list_stops_at_the_node_cap(tmp_path: Path) -> None:
     nodes = range(region.va, region.end, 16)
     region.write(region.va, b"".join((n + 16).to_bytes(8, "little") + bytes(8) for n in nodes))
     server = PageServer(tables.image(tmp_path))
-    walk = server.follow_list(region.va, 0, 0, 16, 1 << 30)
+    walk = server.follow_list(ListWalk(region.va, 0, 0, 16, 1 << 30))
     assert walk.end is ListEnd.LIMIT and len(walk.nodes) == MAX_LIST_NODES
 
 
@@ -176,17 +176,22 @@ def test_refresh_drops_translations(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        ((0x1000, 0, 0, 0, 1), "span"),
-        ((0x1000, 0, 0, 0x10001, 1), "span"),
-        ((0x1000, 0, -0x20000, 16, 1), "span"),
+        ((0x1000, 0, 0, 0, 1), "span_size"),
+        ((0x1000, 0, 0, 0x10001, 1), "span_size"),
+        ((0x1000, 0, 0x20000, 16, 1), "inside the span"),
+        ((0x1000, 0, 8, 16, 1), "inside the span"),
+        ((0x1000, 0, -8, 16, 1), "member_offset"),  # the one sign: never negative
         ((0x1000, -8, 0, 16, 1), "next_offset"),
+        ((0x1000, 9, 0, 32, 1), "next_offset"),
         ((0x1000, 0, 0, 16, 0), "limit"),
-        ((1 << 64, 0, 0, 16, 1), "64-bit"),
+        ((1 << 64, 0, 0, 16, 1), "head"),
+        ((0x1004, 0, 0, 16, 1), "aligned"),
     ],
 )
-def test_follow_list_rejects_bad_requests(
+def test_a_bad_list_walk_is_refused_where_it_is_made(
     tmp_path: Path, args: tuple[int, int, int, int, int], match: str
 ) -> None:
-    server = Ring(1).server(tmp_path)
-    with pytest.raises(ValueError, match=match):
-        server.follow_list(*args)
+    with pytest.raises(WireError, match=match):
+        ListWalk(*args)
+    with pytest.raises(ValueError, match="ListWalk"):
+        Ring(1).server(tmp_path).follow_list(args)  # type: ignore[arg-type]

@@ -54,12 +54,15 @@ value = st.one_of(u64, small_blob, st.text(max_size=16))
 @st.composite
 def follow_list(draw: st.DrawFn) -> FollowList:
     size = draw(st.integers(16, wire.MAX_ENTRY_SIZE))
-    return FollowList(
+    walk = wire.ListWalk(
         head=draw(st.integers(0, 2**61 - 1)) * 8,
+        next_offset=draw(st.integers(0, 8)),
         member_offset=draw(st.integers(0, size - 16)),
-        entry_size=size,
+        span_size=size,
         limit=draw(st.integers(1, wire.MAX_LIST_NODES)),
+        after=draw(u64),
     )
+    return FollowList(walk)
 
 
 key32 = st.binary(min_size=32, max_size=32)
@@ -265,10 +268,10 @@ def test_request_limits() -> None:
     assert decode(encode(ReadPages((PageRange(2**64 - PAGE_SIZE, 1),)))).pages() == [
         2**64 - PAGE_SIZE
     ]
-    with pytest.raises(WireError, match="inside the entry"):
-        FollowList(0x1000, 100, 100, 10)
+    with pytest.raises(WireError, match="inside the span"):
+        wire.ListWalk(0x1000, 0, 100, 100, 10)
     with pytest.raises(WireError, match="limit"):
-        FollowList(0x1000, 0, 100, wire.MAX_LIST_NODES + 1)
+        FollowList(wire.ListWalk(0x1000, 0, 0, 100, wire.MAX_LIST_NODES + 1))
     with pytest.raises(WireError, match="twice"):
         wire.PagesReply((PageEntry(0, PageStatus.PRESENT), PageEntry(0, PageStatus.NOT_PRESENT)))
     with pytest.raises(WireError, match="unsigned"):
@@ -407,7 +410,7 @@ def test_send_encoded_relays_opaque_bytes(pair: tuple[socket.socket, socket.sock
 
 
 def test_batch_limits() -> None:
-    walk = FollowList(8, 0, 16, 1)
+    walk = FollowList(wire.ListWalk(8, 0, 0, 16, 1))
     pages = ReadPages((PageRange(0, wire.MAX_PAGES_PER_REQUEST),))
     batch = wire.Batch((wire.BeginScan(True), walk, pages))
     assert decode(encode(batch)) == batch

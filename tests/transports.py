@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from sgmonitor.enclave.memory import RemoteMemory
 from sgmonitor.errors import PageFault
-from sgmonitor.hypervisor.pages import ListWalk, PageServer
+from sgmonitor.hypervisor.pages import ListWalk, PageServer, WalkedList
 
 
 class CountingTransport:
@@ -26,21 +26,9 @@ class CountingTransport:
         self.calls.append(("read_pages", tuple(addresses)))
         return self.server.read_pages(addresses)
 
-    def follow_list(
-        self,
-        head: int,
-        next_offset: int,
-        span_offset: int,
-        span_size: int,
-        limit: int,
-        *,
-        after: int | None = None,
-        pages: Sequence[int] = (),
-    ) -> ListWalk:
-        self.calls.append(("follow_list", (head, next_offset, span_offset, span_size, limit)))
-        return self.server.follow_list(
-            head, next_offset, span_offset, span_size, limit, after=after, pages=pages
-        )
+    def follow_list(self, walk: ListWalk, *, pages: Sequence[int] = ()) -> WalkedList:
+        self.calls.append(("follow_list", (*walk.layout, walk.limit)))
+        return self.server.follow_list(walk, pages=pages)
 
     def begin_scan(self) -> None:
         self.scans += 1

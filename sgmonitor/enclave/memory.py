@@ -30,11 +30,11 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
 from sgmonitor.errors import PageFault, SGMonitorError
-from sgmonitor.wire import MAX_ENTRY_SIZE, MAX_LIST_NODES, MAX_PAGES_PER_REQUEST, ListEnd
+from sgmonitor.wire import MAX_LIST_NODES, MAX_PAGES_PER_REQUEST, ListEnd, ListWalk
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -83,17 +83,7 @@ class PageTransport(Protocol):
         4096 bytes each, or the authenticated fault, in order."""
         ...
 
-    def follow_list(
-        self,
-        head: int,
-        next_offset: int,
-        span_offset: int,
-        span_size: int,
-        limit: int,
-        *,
-        after: int | None = None,
-        pages: Sequence[int] = (),
-    ) -> ListPages:
+    def follow_list(self, walk: ListWalk, *, pages: Sequence[int] = ()) -> ListPages:
         """Follow a kernel list on the trusted side (see ``PageServer.follow_list``);
         also read ``pages`` (at most ``MAX_PAGES_PER_REQUEST``) in the same crossing."""
         ...
@@ -228,7 +218,7 @@ class RemoteMemory:
         self._needed: list[int] = []  # this scan's misses and staged pages it read
         self.max_predicted = min(MAX_PAGES_PER_REQUEST, cache_budget // 4 // PAGE_SIZE)
         # The part of each prefetched list's entries the last scan read, by list layout
-        # (head, next_offset, span_offset, span_size) -> (lo, hi) relative to the entry;
+        # (ListWalk.layout) -> (lo, hi) relative to the entry;
         # this scan's, and the entries prefetched in this scan (sorted starts, and the
         # span each start belongs to) that reads are attributed to.
         self.entry_spans: dict[tuple[int, int, int, int], tuple[int, int]] = {}
@@ -375,18 +365,16 @@ class RemoteMemory:
         self._predict = []
         return taken
 
-    def _asked_span(
-        self, key: tuple[int, int, int, int], next_offset: int, span_offset: int, size: int
-    ) -> tuple[int, int]:
-        """(span_offset, span_size) to ask for: the whole entry, or the learned hull of
-        what the last scan read in it, always with the node's links (``list_head``)."""
-        learned = self.entry_spans.get(key)
+    def _asked(self, walk: ListWalk) -> ListWalk:
+        """The walk to ask for: over whole entries, or over the learned hull of what the
+        last scan read in them, always with the node's links (its ``list_head``)."""
+        learned = self.entry_spans.get(walk.layout)
         if learned is None:
-            return span_offset, size
-        node = -span_offset  # the node's offset in its entry
+            return walk
+        node = walk.member_offset  # the node's offset in its entry
         lo = max(0, min(learned[0], node))
-        hi = min(size, max(learned[1], node + max(16, next_offset + 8)))
-        return span_offset + lo, hi - lo
+        hi = min(walk.span_size, max(learned[1], node + 16))
+        return replace(walk, member_offset=node - lo, span_size=hi - lo)
 
     def _stage(self, page: int, value: bytes | PageFault) -> None:
         """Keep a predicted page until the scan reads it, within the budget's quarter."""
@@ -418,61 +406,49 @@ class RemoteMemory:
         else:
             raise TransportError(f"page {page:#x}: neither {PAGE_SIZE} bytes nor a fault")
 
-    def prefetch_list(
-        self,
-        head: int,
-        next_offset: int,
-        span_offset: int,
-        span_size: int,
-        limit: int,
-        *,
-        after: int | None = None,
-    ) -> int | None:
+    def prefetch_list(self, walk: ListWalk) -> int | None:
         """Have the trusted side follow a list and cache every page its entries span.
 
         An optimization only: nothing is validated here (the walk that follows checks
         every link it reads from the cache). One window holds at most half the cache
         budget, so prefetched pages are not evicted before the walk reaches them.
 
-        Each entry is ``[node + span_offset, +span_size)``. Once a scan of this session
+        ``walk`` spans whole entries and its ``limit`` bounds the whole walk (this
+        call asks for one window of it). Once a scan of this session
         has read inside this list's entries, only the hull of what it read (and the
         node's links) is asked for; reads outside it miss, are fetched, and widen it.
 
         :return: the last node prefetched when more may follow (call again with
             ``after=`` that node when the walk gets there), else None
         """
-        if not 0 < span_size <= MAX_ENTRY_SIZE or limit < 1 or next_offset < 0:
-            return None  # beyond what the trusted side serves: let the walk read it
-        key = (head, next_offset, span_offset, span_size)
-        ask_offset, ask_size = self._asked_span(key, next_offset, span_offset, span_size)
-        per_entry = (ask_size + 2 * PAGE_SIZE - 1) // PAGE_SIZE
+        key = walk.layout
+        asked = self._asked(walk)
+        per_entry = (asked.span_size + 2 * PAGE_SIZE - 1) // PAGE_SIZE
         window = max(1, self.cache.budget // 2 // PAGE_SIZE // per_entry)
-        count = min(limit, window, MAX_LIST_NODES)
+        asked = replace(asked, limit=min(walk.limit, window, MAX_LIST_NODES))
         extra = self._take_prediction(set(), MAX_PAGES_PER_REQUEST)
-        walk = self.transport.follow_list(
-            head, next_offset, ask_offset, ask_size, count, after=after, pages=extra
-        )
+        found = self.transport.follow_list(asked, pages=extra)
         span = self._reading.get(key)
         if span is None:
-            span = self._reading[key] = _EntrySpan(span_size)
+            span = self._reading[key] = _EntrySpan(walk.span_size)
             learned = self.entry_spans.get(key)
             if learned is None:
                 self._learning = True
             else:  # reads inside the span hit; only misses can widen it
                 span.lo, span.hi = learned
-        self._unsorted += [(node + span_offset, span) for node in walk.nodes]
+        self._unsorted += [(walk.span_start(node), span) for node in found.nodes]
         self.cache.crossings += 1
         self.cache.prefetches += 1
         staged = set(extra)
-        for page, value in walk.pages.items():
+        for page, value in found.pages.items():
             if page & _PAGE_MASK or not 0 <= page < _U64:
                 raise TransportError(f"follow_list returned unaligned page {page:#x}")
             if page in staged:
                 self._stage(page, value)
             else:
                 self._store(page, value)
-        more = walk.end in (ListEnd.LIMIT, ListEnd.REPLY_FULL) and len(walk.nodes) < limit
-        return walk.nodes[-1] if more and walk.nodes else None
+        more = found.end in (ListEnd.LIMIT, ListEnd.REPLY_FULL) and len(found.nodes) < walk.limit
+        return found.nodes[-1] if more and found.nodes else None
 
 
 def _first(item: tuple[int, _EntrySpan]) -> int:

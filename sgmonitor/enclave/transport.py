@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sgmonitor.channel import (
     ChannelClosed,
@@ -46,6 +46,7 @@ from sgmonitor.wire import (
     GetVmcoreinfo,
     ListEnd,
     ListReply,
+    ListWalk,
     Message,
     PageEntry,
     PageRange,
@@ -146,34 +147,11 @@ class SealedTransport:
         by_address = _values(index.pages, pages)
         return [by_address[a] for a in addresses]
 
-    def follow_list(
-        self,
-        head: int,
-        next_offset: int,
-        span_offset: int,
-        span_size: int,
-        limit: int,
-        *,
-        after: int | None = None,
-        pages: Sequence[int] = (),
-    ) -> RemoteListWalk:
-        """Have the hypervisor walk a ``list_head`` list (a prefetch hint: a layout the
-        wire can't express returns an empty walk, and the enclave reads on its own).
-        ``pages`` (at most ``MAX_PAGES_PER_REQUEST``) are read in the same crossing and
-        returned with the walk's."""
-        member = -span_offset
-        if (
-            member < 0
-            or member + 16 > span_size
-            or next_offset + 8 > 16
-            or head % 8
-            or not 0 <= head < 1 << 64
-            or (after is not None and not 0 < after < 1 << 64)
-        ):
-            return RemoteListWalk((), ListEnd.FAULT, {})
-        request = FollowList(
-            head, member, span_size, min(limit, MAX_LIST_NODES), next_offset, after or 0
-        )
+    def follow_list(self, walk: ListWalk, *, pages: Sequence[int] = ()) -> RemoteListWalk:
+        """Have the hypervisor walk a ``list_head`` list (at most ``MAX_LIST_NODES``
+        nodes of it). ``pages`` (at most ``MAX_PAGES_PER_REQUEST``) are read in the same
+        crossing and returned with the walk's."""
+        request = FollowList(replace(walk, limit=min(walk.limit, MAX_LIST_NODES)))
         if not pages:
             ((index, found),) = self._call_all([request], [ListReply])
             assert isinstance(index, ListReply)

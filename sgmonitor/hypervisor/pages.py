@@ -21,15 +21,14 @@ from sgmonitor.guest.memory import PhysicalMemory, Registers
 from sgmonitor.guest.paging import PAGE_SHIFT, PAGE_SIZE, PageWalker, Translation
 from sgmonitor.wire import MAX_ENTRY_SIZE, MAX_LIST_NODES, MAX_PAGES_PER_REQUEST, MAX_REPLY_PAGES
 from sgmonitor.wire import ListEnd as ListEnd
+from sgmonitor.wire import ListWalk as ListWalk
 
-__all__ = ["ListEnd", "ListWalk", "PageNotRam", "PageServer"]
+__all__ = ["ListEnd", "ListWalk", "PageNotRam", "PageServer", "WalkedList"]
 
 _U64 = 1 << 64
 _PAGE_MASK = ~(PAGE_SIZE - 1)  # clears the offset in a page
 _LARGE_SHIFT = 21  # 2 MiB: the smallest large page
 _POINTER = 8  # x86-64: list pointers are 8 little-endian bytes
-# The widest next-pointer offset accepted: a list_head lies inside its entry.
-MAX_NEXT_OFFSET = MAX_ENTRY_SIZE
 
 
 class PageNotRam(PageFault):
@@ -37,7 +36,7 @@ class PageNotRam(PageFault):
 
 
 @dataclass(frozen=True)
-class ListWalk:
+class WalkedList:
     """What :meth:`PageServer.follow_list` found.
 
     ``nodes`` are the node addresses (for a ``list_head`` list, the ``list_head``
@@ -125,24 +124,13 @@ class PageServer:
 
     def follow_list(
         self,
-        head: int,
-        next_offset: int,
-        span_offset: int,
-        span_size: int,
-        limit: int,
+        walk: ListWalk,
         *,
-        after: int | None = None,
         max_pages: int | None = None,
         pages: Sequence[int] = (),
-    ) -> ListWalk:
-        """Follow a kernel linked list and return the pages its entries span.
-
-        The first node is ``*(head + next_offset)`` (or ``*(after + next_offset)`` to
-        continue a walk that stopped at node ``after``); each node's successor is at
-        ``node + next_offset``; each node's entry is ``[node + span_offset, node +
-        span_offset + span_size)``. For ``list_for_each_entry(pos, head, member)``:
-        ``next_offset = offsetof(struct list_head, next)``, ``span_offset =
-        -offsetof(type, member)``, ``span_size = sizeof(type)``.
+    ) -> WalkedList:
+        """Follow a kernel linked list (see :class:`sgmonitor.wire.ListWalk`, which
+        validated the request) and return the pages its nodes' spans cover.
 
         Ends on reaching ``head`` (``HEAD_REACHED``), after ``min(limit,
         MAX_LIST_NODES)`` nodes (``LIMIT``), on a node seen before (``LOOP``), on a
@@ -153,63 +141,63 @@ class PageServer:
         ``pages`` (the in-process form of a ``Batch``'s ReadPages) are read too, first,
         and returned with the walk's own; they count against ``max_pages``.
 
-        :raises ValueError: offsets or sizes outside the wire limits, ``limit < 1``
+        :raises ValueError: ``pages`` beyond ``read_pages``'s limits
         """
-        _check_list_args(head, next_offset, span_offset, span_size, limit, after)
+        if not isinstance(walk, ListWalk):
+            raise ValueError("follow_list takes a ListWalk")
         budget = self.max_list_pages if max_pages is None else min(max_pages, self.max_list_pages)
         extra = {p: v for p, v in zip(pages, self.read_pages(pages), strict=True)}
-        walk = _ListWalker(self, next_offset, span_offset, span_size)
+        walker = _ListWalker(self, walk)
         try:
-            return self._follow(walk, head, limit, after, budget - len(extra))
+            return self._follow(walker, walk, budget - len(extra))
         finally:
             for p, v in extra.items():
-                walk.pages.setdefault(p, v)
+                walker.pages.setdefault(p, v)
 
-    def _follow(
-        self, walk: _ListWalker, head: int, limit: int, after: int | None, budget: int
-    ) -> ListWalk:
-        first = walk.pointer(head if after is None else after)
+    def _follow(self, walker: _ListWalker, walk: ListWalk, budget: int) -> WalkedList:
+        head, limit = walk.head, min(walk.limit, MAX_LIST_NODES)
+        first = walker.pointer(walk.after or head)
         if first is None:
-            return walk.result(ListEnd.FAULT)
+            return walker.result(ListEnd.FAULT)
         node, seen = first, set[int]()
         while True:
             if node == head:
-                return walk.result(ListEnd.HEAD_REACHED)
+                return walker.result(ListEnd.HEAD_REACHED)
             if node in seen:
-                return walk.result(ListEnd.LOOP)
-            if len(walk.nodes) >= min(limit, MAX_LIST_NODES):
-                return walk.result(ListEnd.LIMIT)
-            needed = walk.needed(node)
-            if needed is not None and len(walk.pages) + len(needed) > budget:
-                return walk.result(ListEnd.REPLY_FULL)
-            if not walk.take(node, needed):
-                return walk.result(ListEnd.FAULT)
+                return walker.result(ListEnd.LOOP)
+            if len(walker.nodes) >= limit:
+                return walker.result(ListEnd.LIMIT)
+            needed = walker.needed(node)
+            if needed is not None and len(walker.pages) + len(needed) > budget:
+                return walker.result(ListEnd.REPLY_FULL)
+            if not walker.take(node, needed):
+                return walker.result(ListEnd.FAULT)
             seen.add(node)
-            nxt = walk.pointer(node)
-            if nxt is None:  # only when next_offset lies outside the span
-                return walk.result(ListEnd.FAULT)
+            nxt = walker.pointer(node)
+            if nxt is None:  # defensive: the validated links lie inside the span read
+                return walker.result(ListEnd.FAULT)
             node = nxt
 
 
 class _ListWalker:
     """The state of one follow_list: pages read so far, nodes taken, the first fault."""
 
-    def __init__(self, server: PageServer, next_offset: int, span_offset: int, size: int):
+    def __init__(self, server: PageServer, walk: ListWalk):
         self.server = server
-        self.next_offset = next_offset
-        self.span_offset = span_offset
-        self.size = size
+        self.next_offset = walk.next_offset
+        self.member_offset = walk.member_offset
+        self.size = walk.span_size
         self.pages: dict[int, bytes | PageFault] = {}
         self.nodes: list[int] = []
         self.fault: PageFault | None = None
 
-    def result(self, end: ListEnd) -> ListWalk:
-        return ListWalk(tuple(self.nodes), end, self.pages, self.fault)
+    def result(self, end: ListEnd) -> WalkedList:
+        return WalkedList(tuple(self.nodes), end, self.pages, self.fault)
 
     def needed(self, node: int) -> list[int] | None:
         """Pages of the node's span and next pointer not read yet; None if they leave the
         64-bit address space (a wild pointer)."""
-        start, ptr = node + self.span_offset, node + self.next_offset
+        start, ptr = node - self.member_offset, node + self.next_offset
         end = start + self.size
         if start < 0 or end > _U64 or ptr + _POINTER > _U64:
             return None
@@ -272,16 +260,3 @@ def _pages(address: int, size: int) -> range:
 def _span_pages(size: int) -> int:
     """The most pages ``size`` bytes can cover (when they start just before a page end)."""
     return len(_pages(PAGE_SIZE - 1, size))
-
-
-def _check_list_args(
-    head: int, next_offset: int, span_offset: int, size: int, limit: int, after: int | None
-) -> None:
-    if not 0 <= head < _U64 or (after is not None and not 0 <= after < _U64):
-        raise ValueError("list head and start must be 64-bit addresses")
-    if not 0 <= next_offset <= MAX_NEXT_OFFSET:
-        raise ValueError(f"next_offset must be 0..{MAX_NEXT_OFFSET}")
-    if not 0 < size <= MAX_ENTRY_SIZE or not -MAX_ENTRY_SIZE <= span_offset <= MAX_ENTRY_SIZE:
-        raise ValueError(f"span must be 1..{MAX_ENTRY_SIZE} bytes within that of the node")
-    if limit < 1:
-        raise ValueError("limit must be at least 1")

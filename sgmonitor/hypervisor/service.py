@@ -700,15 +700,7 @@ class HypervisorService:
             found = server.read_pages(request.pages())
             return _pages_reply(request.pages(), found)
         if isinstance(request, FollowList):
-            walk = server.follow_list(
-                request.head,
-                request.next_offset,
-                -request.member_offset,
-                request.entry_size,
-                request.limit,
-                after=request.after or None,
-                max_pages=list_pages,
-            )
+            walk = server.follow_list(request.walk, max_pages=list_pages)
             addresses = list(walk.pages)
             index, pages = _pages_reply(addresses, [walk.pages[a] for a in addresses])
             assert isinstance(index, PagesReply)

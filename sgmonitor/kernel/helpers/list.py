@@ -24,9 +24,11 @@ and validates every link itself, and a failed prefetch changes nothing.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 from sgmonitor.errors import GuestDataError, PageFault, ValidationError
 from sgmonitor.kernel.objects import CType, Object, TypedMemory, TypeKind
+from sgmonitor.wire import ListWalk, WireError
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -149,14 +151,21 @@ def _prefetcher(
     prefetch = getattr(tm.memory, "prefetch_list", None)
     if prefetch is None:
         return None
-    head_addr = _address(head, "list_head")
-    next_offset = tm.offsetof("struct list_head", "next")
-    span = (-tm.offsetof(type, member), tm.sizeof(type))
+    try:  # a head the trusted side can't walk (unaligned, say): the walk reads it
+        walk = ListWalk(
+            _address(head, "list_head"),
+            tm.offsetof("struct list_head", "next"),
+            tm.offsetof(type, member),
+            tm.sizeof(type),
+            limit,
+        )
+    except WireError:
+        return None
 
     def fetch(after: int | None) -> int | None:
         try:
-            found = prefetch(head_addr, next_offset, *span, limit, after=after)
-        except GuestDataError:
+            found = prefetch(replace(walk, after=after or 0))
+        except (GuestDataError, WireError):
             return None
         return found if isinstance(found, int) else None
 
