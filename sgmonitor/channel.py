@@ -178,19 +178,71 @@ class SessionKeys:
         return self.enclave_to_hv
 
 
-def nonce(direction: Direction, sequence: int) -> bytes:
-    """The one nonce format: 4-byte direction, 8-byte big-endian sequence number.
+def _nonces(direction: Direction) -> Callable[[int], bytes]:
+    """The one nonce format: 4-byte direction, 8-byte big-endian sequence number
+    (``OverflowError`` outside 0..2**64-1). Keys differ per direction already; the
+    direction field is defence in depth."""
+    prefix = int(direction).to_bytes(4, "big")
 
-    Keys differ per direction already; the direction field is defence in depth.
-    """
+    def build(sequence: int) -> bytes:
+        return prefix + sequence.to_bytes(8, "big")
+
+    return build
+
+
+_NONCES = {d: _nonces(d) for d in Direction}
+
+
+def nonce(direction: Direction, sequence: int) -> bytes:
+    """The nonce of message ``sequence`` of ``direction`` (see :func:`_nonces`)."""
     try:
-        return _NONCE_PREFIX[direction] + sequence.to_bytes(8, "big")
+        return _NONCES[direction](sequence)
     except OverflowError:
         raise ChannelExhausted(f"sequence {sequence} out of range") from None
 
 
-_NONCE_PREFIX = {d: int(d).to_bytes(4, "big") for d in Direction}
-_AD_HEAD = struct.Struct(">BBBB16sQQQI")
+# The associated data: what one direction of one session fixes, then the per-message
+# fields, then the VM name (length-prefixed). Big-endian, no padding between parts.
+_AD_FIXED = struct.Struct(">BBBB16s")  # version, suite, direction, kind, session id
+_AD_MESSAGE = struct.Struct(">QQQI")  # request id, sequence, address, length
+
+
+class _Framing:
+    """The associated data and nonces of one direction of one session: the one builder
+    of both (:func:`associated_data` and :func:`nonce` use it too).
+
+    ``ad(kind, request_id, sequence, address, length)`` and ``nonce(sequence)`` are
+    closures over what the session and direction fix, packed once (they run once per
+    page). ``struct`` rejects out-of-range integers (``struct.error``); ``kind`` is
+    checked against the enum.
+    """
+
+    __slots__ = ("ad", "direction", "nonce", "size")
+
+    def __init__(
+        self,
+        suite: Suite,
+        session_id: bytes,
+        direction: Direction,
+        vm: str,
+        *,
+        version: int = PROTOCOL_VERSION,
+    ) -> None:
+        self.direction = Direction(direction)
+        vm_bytes = _vm_bytes(vm)
+        suffix = bytes([len(vm_bytes)]) + vm_bytes
+        fixed = {k: _AD_FIXED.pack(version, suite, self.direction, k, session_id) for k in Kind}
+        pack = _AD_MESSAGE.pack
+
+        def ad(kind: Kind, request_id: int, sequence: int, address: int, length: int) -> bytes:
+            head = fixed.get(kind)
+            if head is None:
+                raise ValueError(f"unknown kind {kind!r}")
+            return head + pack(request_id, sequence, address, length) + suffix
+
+        self.ad: Callable[[Kind, int, int, int, int], bytes] = ad
+        self.nonce: Callable[[int], bytes] = _NONCES[self.direction]
+        self.size = _AD_FIXED.size + _AD_MESSAGE.size + len(suffix)  # every message's
 
 
 def associated_data(
@@ -211,21 +263,14 @@ def associated_data(
     ``version u8 | suite u8 | direction u8 | kind u8 | session_id 16 | request_id u64 |
     sequence u64 | address u64 | length u32 | vm_len u8 | vm utf-8``, big-endian.
     """
-    vm_bytes = _vm_bytes(vm)
     if not 0 <= request_id <= MAX_REQUEST_ID:
         raise ValueError(f"request_id {request_id} out of range")
     if not 0 <= address <= MAX_ADDRESS:
         raise ValueError(f"address {address:#x} out of range")
     if not 0 <= length <= MAX_LENGTH:
         raise ValueError(f"length {length} out of range")
-    head = _AD_HEAD.pack(
-        version, suite, direction, kind, session_id, request_id, sequence, address, length
-    )
-    return head + bytes([len(vm_bytes)]) + vm_bytes
-
-
-_KIND_BYTE = {k: int(k) for k in Kind}
-_DIRECTION_BYTE = {d: int(d) for d in Direction}
+    framing = _Framing(suite, session_id, direction, vm, version=version)
+    return framing.ad(kind, request_id, sequence, address, length)
 
 
 class SealingChannel(Protocol):
@@ -300,9 +345,8 @@ class _Counters:
         self.recv_direction = (
             Direction.HV_TO_ENCLAVE if side is Side.ENCLAVE else Direction.ENCLAVE_TO_HV
         )
-        vm_bytes = _vm_bytes(vm)
-        self.vm_suffix = bytes([len(vm_bytes)]) + vm_bytes
-        self.ad_len = _AD_HEAD.size + len(self.vm_suffix)  # the same for every message
+        self.send = _Framing(suite, session_id, self.send_direction, vm)
+        self.recv = _Framing(suite, session_id, self.recv_direction, vm)
         self.sent = 0
         self.received = 0
         self.failed = False
@@ -327,53 +371,6 @@ class _Counters:
         if self.sent >= self.limit:  # raise before the counter could wrap
             raise ChannelExhausted("send budget used up; open a new session")
         return self.sent
-
-    def ad(
-        self,
-        direction: Direction,
-        kind: Kind,
-        request_id: int,
-        sequence: int,
-        address: int,
-        length: int,
-    ) -> bytes:
-        """Same bytes as :func:`associated_data`, with the constant parts precomputed.
-
-        This runs once per message, so it avoids enum construction; ``struct`` rejects
-        out-of-range integers (``struct.error``) and ``kind`` is checked against the enum.
-        """
-        kind_byte = _KIND_BYTE.get(kind)
-        if kind_byte is None:
-            raise ValueError(f"unknown kind {kind!r}")
-        return (
-            _AD_HEAD.pack(
-                PROTOCOL_VERSION,
-                self.suite_byte,
-                _DIRECTION_BYTE[direction],
-                kind_byte,
-                self.session_id,
-                request_id,
-                sequence,
-                address,
-                length,
-            )
-            + self.vm_suffix
-        )
-
-    def page_constants(
-        self, direction: Direction
-    ) -> tuple[tuple[int, int, int, int, bytes], bytes]:
-        """The parts of :meth:`ad` and :func:`nonce` that every ``Kind.PAGE`` message of
-        ``direction`` shares: the leading AD fields (version, suite, direction, kind,
-        session id) and the nonce prefix. The batch loops add the rest per page."""
-        head = (
-            PROTOCOL_VERSION,
-            self.suite_byte,
-            _DIRECTION_BYTE[direction],
-            _KIND_BYTE[Kind.PAGE],
-            self.session_id,
-        )
-        return head, _NONCE_PREFIX[direction]
 
 
 # Everything a receiver turns into InvalidSeal (and a dead channel).
@@ -442,9 +439,9 @@ class Channel(_ChannelBase):
         if not isinstance(plaintext, bytes | bytearray | memoryview):
             raise TypeError("plaintext must be bytes")
         seq = st.next_send()
-        ad = _checked(st.ad, st.send_direction, kind, request_id, seq, address, len(plaintext))
+        ad = _checked(st.send.ad, kind, request_id, seq, address, len(plaintext))
         assert self._send is not None
-        sealed = self._send.encrypt(nonce(st.send_direction, seq), plaintext, ad)
+        sealed = self._send.encrypt(st.send.nonce(seq), plaintext, ad)
         st.sent = seq + 1
         return sealed
 
@@ -470,9 +467,9 @@ class Channel(_ChannelBase):
         try:
             if body < 0 or (length is not None and body != length) or seq >= st.limit:
                 raise InvalidSeal()
-            ad = st.ad(st.recv_direction, kind, request_id, seq, address, body)
+            ad = st.recv.ad(kind, request_id, seq, address, body)
             assert self._recv is not None
-            plaintext = self._recv.decrypt(nonce(st.recv_direction, seq), sealed, ad)
+            plaintext = self._recv.decrypt(st.recv.nonce(seq), sealed, ad)
         except _FORGERY:
             st.failed = True
             raise InvalidSeal() from None
@@ -490,13 +487,12 @@ class Channel(_ChannelBase):
         if st.sent + len(pages) > st.limit:  # let seal raise at the right message
             return [self.seal(Kind.PAGE, request_id, p, address=a, now=now) for a, p in pages]
         assert self._send is not None
-        encrypt, pack, suffix = self._send.encrypt, _AD_HEAD.pack, st.vm_suffix
-        head, prefix = st.page_constants(st.send_direction)
+        encrypt, ad, nonce_of = self._send.encrypt, st.send.ad, st.send.nonce
         seq, out = st.sent, []
         try:
             for address, page in pages:
-                ad = pack(*head, request_id, seq, address, len(page)) + suffix
-                out.append(encrypt(prefix + seq.to_bytes(8, "big"), page, ad))
+                aad = ad(Kind.PAGE, request_id, seq, address, len(page))
+                out.append(encrypt(nonce_of(seq), page, aad))
                 seq += 1
         except struct.error as exc:
             raise ValueError(f"associated data field out of range: {exc}") from None
@@ -522,14 +518,13 @@ class Channel(_ChannelBase):
             if len(sealed) != len(addresses) or seq + len(sealed) > st.limit:
                 raise InvalidSeal()
             assert self._recv is not None
-            decrypt, pack, suffix = self._recv.decrypt, _AD_HEAD.pack, st.vm_suffix
-            head, prefix = st.page_constants(st.recv_direction)
+            decrypt, ad, nonce_of = self._recv.decrypt, st.recv.ad, st.recv.nonce
             want = length + TAG_LEN
             for address, message in zip(addresses, sealed, strict=True):
                 if len(message) != want:
                     raise InvalidSeal()
-                ad = pack(*head, request_id, seq, address, length) + suffix
-                out.append(decrypt(prefix + seq.to_bytes(8, "big"), message, ad))
+                aad = ad(Kind.PAGE, request_id, seq, address, length)
+                out.append(decrypt(nonce_of(seq), message, aad))
                 seq += 1
         except _FORGERY:
             st.failed = True
@@ -578,7 +573,7 @@ class UnsealedChannelForExperimentsOnly(_ChannelBase):
         st = self._state
         st.check_usable(now)
         seq = st.next_send()
-        ad = _checked(st.ad, st.send_direction, kind, request_id, seq, address, len(plaintext))
+        ad = _checked(st.send.ad, kind, request_id, seq, address, len(plaintext))
         st.sent = seq + 1
         return ad + bytes(plaintext)
 
@@ -599,11 +594,11 @@ class UnsealedChannelForExperimentsOnly(_ChannelBase):
         try:
             if seq >= st.limit:
                 raise InvalidSeal()
-            ad_len = st.ad_len  # depends only on the VM name
+            ad_len = st.recv.size  # depends only on the VM name
             body = len(sealed) - ad_len
             if body < 0 or (length is not None and body != length):
                 raise InvalidSeal()
-            expected = st.ad(st.recv_direction, kind, request_id, seq, address, body)
+            expected = st.recv.ad(kind, request_id, seq, address, body)
             if not hmac.compare_digest(bytes(sealed[:ad_len]), expected):
                 raise InvalidSeal()
         except _FORGERY:

@@ -212,11 +212,12 @@ class ForgingHypervisor(HypervisorService):
         honest = channel.seal_pages
 
         def as_other_vm(request_id: int, items: Any, *, now: float | None = None) -> Any:
-            saved, state.vm_suffix = state.vm_suffix, b"\x01b"  # the AD names guest "b"
+            saved = state.send  # the AD names guest "b"
+            state.send = type(saved)(state.suite, state.session_id, saved.direction, "b")
             try:
                 return honest(request_id, items, now=now)
             finally:
-                state.vm_suffix = saved
+                state.send = saved
                 channel.seal_pages = honest
 
         channel.seal_pages = as_other_vm
