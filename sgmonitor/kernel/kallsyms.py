@@ -132,6 +132,20 @@ class Kallsyms:
             return None
         return Symbol(self.addresses[i], self.types[i], self.names[i]), address - self.addresses[i]
 
+    def lookup_size_offset(self, address: int) -> tuple[Symbol, int, int] | None:
+        """The symbol holding ``address``, its size and the offset into it
+        (``kallsyms_lookup_size_offset()``): the size runs to the next symbol's address,
+        so None before the first symbol and after the last (whose end is unknown)."""
+        i = bisect.bisect_right(self.addresses, address) - 1
+        if i < 0:
+            return None
+        start = self.addresses[i]
+        nxt = bisect.bisect_right(self.addresses, start)
+        if nxt >= len(self.addresses):
+            return None
+        symbol = Symbol(start, self.types[i], self.names[i])
+        return symbol, self.addresses[nxt] - start, address - start
+
     def __iter__(self) -> Iterator[Symbol]:
         for address, kind, name in zip(self.addresses, self.types, self.names, strict=True):
             yield Symbol(address, kind, name)
