@@ -5,7 +5,9 @@ threads, ``CLONE_THREAD``, share one), so two processes pointing at one ``cred``
 not get there by fork: a rootkit's ``task->cred = &init_cred`` (or another process's)
 looks exactly like that. And a process is root while its parent is not only through a
 setuid-root executable; anything else is an escalation (Volatility's ``check_creds``
-covers the first half).
+covers the first half). Finally, ``cred->user`` is the ``user_struct`` of the real uid
+(``set_user()`` moves it whenever the uid changes): a rootkit that writes 0 into the
+ids of a process's own cred, in place, leaves ``user`` behind.
 """
 
 from __future__ import annotations
@@ -42,6 +44,18 @@ def run(kernel: object) -> Iterator[Finding]:
         pid, cred = int(task.pid), task.cred
         owners[int(cred)].append(pid)
         euid, parent_uid = int(cred.euid.val), int(task.real_parent.cred.uid.val)
+        uid, user_uid = int(cred.uid.val), int(cred.user.uid.val)
+        if uid != user_uid:
+            yield Finding(
+                "credentials",
+                "critical",
+                f"pid {pid} has uid {uid} in a cred whose user_struct is uid {user_uid}: "
+                "its ids were overwritten in place",
+                pid=pid,
+                address=int(cred),
+                expected=f"uid {user_uid} (cred->user, set with the uid by set_user())",
+                found=f"uid {uid}",
+            )
         if euid == 0 and parent_uid != 0 and not _setuid_root_exe(task):
             yield Finding(
                 "credentials",

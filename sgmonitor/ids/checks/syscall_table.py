@@ -10,22 +10,13 @@ The table's end is the next kallsyms symbol; zero slots there are alignment padd
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator
 
 from sgmonitor.errors import ValidationError
+from sgmonitor.ids.code import NOT_IMPLEMENTED, KernelCode, syscall_handler
 from sgmonitor.ids.registry import Finding, check
 
-_NOT_IMPLEMENTED = ("sys_ni_syscall", "__x64_sys_ni_syscall")
 _MAX_SYSCALLS = 4096
-
-
-def _describe(symbols: object, address: int) -> str:
-    found = symbols.lookup(address)  # type: ignore[attr-defined]
-    if found is None:
-        return f"{address:#x}"
-    symbol, offset = found
-    return symbol.name if offset == 0 else f"{symbol.name}+{offset:#x}"
 
 
 @check("syscall_table", "sys_call_table entries point to their own handlers in kernel text")
@@ -34,31 +25,30 @@ def run(kernel: object) -> Iterator[Finding]:
     symbols = kernel.symbols  # type: ignore[attr-defined]
     if not hasattr(symbols, "lookup"):
         raise ValidationError("the symbol source cannot map addresses to names (kallsyms)")
-    table, stext, etext = symbols["sys_call_table"], symbols["_stext"], symbols["_etext"]
-    end = symbols.addresses[bisect.bisect_right(symbols.addresses, table)]
-    count = (end - table) // 8
+    table = symbols["sys_call_table"]
+    found = symbols.lookup_size_offset(table)
+    count = found[1] // 8 if found is not None and found[2] == 0 else 0
     if not 0 < count <= _MAX_SYSCALLS:
         raise ValidationError(f"sys_call_table has an implausible size ({count} entries)")
     raw = kernel.memory.read(table, count * 8)  # type: ignore[attr-defined]
     entries = [int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 8)]
     while entries and entries[-1] == 0:  # alignment padding after the last entry
         entries.pop()
+    code = KernelCode(kernel)
     owner: dict[str, int] = {}
     for nr, target in enumerate(entries):
-        found = symbols.lookup(target)
-        name = found[0].name if found is not None and found[1] == 0 else None
-        handler = name is not None and (name.startswith("__x64_sys_") or name in _NOT_IMPLEMENTED)
-        if not handler or not stext <= target < etext:
+        name = code.symbol_at(target)
+        if not syscall_handler(name):
             yield Finding(
                 "syscall_table",
                 "critical",
-                f"system call {nr} points to {_describe(symbols, target)}",
+                f"system call {nr} points to {code.describe(target)}",
                 symbol=f"sys_call_table[{nr}]",
                 address=target,
                 expected="a __x64_sys_* handler in core kernel text",
-                found=_describe(symbols, target),
+                found=code.describe(target),
             )
-        elif name not in _NOT_IMPLEMENTED:
+        elif name not in NOT_IMPLEMENTED:
             if name in owner:
                 yield Finding(
                     "syscall_table",
