@@ -111,10 +111,16 @@ def checked(name: str, only: str) -> Iterator[list[dict[str, object]]]:
         yield [json.loads(line) for line in done.stdout.splitlines()]
 
 
-def assert_alive_and_sane(name: str) -> None:
+def assert_alive_and_sane(name: str, *, undone: bool = True) -> None:
+    """The guest still runs, its log shows no kernel error, and (when the trick was
+    undone) every check finds it clean again."""
     assert ok(name, "echo alive") == "alive\n"
     log = ok(name, "dmesg")
     assert not re.search(r"BUG|Oops|general protection|kernel panic", log), log[-3000:]
+    if undone:
+        qmp = machine.load(name).qmp
+        done = sgmonitor("check", "--qemu", qmp, "--mode", "traditional", "--json")
+        assert (done.returncode, done.stdout) == (0, ""), done.stderr
 
 
 @pytest.mark.guest
@@ -141,6 +147,12 @@ def test_patch_x64_sys_call_answers_getpgid_from_the_module(name: str) -> None:
     # lands on the module's handler; after rmmod, on the system call again.
     site = symbol(name, "x64_sys_call") + int(patched[1], 16)
     assert destination(name, site) == symbol(name, "sgm_patch_handler")
+    for found in checked(name, "syscall_dispatch"):
+        assert [(f["check"], f["symbol"]) for f in found] == [
+            ("syscall_dispatch", f"x64_sys_call+{patched[1]}")
+        ]
+        assert found[0]["address"] == symbol(name, "sgm_patch_handler")
+        assert f"not dispatched any more: getpgid ({GETPGID})" in str(found[0]["summary"])
     ok(name, "rmmod sgm_rootkit")
     assert getpgid_magic(name) == ESRCH
     assert destination(name, site) == symbol(name, "__x64_sys_getpgid")
@@ -175,9 +187,71 @@ def test_ftrace_hook_redirects_getpgid_and_shows_in_enabled_functions(name: str)
     ok(name, f"grep -q tracefs /proc/mounts || mount -t tracefs nodev {tracing}")
     enabled = ok(name, f"cat {tracing}/enabled_functions")
     assert re.search(r"__x64_sys_getpgid .*\bR\b.*\bI\b", enabled), enabled  # regs, ipmodify
+    for found in checked(name, "ftrace_kprobes"):
+        assert [(f["check"], f["symbol"]) for f in found] == [
+            ("ftrace_kprobes", "__x64_sys_getpgid")
+        ]
+        assert found[0]["address"] == symbol(name, "sgm_ftrace_cb")
     ok(name, "rmmod sgm_rootkit")
     assert getpgid_magic(name) == ESRCH
     assert "__x64_sys_getpgid" not in ok(name, f"cat {tracing}/enabled_functions")
+    assert_alive_and_sane(name)
+
+
+def hits(name: str, counter: str) -> int:
+    """One of the rootkit's hit counters, as the guest's /sys/module shows it."""
+    return int(ok(name, f"cat /sys/module/sgm_rootkit/parameters/{counter}"))
+
+
+@pytest.mark.guest
+def test_kprobe_hook_runs_the_modules_handler(name: str) -> None:
+    ok(name, f"insmod {KO} kprobe_hook=__x64_sys_getpgid")
+    debugfs = "/sys/kernel/debug"
+    ok(name, f"grep -q debugfs /proc/mounts || mount -t debugfs none {debugfs}")
+    assert re.search(r"\bk\s+__x64_sys_getpgid\+0x0", ok(name, f"cat {debugfs}/kprobes/list"))
+    before = hits(name, "kprobe_hits")
+    getpgid_magic(name)
+    assert hits(name, "kprobe_hits") > before  # the module's handler runs at each call
+    for found in checked(name, "ftrace_kprobes"):
+        assert [(f["check"], f["symbol"]) for f in found] == [
+            ("ftrace_kprobes", "__x64_sys_getpgid")
+        ]
+        assert found[0]["address"] == symbol(name, "sgm_kprobe_pre")
+        assert "pre_handler" in str(found[0]["summary"])
+    ok(name, "rmmod sgm_rootkit")
+    assert "__x64_sys_getpgid" not in ok(name, f"cat {debugfs}/kprobes/list")
+    assert_alive_and_sane(name)
+
+
+@pytest.mark.guest
+def test_patch_entry_sees_every_system_call_first(name: str) -> None:
+    ok(name, f"insmod {KO} patch_entry=1")
+    patched = re.search(r"entry_SYSCALL_64\+(0x[0-9a-f]+): call do_syscall_64", ok(name, "dmesg"))
+    assert patched
+    site = symbol(name, "entry_SYSCALL_64") + int(patched[1], 16)
+    assert destination(name, site) == symbol(name, "sgm_entry_hook")  # the guest's kcore
+    before = hits(name, "entry_hits")
+    ok(name, "true")
+    assert hits(name, "entry_hits") > before  # system calls now pass through the module
+    for found in checked(name, "syscall_entry"):
+        assert [f["check"] for f in found] == ["syscall_entry"]
+        assert found[0]["address"] == symbol(name, "sgm_entry_hook")
+    ok(name, "rmmod sgm_rootkit")
+    assert destination(name, site) == symbol(name, "do_syscall_64")
+    assert_alive_and_sane(name)
+
+
+@pytest.mark.guest
+def test_hook_idt_runs_the_modules_thunk_on_int3(name: str) -> None:
+    ok(name, f"insmod {KO} hook_idt=3")
+    before = hits(name, "idt_hits")
+    assert sh(name, "sgm_syscall int3")[0] == 128 + 5  # SIGTRAP, as without the hook
+    assert hits(name, "idt_hits") > before  # the trap went through the module's thunk
+    for found in checked(name, "idt"):
+        assert [(f["check"], f["symbol"]) for f in found] == [("idt", "idt_table[3]")]
+        assert found[0]["address"] == symbol(name, "sgm_idt_thunk")
+    ok(name, "rmmod sgm_rootkit")
+    assert sh(name, "sgm_syscall int3")[0] == 128 + 5
     assert_alive_and_sane(name)
 
 
@@ -212,6 +286,11 @@ def test_root_pid_makes_a_users_shell_root(name: str) -> None:
     assert "Uid:\t0\t0\t0\t0" in ok(name, f"cat /proc/{shell}/status")
     assert wait_for_line(name, "/tmp/ids", "uid=0(root) gid=0(root)")
     assert re.search(rf"^\s*{shell}\s+root\s", ok(name, "ps"), re.MULTILINE)
+    for found in checked(name, "credentials"):
+        # The shell, and any child it forked since (its cred is a copy of the edited one).
+        pids = {int(str(f["pid"])) for f in found if "overwritten in place" in str(f["summary"])}
+        assert shell in pids and min(pids) == shell, found
+        assert {f["check"] for f in found} == {"credentials"}
     ok(name, "rmmod sgm_rootkit")
     assert "Uid:\t1000\t1000\t1000\t1000" in ok(name, f"cat /proc/{shell}/status")
     assert wait_for_line(name, "/tmp/ids", "uid=1000(worker) gid=1000(worker)")
@@ -237,7 +316,7 @@ def test_hide_module_vanishes_from_lsmod_proc_and_sys_yet_runs(name: str) -> Non
         assert {(f["check"], f["module"]) for f in found} == {("hidden_modules", "sgm_rootkit")}
     status, out = sh(name, "rmmod sgm_rootkit")
     assert status != 0 and "No such file" in out  # and so it cannot be removed
-    assert_alive_and_sane(name)
+    assert_alive_and_sane(name, undone=False)
 
 
 def test_added_files_land_in_the_initramfs_where_asked(tmp_path: Path) -> None:
