@@ -1,5 +1,6 @@
-"""``sgmonitor bench``: the paper's Figures 9 and 10 on lab guests, in one run.
+"""``sgmonitor bench``: the paper's Figures 9 and 10, in one run per guest.
 
+On lab guests it boots (the default), or on an existing QEMU guest (``--qemu SOCK``).
 Every mode scans the same guest, held stopped for the whole measurement so that each
 run times the scan alone (a periodic IDS would pause and resume around each scan; that
 costs the same few milliseconds in every mode and is left out of all of them):
@@ -11,6 +12,15 @@ costs the same few milliseconds in every mode and is left out of all of them):
 
 Each run is one full scan of the process list from an empty enclave page cache (it is
 invalidated at the start of every scan) and an empty translation cache.
+
+Every timed run's list is compared with a reference named in each result's ``truth``:
+``"guest"``, the lab guest's own /proc listing (printed by its /init just before the
+guest is stopped; see :func:`Reference.differences` for what may differ), or, for an
+existing guest, which prints no such listing, ``"traditional"``: the list of the first
+traditional scan, which every other run must equal exactly. Each run also carries its
+own ``elapsed_s`` (the wall time the bench measured) and ``crossing_s`` (the time the
+enclave spent outside itself waiting for its OCALLs: relay, hypervisor service and
+sealing; 0 for the in-process traditional mode).
 """
 
 from __future__ import annotations
@@ -19,7 +29,8 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 from sgmonitor.attestation.policy import Policy
 from sgmonitor.errors import SGMonitorError
@@ -35,6 +46,89 @@ from sgmonitor.untrusted.library import SecureMonitor
 MIB = 1 << 20
 # Kernel threads and /init's own processes on a lab guest: added to --procs N.
 _BASE_PROCESSES = 46
+# Kernel threads the guest may wake between printing its listing and being stopped
+# (the guest ran on a moment in between; user space on a lab guest cannot change).
+MAX_WOKEN_KERNEL_THREADS = 2
+
+Records = list[dict[str, object]]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The list every timed run is compared with.
+
+    ``kind`` is ``"guest"`` (a lab guest's own listing: ``{"pid", "ppid", "uid",
+    "state", "comm"}`` per process, ``helper_pid`` the process that printed it) or
+    ``"traditional"`` (the first traditional scan's records).
+    """
+
+    kind: str
+    processes: Records
+    helper_pid: int = 0
+
+    @classmethod
+    def of_lab_guest(cls, guest: machine.LabGuest) -> Reference:
+        """A fresh listing from the guest's /init (the guest must be running)."""
+        truth = machine.truth(guest, fresh=True)
+        return cls("guest", truth.processes, truth.helper_pid)
+
+    def differences(self, records: Records) -> list[str]:
+        """What differs between ``records`` and this reference; empty when they agree.
+
+        Against a traditional scan: nothing may differ. Against the guest's listing:
+        the same processes (the one that printed the listing may still be exiting),
+        each with its ppid, uid, tgid (= pid) and /proc name (a workqueue worker's name
+        ends in the volatile work it last ran: only the part before must match) and its
+        state, except that up to ``MAX_WOKEN_KERNEL_THREADS`` kernel threads may have
+        been woken (R against S or I).
+        """
+        if self.kind == "traditional":
+            if records == self.processes:
+                return []
+            ours = {r["pid"]: r for r in records}
+            theirs = {r["pid"]: r for r in self.processes}
+            out = [
+                f"pid {p}: {ours.get(p)} != {theirs.get(p)}"
+                for p in sorted({*ours, *theirs}, key=str)
+                if ours.get(p) != theirs.get(p)
+            ]
+            return out or ["the same records in another order"]
+        ours = {r["pid"]: r for r in records if r["pid"] != self.helper_pid}
+        theirs = {p["pid"]: p for p in self.processes}
+        out = [f"pid {p}: not listed by the guest" for p in ours if p not in theirs]
+        out += [f"pid {p}: not found by the scan" for p in theirs if p not in ours]
+        woken = []
+        for pid in ours.keys() & theirs.keys():
+            mine, guest = ours[pid], theirs[pid]
+            name, comm = str(guest["comm"]), str(mine["comm"])
+            expected = name.split("+")[0].split("-")[0] if comm.startswith("kworker/") else name
+            found = comm if comm.startswith("kworker/") else mine["name"]
+            if (mine["ppid"], mine["uid"], mine["tgid"], found) != (
+                guest["ppid"],
+                guest["uid"],
+                pid,
+                expected,
+            ):
+                out.append(f"pid {pid}: scan {mine}, guest {guest}")
+            elif mine["state"] != guest["state"]:
+                kernel_thread = pid == 2 or guest["ppid"] == 2
+                if kernel_thread and {mine["state"], guest["state"]} in ({"R", "S"}, {"R", "I"}):
+                    woken.append(pid)
+                else:
+                    out.append(f"pid {pid}: state {mine['state']}, guest {guest['state']}")
+        if len(woken) > MAX_WOKEN_KERNEL_THREADS:
+            out.append(f"{len(woken)} kernel threads changed state: {woken}")
+        return out
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One timed run: its wall time, its time in crossings, and whether its list agreed
+    with the reference."""
+
+    elapsed_s: float
+    crossing_s: float
+    matches_truth: bool
 
 
 @dataclass(frozen=True)
@@ -48,28 +142,37 @@ class Run:
     mean_s: float
     stdev_s: float
     min_s: float
+    crossing_mean_s: float
     crossings: int
     pages_fetched: int
-    records_match_traditional: bool
+    truth: str  # what the lists were compared with: "guest" or "traditional"
+    records_match_truth: bool  # every timed run's list
+    mismatch: str  # the first difference found, "" if none
+    scans: tuple[Scan, ...] = field(default=())
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
-def _timed(
-    scan: Callable[[], tuple[object, int, int]],
-    runs: int,
-    records_of: Callable[[object], list[dict[str, object]]] = lambda r: r,  # type: ignore[assignment,return-value]
-) -> tuple[list[dict[str, object]], list[float], int, int]:
-    """Time ``runs`` scans after a warm-up; the last one's records (``records_of`` its
-    result, read after the timing: for a secure scan, from the monitor)."""
-    result, crossings, pages = scan()  # warm-up: imports, first connections
-    times = []
+class _Outcome(NamedTuple):
+    """What one scan returns: its result (records, or how to get them), its crossings,
+    pages fetched and time spent in crossings."""
+
+    result: object
+    crossings: int
+    pages: int
+    crossing_s: float
+
+
+def _timed(scan: Callable[[], _Outcome], runs: int) -> list[tuple[_Outcome, float]]:
+    """Each of ``runs`` scans after a warm-up, with its wall time."""
+    scan()  # warm-up: imports, first connections
+    timed = []
     for _ in range(runs):
         start = time.perf_counter()
-        result, crossings, pages = scan()
-        times.append(time.perf_counter() - start)
-    return records_of(result), times, crossings, pages
+        outcome = scan()
+        timed.append((outcome, time.perf_counter() - start))
+    return timed
 
 
 def measure_guest(
@@ -79,43 +182,67 @@ def measure_guest(
     runs: int,
     policy: Policy | None = None,
     say: Callable[[str], None] | None = None,
+    reference: Reference | None = None,
 ) -> list[Run]:
     """All modes (secure ones at every cache budget) on one running guest; the secure
     ones through a local deployment attesting against ``policy`` (default: the
-    installed enclave)."""
+    installed enclave). Without a ``reference`` (an existing guest) every run is
+    compared with the first traditional scan's list, made untimed first if
+    ``traditional`` is not among ``modes``."""
     results: list[Run] = []
-    reference: list[dict[str, object]] | None = None
+    truth = reference
 
-    def record(mode: str, budget: int | None, outcome: tuple) -> None:  # type: ignore[type-arg]
-        nonlocal reference
-        records, times, crossings, pages = outcome
-        if reference is None:
-            reference = records
+    def record(
+        mode: str,
+        budget: int | None,
+        timed: list[tuple[_Outcome, float]],
+        records_of: Callable[[object], Records],
+    ) -> None:
+        nonlocal truth
+        lists = [records_of(outcome.result) for outcome, _ in timed]  # after the timing
+        if truth is None:
+            truth = Reference("traditional", lists[0])
+        found = [truth.differences(records) for records in lists]
+        times = [elapsed for _, elapsed in timed]
+        last = timed[-1][0]
         results.append(
             Run(
                 mode=mode,
-                processes=len(records),
+                processes=len(lists[-1]),
                 cache_budget=budget,
                 runs=runs,
                 mean_s=statistics.mean(times),
                 stdev_s=statistics.stdev(times) if len(times) > 1 else 0.0,
                 min_s=min(times),
-                crossings=crossings,
-                pages_fetched=pages,
-                records_match_traditional=records == reference,
+                crossing_mean_s=statistics.mean(o.crossing_s for o, _ in timed),
+                crossings=last.crossings,
+                pages_fetched=last.pages,
+                truth=truth.kind,
+                records_match_truth=not any(found),
+                mismatch=next((d[0] for d in found if d), ""),
+                scans=tuple(
+                    Scan(elapsed, outcome.crossing_s, not diff)
+                    for (outcome, elapsed), diff in zip(timed, found, strict=True)
+                ),
             )
         )
 
+    def own(result: object) -> Records:
+        return result  # type: ignore[return-value]
+
     with held_still(qmp_socket):
-        if "traditional" in modes:
+        if "traditional" in modes or truth is None:
             with QemuGuest(qmp_socket) as live:
                 kernel = open_guest_kernel(live)
 
-                def traditional() -> tuple[list[dict[str, object]], int, int]:
+                def traditional() -> _Outcome:
                     kernel.memory.walker.invalidate()
-                    return [r.as_dict() for r in list_processes(kernel)], 0, 0
+                    return _Outcome([r.as_dict() for r in list_processes(kernel)], 0, 0, 0.0)
 
-                record("traditional", None, _timed(traditional, runs))
+                if truth is None and "traditional" not in modes:
+                    truth = Reference("traditional", own(traditional().result))
+                if "traditional" in modes:
+                    record("traditional", None, _timed(traditional, runs), own)
         secure_modes = [m for m in modes if m != "traditional"]
         if secure_modes:
             unsealed = "secure-plain" in secure_modes
@@ -134,25 +261,25 @@ def measure_guest(
                         )
                         with monitor:
 
-                            def secure(m: SecureMonitor = monitor) -> tuple[object, int, int]:
+                            def secure(m: SecureMonitor = monitor) -> _Outcome:
                                 """One scan, its report delivered to the monitor."""
                                 result = m.scan("pslist")
                                 assert m.link is not None
                                 if not m.link.wait_ack(result.report_seq, 30.0):
                                     raise SGMonitorError("the monitor did not take a report")
-                                return (
+                                stats = result.stats
+                                return _Outcome(
                                     result.report_seq,
-                                    int(result.stats["crossings"]),  # type: ignore[call-overload]
-                                    int(result.stats["pages_fetched"]),  # type: ignore[call-overload]
+                                    int(stats["crossings"]),  # type: ignore[call-overload]
+                                    int(stats["pages_fetched"]),  # type: ignore[call-overload]
+                                    float(stats["crossing_s"]),  # type: ignore[arg-type]
                                 )
 
-                            def opened(
-                                seq: object, m: SecureMonitor = monitor
-                            ) -> list[dict[str, object]]:
+                            def opened(seq: object, m: SecureMonitor = monitor) -> Records:
                                 report = local.opened_report(m.ids, int(seq))  # type: ignore[call-overload]
                                 return list(report["records"])
 
-                            record(mode, budget, _timed(secure, runs, opened))
+                            record(mode, budget, _timed(secure, runs), opened)
     return results
 
 
@@ -164,7 +291,8 @@ def run_benchmark(
     progress: Callable[[str], None] = lambda _: None,
     policy: Policy | None = None,
 ) -> list[Run]:
-    """Boot a lab guest per process count, measure every mode on it, stop it."""
+    """Boot a lab guest per process count, take its own listing, measure every mode on
+    it, stop it."""
     results = []
     for count in processes:
         name = f"bench{os.getpid()}-{count}"
@@ -173,11 +301,30 @@ def run_benchmark(
         progress(f"booting a guest with ~{count} processes")
         guest = machine.start(name, machine.MachineConfig(mem_mib=mem, workload=Workload(extra)))
         try:
+            reference = Reference.of_lab_guest(guest)
             progress(f"measuring {', '.join(modes)} ({runs} runs each)")
-            results += measure_guest(guest.qmp, modes, budgets, runs, policy, progress)
+            results += measure_guest(
+                guest.qmp, modes, budgets, runs, policy, progress, reference=reference
+            )
         finally:
             machine.stop(name)
     return results
+
+
+def run_on_guest(
+    qmp_socket: str,
+    modes: Sequence[str],
+    budgets: Sequence[int],
+    runs: int,
+    progress: Callable[[str], None] = lambda _: None,
+    policy: Policy | None = None,
+) -> list[Run]:
+    """Measure every mode on an existing guest (any QEMU guest whose RAM is a shared
+    memory backend, given its QMP socket), held stopped meanwhile (and left as it was).
+    There is no listing of the guest's own: every run is compared with the first
+    traditional scan (``truth: "traditional"``)."""
+    progress(f"measuring {', '.join(modes)} ({runs} runs each) on {qmp_socket}")
+    return measure_guest(qmp_socket, modes, budgets, runs, policy, progress)
 
 
 def table(results: Sequence[Run]) -> str:
@@ -185,16 +332,16 @@ def table(results: Sequence[Run]) -> str:
     base = {r.processes: r.mean_s for r in results if r.mode == "traditional"}
     lines = [
         "| processes | mode | cache | mean (ms) | stdev (ms) | ratio to traditional "
-        "| crossings/scan | pages/scan | same list |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| crossing (ms) | crossings/scan | pages/scan | same list as |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in results:
         ratio = f"{r.mean_s / base[r.processes]:.2f}" if r.processes in base else "-"
         cache = f"{r.cache_budget // MIB} MiB" if r.cache_budget else "-"
         lines.append(
             f"| {r.processes} | {r.mode} | {cache} | {r.mean_s * 1e3:.1f} | "
-            f"{r.stdev_s * 1e3:.1f} | {ratio} | {r.crossings} | {r.pages_fetched} | "
-            f"{'yes' if r.records_match_traditional else 'NO'} |"
+            f"{r.stdev_s * 1e3:.1f} | {ratio} | {r.crossing_mean_s * 1e3:.1f} | {r.crossings} | "
+            f"{r.pages_fetched} | {r.truth if r.records_match_truth else 'NOT ' + r.truth} |"
         )
     return "\n".join(lines)
 

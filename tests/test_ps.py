@@ -284,6 +284,30 @@ def test_bench_json_has_every_mode_and_the_same_list() -> None:
     assert [r["mode"] for r in runs] == ["traditional", "secure-plain", "secure"]
     for run in runs:
         assert {"mode", "processes", "cache_budget", "mean_s", "stdev_s", "crossings"} <= set(run)
-        assert run["records_match_traditional"] and run["processes"] >= 60 and run["mean_s"] > 0
+        assert run["truth"] == "guest"  # every run against the guest's own listing
+        assert run["records_match_truth"] and run["processes"] >= 60 and run["mean_s"] > 0
+        assert len(run["scans"]) == 2 and all(s["matches_truth"] for s in run["scans"])
+        assert all(0 <= s["crossing_s"] < s["elapsed_s"] for s in run["scans"])
     assert runs[0]["crossings"] == 0 and runs[2]["crossings"] > 0
+    assert all(s["crossing_s"] == 0 for s in runs[0]["scans"])
+    assert all(s["crossing_s"] > 0 for s in runs[2]["scans"])
     assert runs[2]["cache_budget"] == 32 << 20
+
+
+@only(MAIN)
+def test_bench_on_an_existing_guest_compares_with_traditional(guest: GuestUnderTest) -> None:
+    command = ["bench", "--qemu", guest.info.qmp, "--runs", "2", "--json"]
+    result = subprocess.run(
+        [sys.executable, "-m", "sgmonitor", *command, "--modes", "traditional", "secure"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    runs = json.loads(result.stdout)["runs"]
+    assert [r["mode"] for r in runs] == ["traditional", "secure"]
+    for run in runs:
+        assert run["truth"] == "traditional" and run["records_match_truth"], run["mismatch"]
+        assert run["processes"] > 20 and len(run["scans"]) == 2
+    with Qmp(guest.info.qmp) as qmp:
+        assert qmp.is_running()  # held still for the measurement, then left running

@@ -111,11 +111,14 @@ class Qmp:
 @contextlib.contextmanager
 def held_still(socket_path: str) -> Iterator[None]:
     """Keep the guest stopped without holding its monitor (QEMU serves one QMP client at
-    a time, so whoever reads the guest meanwhile can still connect)."""
+    a time, so whoever reads the guest meanwhile can still connect). A guest that was
+    already stopped is left stopped."""
     with Qmp(socket_path) as qmp:
+        was_running = qmp.is_running()
         qmp.stop()
     try:
         yield
     finally:
-        with Qmp(socket_path) as qmp:
-            qmp.cont()
+        if was_running:
+            with Qmp(socket_path) as qmp:
+                qmp.cont()

@@ -1,0 +1,48 @@
+"""What ``sgmonitor bench`` compares each run's list with (no guest needed)."""
+
+from __future__ import annotations
+
+from sgmonitor.bench import Reference
+
+GUEST = [
+    {"pid": 1, "ppid": 0, "uid": 0, "state": "S", "comm": "init"},
+    {"pid": 2, "ppid": 0, "uid": 0, "state": "S", "comm": "kthreadd"},
+    {"pid": 7, "ppid": 2, "uid": 0, "state": "I", "comm": "kworker/0:1-events"},
+    {"pid": 9, "ppid": 1, "uid": 1000, "state": "S", "comm": "sleep"},
+]
+
+
+def scanned(**changes: object) -> list[dict[str, object]]:
+    records: list[dict[str, object]] = []
+    for p in GUEST:
+        comm = str(p["comm"]).split("-")[0]
+        records.append({**p, "tgid": p["pid"], "comm": comm, "name": comm})
+    for pid, change in changes.items():
+        record = next(r for r in records if r["pid"] == int(pid.removeprefix("pid")))
+        record.update(change)  # type: ignore[call-overload]
+    return records
+
+
+def test_a_scan_that_agrees_with_the_guest() -> None:
+    truth = Reference("guest", GUEST, helper_pid=42)
+    assert truth.differences(scanned()) == []
+    helper = {"pid": 42, "tgid": 42, "ppid": 1, "uid": 0, "state": "Z", "comm": "sh", "name": "sh"}
+    assert truth.differences([*scanned(), helper]) == []  # the listing's printer, exiting
+    assert truth.differences(scanned(pid7={"state": "R"})) == []  # a kernel thread woke
+
+
+def test_every_other_difference_is_reported() -> None:
+    truth = Reference("guest", GUEST)
+    assert truth.differences(scanned()[:-1]) == ["pid 9: not found by the scan"]
+    extra = {"pid": 5, "tgid": 5, "ppid": 1, "uid": 0, "state": "S", "comm": "x", "name": "x"}
+    assert truth.differences([*scanned(), extra]) == ["pid 5: not listed by the guest"]
+    for change in ({"uid": 0}, {"ppid": 2}, {"name": "slept"}, {"tgid": 1}, {"state": "R"}):
+        assert [d.split(":")[0] for d in truth.differences(scanned(pid9=change))] == ["pid 9"]
+
+
+def test_against_a_traditional_scan_nothing_may_differ() -> None:
+    first = scanned()
+    truth = Reference("traditional", first)
+    assert truth.differences(scanned()) == []
+    assert truth.differences(scanned(pid7={"state": "R"})) != []
+    assert truth.differences(list(reversed(first))) == ["the same records in another order"]
