@@ -82,19 +82,27 @@ class LocalDeployment:
         self, monitor: SecureMonitor, check: str = "pslist"
     ) -> tuple[list[dict[str, int | str]], dict[str, object]]:
         """Scan once, and the records as the monitor opened them, with the scan's stats."""
-        result = monitor.scan(check)
-        report = self.opened_report(monitor.ids, result.report_seq)
-        return list(report["records"]), result.stats
+        report = self.report(monitor, check)
+        return list(report["records"]), dict(report["stats"])
 
-    def opened_report(self, ids: str, seq: int, timeout: float = 30.0) -> dict[str, Any]:
+    def report(self, monitor: SecureMonitor, check: str = "pslist") -> dict[str, Any]:
+        """Scan once, and the report as the monitor opened it."""
+        result = monitor.scan(check)
+        return self.opened_report(monitor.ids, result.report_seq, link=monitor.link_id)
+
+    def opened_report(
+        self, ids: str, seq: int, timeout: float = 30.0, *, link: bytes = b""
+    ) -> dict[str, Any]:
         """Report ``seq`` of IDS ``ids`` as the monitor opened it (what the operator
-        reads; the host only ever carried it sealed)."""
+        reads; the host only ever carried it sealed). Give the link's id to tell a
+        restarted IDS of the same name (whose reports count from 0 again) apart."""
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(FileNotFoundError):
                 for line in self.reports.read_text().splitlines():
                     entry = json.loads(line)
-                    if entry["ids"] == ids and entry["seq"] == seq:
+                    same_link = not link or entry["link"] == link.hex()
+                    if entry["ids"] == ids and entry["seq"] == seq and same_link:
                         return dict(entry["report"])
             if time.monotonic() > deadline:
                 raise SGMonitorError(f"the monitor opened no report {seq} from {ids!r}")
@@ -301,4 +309,4 @@ def scan_qemu(
         )
         with ids:
             result = ids.scan(check)
-            return local.opened_report(ids.ids, result.report_seq)
+            return local.opened_report(ids.ids, result.report_seq, link=ids.link_id)

@@ -24,7 +24,9 @@ import rootkit
 from sgmonitor.cli import main
 from sgmonitor.lab import machine
 from sgmonitor.lab.initramfs import Workload, build_initramfs
-from sgmonitor.lab.kernel import LabError, resolve_release
+from sgmonitor.lab.kernel import LabError, fetch_kernel, resolve_release
+from sgmonitor.local import local_deployment
+from sgmonitor.untrusted.library import SecureMonitor
 
 KO = "/root/sgm_rootkit.ko"
 GETPGID = 121  # getpgid(MAGIC) is -ESRCH (-3) unless a hook answers with its marker
@@ -157,6 +159,48 @@ def test_patch_x64_sys_call_answers_getpgid_from_the_module(name: str) -> None:
     assert getpgid_magic(name) == ESRCH
     assert destination(name, site) == symbol(name, "__x64_sys_getpgid")
     assert_alive_and_sane(name)
+
+
+def vendor_vmlinux() -> str:
+    """The vmlinux inside the vmlinuz the lab guest booted (the vendor's image)."""
+    return str(fetch_kernel("cloud").vmlinux)
+
+
+@pytest.mark.guest
+def test_text_patches_differ_from_the_vendor_image_and_from_the_baseline(name: str) -> None:
+    """Two text patches (x64_sys_call's jump, the entry's call to do_syscall_64), found
+    by the kernel_text check against the vendor image (traditional, one shot) and against
+    the baseline an IDS took at attach (secure, continuous). A restarted IDS takes its
+    baseline over the patched text: the monitor, which kept the first, alerts."""
+    qmp = machine.load(name).qmp
+    image = ("--vmlinux", vendor_vmlinux())
+    clean = sgmonitor("check", "--qemu", qmp, "--mode", "traditional", "--json", *image)
+    assert (clean.returncode, clean.stdout) == (0, ""), clean.stderr
+    with local_deployment({name: qmp}) as local:
+        first = SecureMonitor(local.hypervisor_socket, name, local.verifier, local.monitor)
+        with first:
+            attach = local.report(first, "kernel_text")
+            assert attach["findings"] == [] and len(attach["text_baseline"]) == 64
+            ok(name, f"insmod {KO} patch_x64_sys_call={GETPGID} patch_entry=1")
+            assert getpgid_magic(name) == rootkit.MARK_PATCH  # the patches are live
+            later = local.report(first, "kernel_text")
+        assert later["text_baseline"] == attach["text_baseline"]
+        changed = {f["symbol"] for f in later["findings"] if f["check"] == "kernel_text"}
+        assert changed == {"x64_sys_call", "entry_SYSCALL_64_after_hwframe"}
+        second = SecureMonitor(local.hypervisor_socket, name, local.verifier, local.monitor)
+        with second:  # the same IDS, restarted: its baseline is the patched text
+            again = local.report(second, "kernel_text")
+        assert again["findings"] == [] and again["text_baseline"] != attach["text_baseline"]
+        alerts = [json.loads(line) for line in local.alerts.read_text().splitlines()]
+        assert [a["kind"] for a in alerts if a["kind"] == "text_baseline"] == ["text_baseline"]
+    done = sgmonitor("check", "--qemu", qmp, "--mode", "traditional", "--json", *image)
+    assert done.returncode == 1, done.stderr
+    found = [json.loads(line) for line in done.stdout.splitlines()]
+    assert {f["symbol"] for f in found if f["check"] == "kernel_text"} == changed
+    ok(name, "rmmod sgm_rootkit")
+    assert_alive_and_sane(name)
+    restored = sgmonitor("check", "--qemu", qmp, "--mode", "traditional", "--json", *image)
+    assert (restored.returncode, restored.stdout) == (0, ""), restored.stderr
 
 
 @pytest.mark.guest

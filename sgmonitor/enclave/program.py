@@ -18,6 +18,7 @@ scan into a TIMEOUT error, never a hang.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -392,7 +393,11 @@ class EnclaveProgram:
             "stats": stats,
             "scan": self.progress,
         }
-        seq, sealed = link.sealer.seal(_json({**clear, "records": records, "findings": findings}))
+        sealed_part = {**clear, "records": records, "findings": findings}
+        if session.kernel is not None and session.kernel.text_baseline is not None:
+            # kept by the monitor: a baseline retaken over changed text shows there
+            sealed_part["text_baseline"] = hashlib.sha256(session.kernel.text_baseline).hexdigest()
+        seq, sealed = link.sealer.seal(_json(sealed_part))
         return seq, sealed, _json(clear)
 
 

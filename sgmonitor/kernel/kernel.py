@@ -17,7 +17,7 @@ from typing import Protocol
 from sgmonitor.errors import GuestDataError
 from sgmonitor.kernel.address_space import AddressSpace
 from sgmonitor.kernel.btf import Btf, BtfError
-from sgmonitor.kernel.kallsyms import genuine_vmcoreinfo
+from sgmonitor.kernel.kallsyms import VmlinuxFile, genuine_vmcoreinfo
 from sgmonitor.kernel.objects import Object, TypedMemory
 from sgmonitor.kernel.vmcoreinfo import Vmcoreinfo, VmcoreinfoNote, parse_vmcoreinfo_note
 
@@ -58,12 +58,18 @@ class Kernel:
         btf: Btf,
         symbols: SymbolTable,
         vmcoreinfo: Vmcoreinfo | None = None,
+        vendor_image: AddressSpace | None = None,
     ) -> None:
         self.memory = memory
         self.btf = btf
         self.symbols = symbols
         self.vmcoreinfo = vmcoreinfo
         self.types = TypedMemory(btf, memory)
+        # The vendor's vmlinux at its link addresses (its BTF is the guest's), if given.
+        self.vendor_image = vendor_image
+        # Core kernel text as the kernel_text check first read it from this kernel: the
+        # baseline it compares with when there is no vendor image.
+        self.text_baseline: bytes | None = None
 
     def object(self, name: str, type_name: str | None = None) -> Object:
         """The global ``name`` as a typed object (a reference: nothing read yet)."""
@@ -174,7 +180,8 @@ def open_kernel(
         symbols = _checked_system_map(system_map, chosen.info, kallsyms)
     raw = btf_from_guest(memory, symbols)
     check_btf(raw, vendor_vmlinux=vendor_vmlinux, pinned_sha256=btf_sha256)
-    return Kernel(memory, Btf(raw), symbols, chosen.info)
+    image = VmlinuxFile(str(vendor_vmlinux)) if vendor_vmlinux is not None else None
+    return Kernel(memory, Btf(raw), symbols, chosen.info, image)
 
 
 def _checked_system_map(path: Path, info: Vmcoreinfo, kallsyms: SymbolTable) -> SystemMap:

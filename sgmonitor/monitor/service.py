@@ -158,6 +158,7 @@ class _Link:
     outbox: bytearray = field(default_factory=bytearray)
     ids: str = ""
     nonce: bytes = b""
+    link_id: bytes = b""  # the enclave's, once open: tells a restarted IDS's reports apart
     keys: LinkKeys | None = None
     opener: ReportOpener | None = None
     state: str = "starting"
@@ -196,6 +197,7 @@ class MonitorService:
         self._out = out if out is not None else sys.stdout
         self._log = log
         self._reports = reports
+        self._baselines: dict[tuple[str, str], str] = {}  # (ids, vm) -> text baseline digest
         self.metrics = metrics or MonitorMetrics()
         self._clock = clock
         self._selector = selectors.DefaultSelector()
@@ -390,6 +392,7 @@ class MonitorService:
             raise Refused("the wrapped link key does not unwrap") from None
         now = self._clock()
         link.keys = LinkKeys.derive(link_key, msg.link_id, link.nonce)
+        link.link_id = msg.link_id
         link.opener = ReportOpener(link.keys, link.ids)
         link.opened_at = link.last_good = link.progress_at = now
         link.next_challenge_at = now
@@ -513,12 +516,36 @@ class MonitorService:
             )
         report = json.loads(plain)
         self.metrics.scan(link.ids, float(report.get("elapsed_s", 0.0)))
+        self._text_baseline(link, report)
         for finding in report.get("findings", []):
             self.metrics.finding(link.ids, str(finding["check"]), str(finding["severity"]))
             self._alert({"kind": "finding", "ids": link.ids, **finding})
         if self._reports is not None:
-            self._write(self._reports, {"ids": link.ids, "seq": msg.seq, "report": report})
+            entry = {"ids": link.ids, "link": link.link_id.hex(), "seq": msg.seq, "report": report}
+            self._write(self._reports, entry)
         self._send(link, ReportAck(msg.seq))
+
+    def _text_baseline(self, link: _Link, report: Mapping[str, object]) -> None:
+        """Keep the first kernel-text baseline digest each IDS reports for each guest, and
+        alert when a later report (a restarted IDS, a reopened kernel) carries another:
+        a baseline taken again over modified text would otherwise hide the change."""
+        digest = report.get("text_baseline")
+        if not isinstance(digest, str):
+            return
+        key = (link.ids, str(report.get("vm", "")))
+        kept = self._baselines.setdefault(key, digest)
+        if kept != digest:
+            self._baselines[key] = digest
+            self._alert(
+                {
+                    "kind": "text_baseline",
+                    "ids": link.ids,
+                    "vm": key[1],
+                    "details": f"the kernel text baseline changed from {kept[:16]} to "
+                    f"{digest[:16]}: the guest rebooted, or its text was modified before "
+                    "the baseline was taken again",
+                }
+            )
 
     # --- output ------------------------------------------------------------------------
 

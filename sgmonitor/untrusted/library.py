@@ -576,6 +576,11 @@ class SecureMonitor:
             self._session_failed()
         self.open_session()
 
+    @property
+    def link_id(self) -> bytes:
+        """The enclave's id of the open monitor link (empty before it opens)."""
+        return self.link.link_id if self.link is not None else b""
+
     def scan(self, check: str = "pslist", *, cache_budget: int | None = None) -> ScanResult:
         """Run one IDS check in the enclave and carry its sealed report to the monitor.
 

@@ -84,6 +84,7 @@ class MonitorLinkClient:
         self.answered = 0
         self._reader: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.link_id = b""  # the enclave's id for this link, once open
 
     def open(self, make_link: Callable[[bytes], tuple[bytes, bytes, bytes]], config: bytes) -> None:
         """Open the link: ``make_link(monitor_nonce)`` has the enclave make and attest it
@@ -97,6 +98,7 @@ class MonitorLinkClient:
         link_id, wrapped, statement = make_link(challenge.monitor_nonce)
         opened = self._call(LinkOpen(link_id, wrapped, statement, config), LinkOpened)
         assert isinstance(opened, LinkOpened)
+        self.link_id = link_id
         self._sock.settimeout(None)
         self._reader = threading.Thread(target=self._serve, daemon=True)
         self._reader.start()
