@@ -141,7 +141,7 @@ CALLS: tuple[CallSpec, ...] = (
     CallSpec(
         "ecall_run_scan",
         ECALL,
-        _p(vm=text(64), check=text(64), options=blob(64 * 1024)),
+        _p(vm=text(64), check=text(1024), options=blob(64 * 1024)),
         _p(report_seq=u64(), report=blob(8 * 1024 * 1024), stats=blob(64 * 1024)),
         "Run one IDS check over vm (page cache invalidated first). The report (records, "
         "findings) is sealed for the remote monitor; only the scan's status and counters "
