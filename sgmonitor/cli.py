@@ -266,6 +266,12 @@ def _check(args: argparse.Namespace) -> int:
     unknown = sorted(set(names) - set(registered()))
     if unknown:
         raise UsageError(f"unknown checks {unknown}; known: {list(registered())}")
+    if "kernel_text" in (names or registered()) and args.vmlinux is None:
+        _say(
+            "kernel_text: no --vmlinux, so the text is compared with a baseline taken now, "
+            "which one run cannot find changed: give the vendor image (traditional mode), "
+            "or run the checks continuously ('sgmonitor ids run')"
+        )
     if mode != "traditional":
         findings = _secure_report(args, mode, ",".join(names) or "all")["findings"]
     else:
@@ -284,6 +290,30 @@ def _check(args: argparse.Namespace) -> int:
                 f"{finding['severity'].upper():8} {finding['check']}: {finding['summary']} {where}"
             )
     return 1 if findings else 0
+
+
+def _vendor_vmlinux(path: str) -> Path:
+    """A vmlinux ELF file as given, or the one inside a vmlinuz (bzImage), unpacked to a
+    file that lives as long as this process."""
+    import atexit
+    import tempfile
+
+    from sgmonitor.lab.kernel import LabError, extract_vmlinux
+
+    given = Path(path)
+    try:
+        image = given.read_bytes()
+        if image[:4] == b"\x7fELF":
+            return given
+        vmlinux = extract_vmlinux(image)
+    except (OSError, LabError) as exc:
+        why = f"{path}: neither a vmlinux nor a vmlinuz ({exc})"
+        raise argparse.ArgumentTypeError(why) from None
+    fd, unpacked = tempfile.mkstemp(prefix="sgmonitor-vmlinux-")
+    atexit.register(os.unlink, unpacked)
+    with os.fdopen(fd, "wb") as out:
+        out.write(vmlinux)
+    return Path(unpacked)
 
 
 def _add_guest_source(parser: argparse.ArgumentParser, default_mode: str) -> None:
@@ -307,7 +337,11 @@ def _add_guest_source(parser: argparse.ArgumentParser, default_mode: str) -> Non
     parser.add_argument("--ram", metavar="FILE", help="the guest RAM file (default: ask QMP)")
     parser.add_argument("--json", action="store_true", help="JSON Lines instead of a table")
     parser.add_argument(
-        "--vmlinux", type=Path, help="vendor vmlinux: refuse a guest whose BTF differs"
+        "--vmlinux",
+        type=_vendor_vmlinux,
+        metavar="FILE",
+        help="the vendor's vmlinux, or the vmlinuz the guest booted: refuse a guest whose "
+        "BTF differs, and compare its kernel text with it (check kernel_text)",
     )
     parser.add_argument("--system-map", type=Path, help="System.map to take symbols from")
     parser.add_argument("--btf-sha256", metavar="HEX", help="refuse a guest whose BTF hash differs")
