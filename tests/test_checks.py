@@ -36,7 +36,10 @@ def check_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("mode", ["traditional", "secure"])
 def test_a_clean_guest_has_no_finding(guest: GuestUnderTest, mode: str) -> None:
-    result = check_cli("--qemu", guest.info.qmp, "--mode", mode)
+    """Every check, and in the traditional mode kernel_text against the vendor's image
+    (the vmlinux inside the vmlinuz the guest booted)."""
+    image = ("--vmlinux", guest.info.vmlinux) if mode == "traditional" else ()
+    result = check_cli("--qemu", guest.info.qmp, "--mode", mode, *image)
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
 
