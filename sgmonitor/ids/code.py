@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sgmonitor.ids.registry import Finding
 from sgmonitor.kernel.helpers.module import (
     for_each_mod_tree_module,
     for_each_module,
     module_address_regions,
     module_name,
 )
+from sgmonitor.kernel.insn import Branch
 
-__all__ = ["NOT_IMPLEMENTED", "KernelCode", "syscall_handler"]
+__all__ = ["NOT_IMPLEMENTED", "KernelCode", "branch_finding", "syscall_handler"]
 
 # What unused system-call numbers point to (the name changed with the pt_regs wrappers).
 NOT_IMPLEMENTED = ("sys_ni_syscall", "__x64_sys_ni_syscall")
@@ -83,3 +85,19 @@ class KernelCode:
                 kind = "hidden module" if region.hidden else "module"
                 return f"{region.module}+{address - region.start:#x} ({kind})"
         return f"{address:#x} (no kernel or module code)"
+
+
+def branch_finding(
+    check: str, code: KernelCode, branch: Branch, where: str, expected: str, more: str = ""
+) -> Finding:
+    """A finding for a branch at ``where`` that goes somewhere it must not."""
+    goes = code.describe(branch.target)
+    return Finding(
+        check,
+        "critical",
+        f"{where}: {branch.kind} to {goes}{more}",
+        symbol=where,
+        address=branch.target,
+        expected=expected,
+        found=goes,
+    )

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from sgmonitor.errors import ValidationError
-from sgmonitor.ids.code import NOT_IMPLEMENTED, KernelCode, syscall_handler
+from sgmonitor.ids.code import NOT_IMPLEMENTED, KernelCode, branch_finding, syscall_handler
 from sgmonitor.ids.registry import Finding, check
 from sgmonitor.kernel.insn import branches
 
@@ -68,15 +68,8 @@ def run(kernel: object) -> Iterator[Finding]:
     unreached = f"; not dispatched any more: {', '.join(missing)}" if missing else ""
     for branch in foreign:
         where = f"x64_sys_call+{branch.address - start:#x}"
-        yield Finding(
-            "syscall_dispatch",
-            "critical",
-            f"{where}: {branch.kind} to {code.describe(branch.target)}{unreached}",
-            symbol=where,
-            address=branch.target,
-            expected="a __x64_sys_* handler in core kernel text",
-            found=code.describe(branch.target),
-        )
+        expected = "a __x64_sys_* handler in core kernel text"
+        yield branch_finding("syscall_dispatch", code, branch, where, expected, unreached)
     if missing and not foreign:
         yield Finding(
             "syscall_dispatch",

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from sgmonitor.errors import ValidationError
-from sgmonitor.ids.code import KernelCode
+from sgmonitor.ids.code import KernelCode, branch_finding
 from sgmonitor.ids.registry import Finding, check
 from sgmonitor.kernel.insn import branches
 
@@ -55,12 +55,4 @@ def run(kernel: object) -> Iterator[Finding]:
         if any(lo <= branch.target < hi for lo, hi in allowed):
             continue
         where = code.describe(branch.address)
-        yield Finding(
-            "syscall_entry",
-            "critical",
-            f"{where}: {branch.kind} to {code.describe(branch.target)}",
-            symbol=where,
-            address=branch.target,
-            expected="entry or noinstr kernel text",
-            found=code.describe(branch.target),
-        )
+        yield branch_finding("syscall_entry", code, branch, where, "entry or noinstr kernel text")

@@ -68,11 +68,30 @@ def _table(kernel: Kernel, read: Reader, start: str, stop: str) -> tuple[int, by
     return lo, read(lo, hi - lo)
 
 
+def _self_relative(raw: bytes, i: int, address: int) -> int:
+    """Where the ``s32`` at ``raw[i]``, itself at guest ``address``, points: the tables'
+    fields hold offsets from their own address (position-independent since v4.x)."""
+    return (address + struct.unpack_from("<i", raw, i)[0]) % 2**64
+
+
 def _relative(kernel: Kernel, read: Reader, start: str, stop: str) -> Iterator[int]:
     """The sites of an ``s32`` table of self-relative offsets (``.retpoline_sites`` &c.)."""
     base, raw = _table(kernel, read, start, stop)
     for i in range(0, len(raw) - 3, 4):
-        yield (base + i + struct.unpack_from("<i", raw, i)[0]) & 0xFFFF_FFFF_FFFF_FFFF
+        yield _self_relative(raw, i, base + i)
+
+
+def _entries(
+    kernel: Kernel, read: Reader, type_name: str, start: str, stop: str
+) -> Iterator[tuple[bytes, int, int]]:
+    """(table bytes, offset, guest address) of each entry of a table of ``type_name``;
+    nothing if this kernel has no such type (BTF), and so no such table."""
+    size = _sized(kernel, type_name)
+    if size is None:
+        return
+    base, raw = _table(kernel, read, start, stop)
+    for i in range(0, len(raw) - size + 1, size):
+        yield raw, i, base + i
 
 
 def _sized(kernel: Kernel, type_name: str) -> int | None:
@@ -85,26 +104,23 @@ def _sized(kernel: Kernel, type_name: str) -> int | None:
 def jump_label_entries(kernel: Kernel, read: Reader) -> Iterator[tuple[int, int]]:
     """(code, target) of every ``struct jump_entry`` in ``__jump_table`` (both fields
     are offsets relative to themselves since v5.3)."""
-    size = _sized(kernel, "struct jump_entry")
-    if size is None:
+    if _sized(kernel, "struct jump_entry") is None:
         return
     code_at = kernel.types.offsetof("struct jump_entry", "code")
     target_at = kernel.types.offsetof("struct jump_entry", "target")
-    base, raw = _table(kernel, read, "__start___jump_table", "__stop___jump_table")
-    for i in range(0, len(raw) - size + 1, size):
-        code = base + i + code_at + struct.unpack_from("<i", raw, i + code_at)[0]
-        target = base + i + target_at + struct.unpack_from("<i", raw, i + target_at)[0]
-        yield code & 0xFFFF_FFFF_FFFF_FFFF, target & 0xFFFF_FFFF_FFFF_FFFF
+    table = ("struct jump_entry", "__start___jump_table", "__stop___jump_table")
+    for raw, i, entry in _entries(kernel, read, *table):
+        code = _self_relative(raw, i + code_at, entry + code_at)
+        yield code, _self_relative(raw, i + target_at, entry + target_at)
 
 
 def _static_call_sites(kernel: Kernel, read: Reader) -> Iterator[Site]:
-    size = _sized(kernel, "struct static_call_site")
-    if size is None:
+    if _sized(kernel, "struct static_call_site") is None:
         return
     at = kernel.types.offsetof("struct static_call_site", "addr")
-    base, raw = _table(kernel, read, "__start_static_call_sites", "__stop_static_call_sites")
-    for i in range(0, len(raw) - size + 1, size):
-        yield (base + i + at + struct.unpack_from("<i", raw, i + at)[0]) & (2**64 - 1), 5
+    table = ("struct static_call_site", "__start_static_call_sites", "__stop_static_call_sites")
+    for raw, i, entry in _entries(kernel, read, *table):
+        yield _self_relative(raw, i + at, entry + at), 5
 
 
 def ftrace_record_ips(kernel: Kernel) -> list[int]:
@@ -170,23 +186,17 @@ def boot_patch_sites(kernel: Kernel, read: Reader, text: Reader) -> list[Site]:
     sites += [
         (site, 4) for site in _relative(kernel, read, "__ibt_endbr_seal", "__ibt_endbr_seal_end")
     ]
-    alt = _sized(kernel, "struct alt_instr")
-    if alt is not None:
+    alts = ("struct alt_instr", "__alt_instructions", "__alt_instructions_end")
+    for raw, i, entry in _entries(kernel, read, *alts):
         at = kernel.types.offsetof("struct alt_instr", "instr_offset")
-        length_at = kernel.types.offsetof("struct alt_instr", "instrlen")
-        base, raw = _table(kernel, read, "__alt_instructions", "__alt_instructions_end")
-        for i in range(0, len(raw) - alt + 1, alt):
-            site = base + i + at + struct.unpack_from("<i", raw, i + at)[0]
-            sites.append((site & (2**64 - 1), raw[i + length_at]))
+        length = raw[i + kernel.types.offsetof("struct alt_instr", "instrlen")]
+        sites.append((_self_relative(raw, i + at, entry + at), length))
     slide = (kernel.vmcoreinfo.kernel_offset if kernel.vmcoreinfo else 0) or 0
-    para = _sized(kernel, "struct paravirt_patch_site")
-    if para is not None:
-        instr_at = kernel.types.offsetof("struct paravirt_patch_site", "instr")
-        len_at = kernel.types.offsetof("struct paravirt_patch_site", "len")
-        base, raw = _table(kernel, read, "__parainstructions", "__parainstructions_end")
-        for i in range(0, len(raw) - para + 1, para):
-            instr = struct.unpack_from("<Q", raw, i + instr_at)[0]  # a link-time address
-            sites.append((instr + slide, raw[i + len_at]))
+    paravirt = ("struct paravirt_patch_site", "__parainstructions", "__parainstructions_end")
+    for raw, i, _ in _entries(kernel, read, *paravirt):
+        at = kernel.types.offsetof("struct paravirt_patch_site", "instr")
+        length = raw[i + kernel.types.offsetof("struct paravirt_patch_site", "len")]
+        sites.append((struct.unpack_from("<Q", raw, i + at)[0] + slide, length))  # link-time
     _, raw = _table(kernel, read, "__start_mcount_loc", "__stop_mcount_loc")
     fentry = struct.iter_unpack("<Q", raw[: len(raw) // 8 * 8])
     sites += [(ip + slide, FTRACE_SITE) for (ip,) in fentry]
