@@ -10,16 +10,11 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from dataclasses import dataclass
 
 from sgmonitor.errors import SGMonitorError
 from sgmonitor.guest.memory import MappedFile, Registers, Segment
+from sgmonitor.kernel.elf import EM_X86_64, ET_CORE, PT_LOAD, ByteImage, ElfError, ElfFile, Note
 
-_ELF_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
-_PROGRAM_HEADER = struct.Struct("<IIQQQQQQ")
-_PT_LOAD, _PT_NOTE = 1, 4
-_MAX_PROGRAM_HEADERS = 4096
-_MAX_NOTES_BYTES = 16 << 20
 # QEMUCPUState (target/i386/arch_dump.c): version, size, 18 GPRs/rip/rflags, then
 # 10 segment descriptors of 24 bytes, then cr[0..4].
 _QEMU_CPU_STATE_CR_OFFSET = 8 + 18 * 8 + 10 * 24
@@ -30,23 +25,16 @@ class CoreFileError(SGMonitorError):
     """The file is not a usable QEMU ELF core (truncated, corrupt or not x86-64)."""
 
 
-@dataclass(frozen=True)
-class Note:
-    name: str
-    type: int
-    desc: bytes
-
-
 class ElfCore(MappedFile):
     """Guest-physical memory and vCPU state from a QEMU ELF core (paging=false)."""
 
     def __init__(self, path: str) -> None:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            if size < _ELF_HEADER.size:
-                raise CoreFileError(f"{path}: too short for an ELF header")
+            if size == 0:
+                raise CoreFileError(f"{path}: empty file, not an ELF core")
             with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as data:
-                segments, self.notes = _parse(path, data, size)
+                segments, self.notes = _parse(path, data)
         if not segments:
             raise CoreFileError(f"{path}: no PT_LOAD segments (no guest RAM)")
         super().__init__(path, segments)
@@ -60,55 +48,26 @@ class ElfCore(MappedFile):
         return next((n.desc for n in self.notes if n.name == "VMCOREINFO"), None)
 
 
-def _parse(path: str, data: mmap.mmap, size: int) -> tuple[list[Segment], list[Note]]:
-    ident, e_type, machine, _, _, phoff, _, _, _, phentsize, phnum, *_ = _ELF_HEADER.unpack_from(
-        data, 0
-    )
-    if ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
-        raise CoreFileError(f"{path}: not a 64-bit little-endian ELF file")
-    if e_type != 4 or machine != 62:
-        raise CoreFileError(f"{path}: not an x86-64 core file (type {e_type}, machine {machine})")
-    if phentsize != _PROGRAM_HEADER.size or not 0 < phnum <= _MAX_PROGRAM_HEADERS:
-        raise CoreFileError(f"{path}: bad program header table ({phnum} x {phentsize})")
-    if phoff + phnum * phentsize > size:
-        raise CoreFileError(f"{path}: program headers run past the end of the file")
-    segments: list[Segment] = []
-    notes: list[Note] = []
-    for i in range(phnum):
-        p_type, _, offset, _, paddr, filesz, memsz, _ = _PROGRAM_HEADER.unpack_from(
-            data, phoff + i * phentsize
-        )
-        if offset + filesz > size:
-            raise CoreFileError(f"{path}: segment {i} runs past the end (truncated core?)")
-        if p_type == _PT_LOAD and filesz:
-            if memsz != filesz:
-                raise CoreFileError(f"{path}: segment {i} is partial ({filesz} of {memsz})")
-            segments.append(Segment(paddr, filesz, offset))
-        elif p_type == _PT_NOTE:
-            if filesz > _MAX_NOTES_BYTES:
-                raise CoreFileError(f"{path}: note segment {i} is implausibly large")
-            notes.extend(_parse_notes(path, bytes(data[offset : offset + filesz])))
+def _parse(path: str, data: ByteImage) -> tuple[list[Segment], list[Note]]:
+    try:
+        elf = ElfFile(data, name=path)
+        e_type, machine = elf.header.type, elf.header.machine
+        if e_type != ET_CORE or machine != EM_X86_64:
+            raise CoreFileError(
+                f"{path}: not an x86-64 core file (type {e_type}, machine {machine})"
+            )
+        segments: list[Segment] = []
+        for ph in elf.program_headers:
+            if ph.type == PT_LOAD and ph.filesz:
+                if ph.memsz != ph.filesz:
+                    raise CoreFileError(
+                        f"{path}: segment {ph.index} is partial ({ph.filesz} of {ph.memsz})"
+                    )
+                segments.append(Segment(ph.paddr, ph.filesz, ph.offset))
+        notes = list(elf.notes())
+    except ElfError as exc:
+        raise CoreFileError(str(exc)) from exc
     return segments, notes
-
-
-def _parse_notes(path: str, blob: bytes) -> list[Note]:
-    notes = []
-    pos = 0
-    while pos + 12 <= len(blob):
-        namesz, descsz, note_type = struct.unpack_from("<III", blob, pos)
-        name_at = pos + 12
-        desc_at = name_at + _align4(namesz)
-        end = desc_at + _align4(descsz)
-        if desc_at + descsz > len(blob):
-            raise CoreFileError(f"{path}: note at {pos:#x} runs past its segment")
-        name = blob[name_at : name_at + namesz].rstrip(b"\0").decode("ascii", "replace")
-        notes.append(Note(name, note_type, blob[desc_at : desc_at + descsz]))
-        pos = end
-    return notes
-
-
-def _align4(n: int) -> int:
-    return (n + 3) & ~3
 
 
 def _registers_from_notes(path: str, notes: list[Note]) -> Registers:

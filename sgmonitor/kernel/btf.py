@@ -13,6 +13,7 @@ See the kernel's Documentation/bpf/btf.rst for the format.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import sys
 from array import array
@@ -22,6 +23,7 @@ from functools import cached_property
 from pathlib import Path
 
 from sgmonitor.errors import GuestDataError
+from sgmonitor.kernel.elf import ByteImage, ElfError, ElfFile
 
 BTF_MAGIC = 0xEB9F
 BTF_VERSION = 1
@@ -184,7 +186,23 @@ class Btf:
     @classmethod
     def from_vmlinux(cls, path: str | Path) -> Btf:
         """Read the ``.BTF`` section of an ELF vmlinux (stripped is fine)."""
-        return cls(read_elf_section(Path(path), ".BTF"))
+        import mmap  # only outside the enclave: it takes BTF from guest memory
+
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise BtfError(f"{path}: empty file, not an ELF vmlinux")
+            with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as data:
+                return cls.from_elf(data, name=str(path))
+
+    @classmethod
+    def from_elf(cls, data: ByteImage, *, name: str = "vmlinux") -> Btf:
+        """The ``.BTF`` section of an ELF image in memory; ELF errors become BtfError."""
+        try:
+            elf = ElfFile(data, name=name)
+            blob = elf.section_data(elf.section(".BTF"))
+        except ElfError as exc:
+            raise BtfError(str(exc)) from exc
+        return cls(blob)
 
     @property
     def raw(self) -> bytes:
@@ -571,35 +589,3 @@ def _index_types(words: array[int]) -> array[int]:
     if len(offsets) >= MAX_TYPES:
         raise BtfError(f"{len(offsets)} types exceed the limit of {MAX_TYPES - 1}")
     return offsets
-
-
-def read_elf_section(path: Path, name: str) -> bytes:
-    """The bytes of section ``name`` of a 64-bit little-endian ELF file."""
-    with path.open("rb") as f:
-        ident = f.read(64)
-        if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
-            raise BtfError(f"{path}: not a 64-bit little-endian ELF file")
-        (shoff,) = struct.unpack_from("<Q", ident, 0x28)
-        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", ident, 0x3A)
-        if shentsize < 64 or not 0 < shnum < 1 << 16 or shstrndx >= shnum:
-            raise BtfError(f"{path}: bad ELF section header table")
-        f.seek(shoff)
-        table = f.read(shentsize * shnum)
-        if len(table) != shentsize * shnum:
-            raise BtfError(f"{path}: truncated ELF section header table")
-        headers = [struct.unpack_from("<IIQQQQ", table, i * shentsize) for i in range(shnum)]
-
-        def read(index: int) -> bytes:
-            _, _, _, _, offset, size = headers[index]
-            f.seek(offset)
-            data = f.read(size)
-            if len(data) != size:
-                raise BtfError(f"{path}: ELF section {index} is truncated")
-            return data
-
-        names = read(shstrndx)
-        for index, (name_off, *_rest) in enumerate(headers):
-            end = names.find(b"\0", name_off)
-            if end >= 0 and names[name_off:end] == name.encode():
-                return read(index)
-    raise BtfError(f"{path}: no {name} section")

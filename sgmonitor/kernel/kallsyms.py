@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from sgmonitor.errors import GuestDataError, PageFault
 from sgmonitor.kernel.address_space import AddressSpace
+from sgmonitor.kernel.elf import SHF_ALLOC, SHT_NOBITS, SHT_NULL, ElfFile
 from sgmonitor.kernel.vmcoreinfo import Vmcoreinfo, VmcoreinfoError, VmcoreinfoNote
 
 # Bounds on what a guest may make us read or loop over (a distribution kernel has
@@ -629,24 +630,30 @@ class VmlinuxFile:
     the guest's ``KERNELOFFSET`` to compare them with a KASLR guest's.
 
     Allocated PROGBITS sections read as in the file, NOBITS ones as zeros; anything
-    else raises :class:`PageFault`. Reads may span adjacent sections.
+    else raises :class:`PageFault`. Reads may span adjacent sections. A file that is
+    not a well-formed ELF64 little-endian image raises :class:`ElfError`.
     """
 
     def __init__(self, path: str) -> None:
         with open(path, "rb") as f:
-            self._data = f.read()
-        d = self._data
-        if d[:4] != b"\x7fELF" or d[4] != 2 or d[5] != 1:
-            raise ValueError(f"{path} is not a 64-bit little-endian ELF file")
-        (shoff,) = struct.unpack_from("<Q", d, 0x28)
-        shentsize, shnum = struct.unpack_from("<HH", d, 0x3A)
-        sections = []
-        for i in range(shnum):
-            _, kind, flags, addr, off, size = struct.unpack_from(
-                "<IIQQQQ", d, shoff + i * shentsize
-            )
-            if flags & 2 and addr and size:  # SHF_ALLOC, at a real address
-                sections.append((addr, size, off if kind != 8 else None))  # 8: NOBITS
+            data = f.read()
+        self._load(data, path)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "vmlinux") -> VmlinuxFile:
+        """The same over an image already in memory (``name`` labels errors)."""
+        image = cls.__new__(cls)
+        image._load(bytes(data), name)
+        return image
+
+    def _load(self, data: bytes, name: str) -> None:
+        self._data = data
+        elf = ElfFile(data, name=name)
+        sections = [
+            (s.address, s.size, s.offset if s.type != SHT_NOBITS else None)
+            for s in elf.sections
+            if s.flags & SHF_ALLOC and s.address and s.size and s.type != SHT_NULL
+        ]
         sections.sort()
         self._sections = sections
         self.ranges = [range(a, a + n) for a, n, _ in sections]
