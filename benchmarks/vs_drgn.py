@@ -421,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     vmlinux = ensure_debug_vmlinux(release, say)
     version = subprocess.run(
         [str(drgn), "--version"], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    ).stdout.split(" (")[0]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "drgn_scan.py"
