@@ -1,6 +1,7 @@
 """SGmonitor against drgn, on the same lab guest in the same run (issue 10, item 1).
 
-    .venv/bin/python benchmarks/vs_drgn.py [--processes 200 1000] [--runs 10] [--json]
+    .venv/bin/python benchmarks/vs_drgn.py [--processes 200 1000] [--runs 10]
+        [--json] [--save-json FILE]
 
 Downloads, once, into the cache (``$SGMONITOR_CACHE``, default ~/.cache/sgmonitor):
 - drgn ``DRGN_VERSION`` from PyPI, in a virtual environment of its own (``drgn/venv-X``);
@@ -411,6 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, nargs="+", default=[200, 1000])
     parser.add_argument("--runs", type=int, default=10, help="timed runs of each kind")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--save-json", metavar="FILE", help="also write the JSON document")
     args = parser.parse_args(argv)
 
     def say(text: str) -> None:
@@ -438,6 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": args.runs,
     }
     doc = document(rows, setup)
+    if args.save_json:
+        Path(args.save_json).write_text(json.dumps(doc, indent=2) + "\n")
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
