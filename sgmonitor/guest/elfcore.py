@@ -34,11 +34,8 @@ class ElfCore(MappedFile):
             if size == 0:
                 raise CoreFileError(f"{path}: empty file, not an ELF core")
             with mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as data:
-                segments, self.notes = _parse(path, data)
-        if not segments:
-            raise CoreFileError(f"{path}: no PT_LOAD segments (no guest RAM)")
+                segments, self.notes, self._registers = read_core(data, path)
         super().__init__(path, segments)
-        self._registers = _registers_from_notes(path, self.notes)
 
     def registers(self) -> Registers:
         return self._registers
@@ -48,7 +45,9 @@ class ElfCore(MappedFile):
         return next((n.desc for n in self.notes if n.name == "VMCOREINFO"), None)
 
 
-def _parse(path: str, data: ByteImage) -> tuple[list[Segment], list[Note]]:
+def read_core(data: ByteImage, path: str) -> tuple[list[Segment], list[Note], Registers]:
+    """The RAM segments, notes and first vCPU's registers of a core held in memory
+    (``path`` labels errors); :class:`CoreFileError` when it is not a usable one."""
     try:
         elf = ElfFile(data, name=path)
         e_type, machine = elf.header.type, elf.header.machine
@@ -67,7 +66,9 @@ def _parse(path: str, data: ByteImage) -> tuple[list[Segment], list[Note]]:
         notes = list(elf.notes())
     except ElfError as exc:
         raise CoreFileError(str(exc)) from exc
-    return segments, notes
+    if not segments:
+        raise CoreFileError(f"{path}: no PT_LOAD segments (no guest RAM)")
+    return segments, notes, _registers_from_notes(path, notes)
 
 
 def _registers_from_notes(path: str, notes: list[Note]) -> Registers:

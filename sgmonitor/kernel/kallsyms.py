@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from sgmonitor.errors import GuestDataError, PageFault
 from sgmonitor.kernel.address_space import AddressSpace
-from sgmonitor.kernel.elf import SHF_ALLOC, SHT_NOBITS, SHT_NULL, ElfFile
+from sgmonitor.kernel.elf import SHF_ALLOC, SHT_NOBITS, SHT_NULL, ByteImage, ElfFile
 from sgmonitor.kernel.vmcoreinfo import Vmcoreinfo, VmcoreinfoError, VmcoreinfoNote
 
 # Bounds on what a guest may make us read or loop over (a distribution kernel has
@@ -640,13 +640,14 @@ class VmlinuxFile:
         self._load(data, path)
 
     @classmethod
-    def from_bytes(cls, data: bytes, name: str = "vmlinux") -> VmlinuxFile:
-        """The same over an image already in memory (``name`` labels errors)."""
+    def from_image(cls, data: ByteImage, name: str = "vmlinux") -> VmlinuxFile:
+        """The same over an image already in memory, which must not change while used
+        (``name`` labels errors)."""
         image = cls.__new__(cls)
-        image._load(bytes(data), name)
+        image._load(data, name)
         return image
 
-    def _load(self, data: bytes, name: str) -> None:
+    def _load(self, data: ByteImage, name: str) -> None:
         self._data = data
         elf = ElfFile(data, name=name)
         sections = [
@@ -660,7 +661,7 @@ class VmlinuxFile:
         self._starts = [s[0] for s in sections]
 
     def read(self, address: int, size: int) -> bytes:
-        parts = []
+        parts: list[bytes | memoryview] = []
         end = address + size
         while address < end:
             i = bisect.bisect_right(self._starts, address) - 1
