@@ -73,6 +73,15 @@ def _load_past_end(core: bytes) -> bytes:
     return bytes(out)
 
 
+def _overlapping_ram(core: bytes) -> bytes:
+    """Found by test_properties: the second PT_LOAD's p_paddr set to 0 (the first's), so
+    two RAM segments claim the same guest-physical range."""
+    out = bytearray(core)
+    loads = [(at, fields) for at, fields in _phdrs(core) if fields[0] == 1]
+    out[loads[1][0] + 24 : loads[1][0] + 32] = struct.pack("<Q", loads[0][1][4])  # p_paddr
+    return bytes(out)
+
+
 CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
     "truncated": _truncate,
     "bad-magic": _bad_magic,
@@ -82,6 +91,7 @@ CORRUPTIONS: dict[str, Callable[[bytes], bytes]] = {
     "note-lies-about-size": _note_lies_about_size,
     "no-qemu-note": _no_qemu_note,
     "load-past-end": _load_past_end,
+    "overlapping-ram": _overlapping_ram,
 }
 
 

@@ -18,6 +18,7 @@ of examples, sized so that the whole file takes well under a minute.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import struct
 from collections.abc import Callable, Iterator
@@ -380,9 +381,13 @@ def test_core_reader_raises_only_core_file_error(core_target: Target, data: st.D
         event("read_core: CoreFileError")
         return
     event("read_core: read")
+    # What ElfCore then maps: RAM segments inside the file, none overlapping another.
     assert segments
     for segment in segments:
         assert segment.size > 0 and segment.file_offset + segment.size <= len(image)
+    ordered = sorted(segments, key=lambda segment: segment.address)
+    for before, after in itertools.pairwise(ordered):
+        assert before.end <= after.address, f"RAM segments overlap: {before}, {after}"
 
 
 # -- VMCOREINFO: the guest's own note --------------------------------------------------

@@ -7,6 +7,7 @@ untrusted input: every offset and length is checked against the file before use.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import struct
@@ -68,6 +69,13 @@ def read_core(data: ByteImage, path: str) -> tuple[list[Segment], list[Note], Re
         raise CoreFileError(str(exc)) from exc
     if not segments:
         raise CoreFileError(f"{path}: no PT_LOAD segments (no guest RAM)")
+    ordered = sorted(segments, key=lambda segment: segment.address)
+    for before, after in itertools.pairwise(ordered):
+        if before.end > after.address:
+            raise CoreFileError(
+                f"{path}: RAM segments at {before.address:#x}+{before.size:#x} and "
+                f"{after.address:#x}+{after.size:#x} overlap"
+            )
     return segments, notes, _registers_from_notes(path, notes)
 
 
