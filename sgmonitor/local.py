@@ -46,6 +46,7 @@ from sgmonitor.tee.launch_config import raw_ed25519
 from sgmonitor.untrusted.library import (
     DEFAULT_CACHE_BUDGET,
     MonitorEndpoint,
+    ScanResult,
     SecureMonitor,
     Verifier,
 )
@@ -82,13 +83,16 @@ class LocalDeployment:
         self, monitor: SecureMonitor, check: str = "pslist"
     ) -> tuple[list[dict[str, int | str]], dict[str, object]]:
         """Scan once, and the records as the monitor opened them, with the scan's stats."""
-        report = self.report(monitor, check)
-        return list(report["records"]), dict(report["stats"])
+        result, report = self._scan(monitor, check)
+        return list(report["records"]), result.stats
 
     def report(self, monitor: SecureMonitor, check: str = "pslist") -> dict[str, Any]:
         """Scan once, and the report as the monitor opened it."""
+        return self._scan(monitor, check)[1]
+
+    def _scan(self, monitor: SecureMonitor, check: str) -> tuple[ScanResult, dict[str, Any]]:
         result = monitor.scan(check)
-        return self.opened_report(monitor.ids, result.report_seq, link=monitor.link_id)
+        return result, self.opened_report(monitor.ids, result.report_seq, link=monitor.link_id)
 
     def opened_report(
         self, ids: str, seq: int, timeout: float = 30.0, *, link: bytes = b""
