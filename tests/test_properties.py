@@ -12,7 +12,8 @@ the project's own error for that input (``ElfError``, ``BtfError``, ``KallsymsEr
 else, within a deadline per example.
 
 Runs are deterministic (``derandomize=True``, no example database) with a fixed number
-of examples, sized so that the whole file takes well under a minute.
+of examples, sized so that the whole file takes well under a minute
+(``SGMONITOR_PROPERTY_SCALE=N`` runs N times as many, randomly: a bug hunt).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import mmap
+import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -62,11 +64,15 @@ from sgmonitor.kernel.vmcoreinfo import (
 )
 from sgmonitor.lab.kernel import fetch_kernel
 
+# A longer, random hunt for bugs (not for CI): SGMONITOR_PROPERTY_SCALE=20 runs twenty
+# times the examples, from a random seed (``--hypothesis-seed`` picks one).
+SCALE = int(os.environ.get("SGMONITOR_PROPERTY_SCALE", "1"))
+
 
 def _settings(examples: int, deadline_s: float) -> settings:
     return settings(
-        max_examples=examples,
-        derandomize=True,
+        max_examples=examples * SCALE,
+        derandomize=SCALE == 1,
         database=None,
         deadline=timedelta(seconds=deadline_s),
         suppress_health_check=[
