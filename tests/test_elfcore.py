@@ -111,3 +111,42 @@ def test_empty_and_tiny_files_are_rejected(tmp_path: Path) -> None:
         path.write_bytes(content)
         with pytest.raises(CoreFileError):
             ElfCore(str(path))
+
+
+def _tiny_core(*, extended: bool) -> bytes:
+    """A minimal x86-64 core as QEMU lays one out: header, section header 0, program
+    headers (a note segment with a QEMU CPU-state note, one page of RAM), the note, RAM.
+    ``extended`` writes the program header count as QEMU does past 65534 segments:
+    ``e_phnum = PN_XNUM`` and the real count in section header 0's ``sh_info``."""
+    phoff, phnum = 64 + 64, 2
+    state = struct.pack("<II", 1, 0x1B8) + bytes(8 + 18 * 8 + 10 * 24 - 8)
+    state += struct.pack("<5Q", 0x80050033, 0, 0, 0x1234000, 0x3606E0) + bytes(0x1B8 - 432)
+    note = struct.pack("<III", 5, len(state), 0) + b"QEMU\0\0\0\0" + state
+    note_at = phoff + phnum * 56
+    ram_at = note_at + len(note)
+    header = b"\x7fELF\x02\x01\x01" + bytes(9)
+    header += struct.pack("<HHIQQQIHHHHHH", 4, 62, 1, 0, phoff, 64, 0, 64, 56,
+                          0xFFFF if extended else phnum, 64, 1, 0)  # fmt: skip
+    section0 = struct.pack("<IIQQQQIIQQ", 0, 0, 0, 0, 0, 0, 0, phnum if extended else 0, 0, 0)
+    phdrs = struct.pack("<IIQQQQQQ", 4, 0, note_at, 0, 0, len(note), len(note), 0)
+    phdrs += struct.pack("<IIQQQQQQ", 1, 0, ram_at, 0, 0x1000, 4096, 4096, 0)
+    return header + section0 + phdrs + note + b"\xaa" * 4096
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_tiny_core_and_extended_numbering(tmp_path: Path, extended: bool) -> None:
+    path = tmp_path / "tiny.core"
+    path.write_bytes(_tiny_core(extended=extended))
+    with ElfCore(str(path)) as core:
+        assert core.registers().cr3 == 0x1234000 and core.registers().cr4 == 0x3606E0
+        assert core.ram_ranges() == [range(0x1000, 0x2000)]
+        assert core.read_physical(0x1800, 4) == b"\xaa" * 4
+
+
+def test_extended_numbering_without_section_zero_is_rejected(tmp_path: Path) -> None:
+    core = bytearray(_tiny_core(extended=True))
+    core[0x28:0x30] = bytes(8)  # e_shoff = 0: nowhere to find the real count
+    path = tmp_path / "bad.core"
+    path.write_bytes(bytes(core))
+    with pytest.raises(CoreFileError, match="extended numbering"):
+        ElfCore(str(path))
