@@ -5,9 +5,11 @@ Nobody else turns messages into bytes. A frame on a stream socket is::
     length u32 | version u8 | type u8 | body          (length counts version..body)
 
 All integers are big-endian; byte strings and text are ``u32 length | bytes``; lists are
-``u32 count | items``. ``encode`` and ``decode`` are mirror images, and each message
-validates its fields in ``__post_init__``, so the same limits hold whether a message is
-built locally or parsed from a peer. Any malformed, truncated, oversized or unexpected
+``u32 count | items``. Each message declares each field once, as a codec
+(``vm: str = text(MAX_VM_NAME, nonempty=True)``): the codec checks the value when the
+message is constructed, writes it and reads it back, so ``encode`` and ``decode`` are
+mirror images and the same limits hold whether a message is built locally or parsed
+from a peer. Any malformed, truncated, oversized or unexpected
 input raises :class:`WireError` with a message saying what was wrong, after bounded
 work. The catalogue and the limits are documented in docs/protocol.md.
 
@@ -36,9 +38,9 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from enum import IntEnum
-from typing import ClassVar, Self, TypeVar
+from typing import Any, ClassVar, NoReturn, Self, TypeVar
 
 from sgmonitor.channel import HV_NONCE_LEN, MAX_VM_NAME, SESSION_ID_LEN, TAG_LEN, Suite
 from sgmonitor.errors import SGMonitorError
@@ -375,11 +377,6 @@ def _text(msg: str, field: str, v: object, limit: int, nonempty: bool = False) -
         raise WireError(f"{msg}: {field} must be {int(nonempty)}..{limit} UTF-8 bytes")
 
 
-def _enum(msg: str, field: str, v: object, cls: type[IntEnum]) -> None:
-    if not isinstance(v, cls):
-        raise WireError(f"{msg}: {field} must be a {cls.__name__}")
-
-
 def _tuple(msg: str, field: str, v: object, limit: int, item: type | tuple[type, ...]) -> None:
     if not isinstance(v, tuple):
         raise WireError(f"{msg}: {field} must be a tuple")
@@ -390,14 +387,408 @@ def _tuple(msg: str, field: str, v: object, limit: int, item: type | tuple[type,
             raise WireError(f"{msg}: {field} holds a {type(x).__name__}")
 
 
-def _bool(msg: str, field: str, v: object) -> None:
-    if not isinstance(v, bool):
-        raise WireError(f"{msg}: {field} must be a bool")
-
-
 def _aligned(msg: str, field: str, v: int, align: int) -> None:
     if v % align:
         raise WireError(f"{msg}: {field} {v:#x} is not {align}-byte aligned")
+
+
+# --- the field spec -------------------------------------------------------------------
+#
+# A message (or a record inside one) is a frozen dataclass whose fields each name one
+# codec, once: ``vm: str = text(MAX_VM_NAME, nonempty=True)``. The codec checks the
+# value (on construction, so building and parsing enforce the same limits), writes it
+# and reads it back. Rules that tie fields together live in the class's ``_check``.
+
+
+class Codec:
+    """How one field is checked, written and read. ``size``: its fewest bytes on the
+    wire (a count's cheap early reject); ``types``: what a value may be."""
+
+    size: int = 0
+    types: type | tuple[type, ...] = object
+
+    def check(self, msg: str, name: str, v: Any) -> None:
+        raise NotImplementedError
+
+    def put(self, w: _Writer, v: Any) -> None:
+        raise NotImplementedError
+
+    def get(self, r: _Reader, name: str) -> Any:
+        raise NotImplementedError
+
+
+_PACK = {8: ">B", 16: ">H", 32: ">I", 64: ">Q"}
+
+
+class UInt(Codec):
+    """An unsigned big-endian integer of ``bits`` bits, optionally ``align``-aligned."""
+
+    types = int
+
+    def __init__(self, bits: int = 64, align: int = 0) -> None:
+        self.bits, self.align, self.size = bits, align, bits // 8
+        self.limit, self.mask = 2**bits, (align - 1 if align else 0)
+        self.pack = struct.Struct(_PACK[bits])
+
+    def check(self, msg: str, name: str, v: Any) -> None:
+        if type(v) is int and 0 <= v < self.limit and not v & self.mask:  # the usual case
+            return
+        _uint(msg, name, v, self.bits)
+        if self.align:
+            _aligned(msg, name, v, self.align)
+
+    def put(self, w: _Writer, v: int) -> None:
+        w.parts.append(self.pack.pack(v))
+
+    def get(self, r: _Reader, name: str) -> int:
+        return int(self.pack.unpack(r.take(self.size, name))[0])
+
+
+class Flag(Codec):
+    """A bool as one byte, 0 or 1."""
+
+    size, types = 1, bool
+
+    def check(self, msg: str, name: str, v: Any) -> None:
+        if not isinstance(v, bool):
+            raise WireError(f"{msg}: {name} must be a bool")
+
+    def put(self, w: _Writer, v: bool) -> None:
+        w.u8(int(v))
+
+    def get(self, r: _Reader, name: str) -> bool:
+        return r.flag(name)
+
+
+class EnumOf(Codec):
+    """An IntEnum member as an unsigned integer; ``label`` names it in decode errors."""
+
+    def __init__(self, cls: type[IntEnum], bits: int = 8, label: str | None = None) -> None:
+        self.types, self.label = cls, label
+        self.int = UInt(bits)
+        self.size = self.int.size
+
+    def check(self, msg: str, name: str, v: Any) -> None:
+        if not isinstance(v, self.types):
+            raise WireError(f"{msg}: {name} must be a {self.types.__name__}")
+
+    def put(self, w: _Writer, v: IntEnum) -> None:
+        self.int.put(w, v)
+
+    def get(self, r: _Reader, name: str) -> IntEnum:
+        return r.enum(self.types, self.label or name, self.int.get(r, name))
+
+
+class Fixed(Codec):
+    """Exactly ``n`` bytes, no length on the wire."""
+
+    types = bytes
+
+    def __init__(self, n: int) -> None:
+        self.size = n
+
+    def check(self, msg: str, name: str, v: Any) -> None:
+        _bytes(msg, name, v, self.size, exact=self.size)
+
+    def put(self, w: _Writer, v: bytes) -> None:
+        w.parts.append(v)
+
+    def get(self, r: _Reader, name: str) -> bytes:
+        return r.take(self.size, name)
+
+
+class Blob(Codec):
+    """``u32 length | bytes``, at most ``limit`` bytes."""
+
+    size, types = 4, bytes
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def check(self, msg: str, name: str, v: Any) -> None:
+        _bytes(msg, name, v, self.limit)
+
+    def put(self, w: _Writer, v: bytes) -> None:
+        w.blob(v)
+
+    def get(self, r: _Reader, name: str) -> bytes:
+        return r.blob(name, self.limit)
+
+
+class ShortFixed(Codec):
+    """``u8 length | bytes``, the length one of ``lengths`` (e.g. empty or a session id)."""
+
+    size, types = 1, bytes
+
+    def __init__(self, *lengths: int) -> None:
+        self.lengths = lengths
+
+    def check(self, msg: str, name: str, v: Any) -> None:
+        _bytes(msg, name, v, max(self.lengths))
+        if len(v) not in self.lengths:
+            either = " or ".join("empty" if n == 0 else f"{n} bytes" for n in self.lengths)
+            raise WireError(f"{msg}: {name} must be {either}")
+
+    def put(self, w: _Writer, v: bytes) -> None:
+        w.u8(len(v))
+        w.parts.append(v)
+
+    def get(self, r: _Reader, name: str) -> bytes:
+        n = r.u8(f"{name} length")
+        if n not in self.lengths:
+            raise WireError(f"{r.what}: {name} length {n}")
+        return r.take(n, name)
+
+
+class Text(Codec):
+    """``u32 length | UTF-8``, at most ``limit`` bytes (and at least one if ``nonempty``)."""
+
+    size, types = 4, str
+
+    def __init__(self, limit: int, nonempty: bool = False) -> None:
+        self.limit, self.nonempty = limit, nonempty
+
+    def check(self, msg: str, name: str, v: Any) -> None:
+        _text(msg, name, v, self.limit, self.nonempty)
+
+    def put(self, w: _Writer, v: str) -> None:
+        w.text(v)
+
+    def get(self, r: _Reader, name: str) -> str:
+        return r.text(name, self.limit)
+
+
+class Seq(Codec):
+    """``count | items`` as a tuple: at most ``limit`` items of codec ``item`` (named
+    ``item_name`` in errors), the count a u32 or (``count_bits=8``) a u8."""
+
+    size, types = 4, tuple
+
+    def __init__(
+        self, item: Codec, limit: int, count_bits: int = 32, item_name: str | None = None
+    ) -> None:
+        self.item, self.limit, self.item_name = item, limit, item_name
+        self.count = UInt(count_bits)
+        self.size = self.count.size
+
+    def check(self, msg: str, name: str, v: Any) -> None:
+        _tuple(msg, name, v, self.limit, self.item.types)
+        self.check_items(msg, self.item_name or name, v)
+
+    def check_items(self, msg: str, name: str, items: tuple[Any, ...]) -> None:
+        check = self.item.check
+        for x in items:
+            check(msg, name, x)
+
+    def put(self, w: _Writer, v: tuple[Any, ...]) -> None:
+        self.count.put(w, len(v))
+        put = self.item.put
+        for x in v:
+            put(w, x)
+
+    def get_count(self, r: _Reader, name: str) -> int:
+        if self.count.bits == 32:
+            return r.count(name, self.limit, self.item.size)
+        n = self.count.get(r, f"{name} count")
+        if n > self.limit:
+            raise WireError(f"{r.what}: {n} {name}, limit {self.limit}")
+        return n
+
+    def get(self, r: _Reader, name: str) -> tuple[Any, ...]:
+        n = self.get_count(r, name)
+        get, item_name = self.item.get, self.item_name or name
+        return tuple(get(r, item_name) for _ in range(n))
+
+
+class Blobs(Seq):
+    """A tuple of blobs, packed and parsed in bulk (a reply's sealed pages)."""
+
+    def __init__(self, limit: int, item_limit: int, item_name: str) -> None:
+        super().__init__(Blob(item_limit), limit, item_name=item_name)
+
+    def check_items(self, msg: str, name: str, items: tuple[Any, ...]) -> None:
+        limit = self.item.limit  # type: ignore[attr-defined]
+        if any(len(x) > limit for x in items):
+            super().check_items(msg, name, items)
+
+    def put(self, w: _Writer, v: tuple[bytes, ...]) -> None:
+        w.u32(len(v))
+        pack = _U32.pack
+        for x in v:
+            w.parts += (pack(len(x)), x)
+
+    def get(self, r: _Reader, name: str) -> tuple[bytes, ...]:
+        n = self.get_count(r, name)
+        return r.blobs(n, self.item_name or name, self.item.limit)  # type: ignore[attr-defined]
+
+
+class U64s(Seq):
+    """A tuple of u64s, packed and parsed in bulk."""
+
+    def __init__(self, limit: int, item_name: str) -> None:
+        super().__init__(UInt(64), limit, item_name=item_name)
+
+    def check_items(self, msg: str, name: str, items: tuple[Any, ...]) -> None:
+        if not all(0 <= x < _U64 for x in items):
+            super().check_items(msg, name, items)
+
+    def put(self, w: _Writer, v: tuple[int, ...]) -> None:
+        w.u32(len(v))
+        w.parts.append(struct.pack(f">{len(v)}Q", *v))
+
+    def get(self, r: _Reader, name: str) -> tuple[int, ...]:
+        n = self.get_count(r, name)
+        return struct.unpack(f">{n}Q", r.take(8 * n, name))
+
+
+class Nested(Codec):
+    """One record (a spec'd dataclass that is not a message) inline."""
+
+    def __init__(self, cls: type) -> None:
+        self.types = cls
+        self.size = sum(c.size for _, c in _spec_of(cls))
+
+    def check(self, msg: str, name: str, v: Any) -> None:
+        if not isinstance(v, self.types):
+            raise WireError(f"{msg}: {name} must be a {self.types.__name__}")  # type: ignore[union-attr]
+
+    def put(self, w: _Writer, v: Any) -> None:
+        v._put(w)
+
+    def get(self, r: _Reader, name: str) -> Any:
+        return self.types._get(r)  # type: ignore[union-attr]
+
+
+class Messages(Seq):
+    """A tuple of whole messages of ``types``, each a nested ``version | type | body``
+    blob of at most ``item_limit`` bytes (a Batch and its BatchReply)."""
+
+    def __init__(
+        self, types: tuple[type[Message], ...], limit: int, item_limit: int, item_name: str
+    ) -> None:
+        super().__init__(Blob(item_limit), limit, item_name=item_name)
+        self.types_in = types
+        self.item.size = 6  # a blob's length, version and type
+
+    def check(self, msg: str, name: str, v: Any) -> None:
+        _tuple(msg, name, v, self.limit, self.types_in)
+
+    def put(self, w: _Writer, v: tuple[Message, ...]) -> None:
+        w.u32(len(v))
+        for m in v:
+            w.blob(encode(m))
+
+    def get(self, r: _Reader, name: str) -> tuple[Message, ...]:
+        n = self.get_count(r, name)
+        limit, item_name = self.item.limit, self.item_name or name  # type: ignore[attr-defined]
+        return tuple(decode(r.blob(item_name, limit), expect=self.types_in) for _ in range(n))
+
+
+_SPEC_KEY = "sgmonitor.wire"
+
+
+def _field(codec: Codec, default: Any = MISSING) -> Any:
+    return field(default=default, metadata={_SPEC_KEY: codec})
+
+
+def u8(default: Any = MISSING) -> Any:
+    return _field(UInt(8), default)
+
+
+def u16(default: Any = MISSING) -> Any:
+    return _field(UInt(16), default)
+
+
+def u32(default: Any = MISSING) -> Any:
+    return _field(UInt(32), default)
+
+
+def u64(align: int = 0, default: Any = MISSING) -> Any:
+    return _field(UInt(64, align), default)
+
+
+def flag(default: Any = MISSING) -> Any:
+    return _field(Flag(), default)
+
+
+def enum(cls: type[IntEnum], bits: int = 8, label: str | None = None) -> Any:
+    """An IntEnum field; ``label`` names it in decode errors (default: the field's name)."""
+    return _field(EnumOf(cls, bits, label))
+
+
+def fixed(n: int) -> Any:
+    return _field(Fixed(n))
+
+
+def blob(limit: int, default: Any = MISSING) -> Any:
+    return _field(Blob(limit), default)
+
+
+def text(limit: int, nonempty: bool = False, default: Any = MISSING) -> Any:
+    return _field(Text(limit, nonempty), default)
+
+
+def spec(codec: Codec, default: Any = MISSING) -> Any:
+    """Any other codec as a field (sequences, records, short blobs)."""
+    return _field(codec, default)
+
+
+def _spec_of(cls: type) -> tuple[tuple[str, Codec], ...]:
+    return cls._SPEC  # type: ignore[attr-defined,no-any-return]
+
+
+class Record:
+    """A frozen dataclass of spec'd fields (see :func:`record`): checked on construction,
+    written and read in wire order."""
+
+    _DECLARED: ClassVar[tuple[tuple[str, Codec], ...]] = ()  # in declaration order
+    _SPEC: ClassVar[tuple[tuple[str, Codec], ...]] = ()  # in wire order
+    _IN_ORDER: ClassVar[bool] = True
+    _CHECKED: ClassVar[bool] = False  # the class has its own _check
+
+    def __post_init__(self) -> None:
+        label = type(self).__name__
+        for name, codec in self._DECLARED:
+            codec.check(label, name, getattr(self, name))
+        if self._CHECKED:
+            self._check()
+
+    def _check(self) -> None:
+        """Rules that tie fields together, after each field's own checks."""
+
+    def _fail(self, why: str) -> NoReturn:
+        raise WireError(f"{type(self).__name__}: {why}")
+
+    def _put(self, w: _Writer) -> None:
+        for name, codec in self._SPEC:
+            codec.put(w, getattr(self, name))
+
+    @classmethod
+    def _get(cls, r: _Reader) -> Self:
+        if cls._IN_ORDER:
+            return cls(*[codec.get(r, name) for name, codec in cls._SPEC])
+        return cls(**{name: codec.get(r, name) for name, codec in cls._SPEC})
+
+
+_R = TypeVar("_R", bound=type[Record])
+
+
+def record(order: tuple[str, ...] | None = None) -> Callable[[_R], _R]:
+    """Make ``cls`` a frozen dataclass whose fields are checked, written and read as
+    their codecs say, in declaration order or in ``order`` (the wire's, when it differs)."""
+
+    def make(cls: _R) -> _R:
+        cls = dataclass(frozen=True)(cls)
+        codecs = {f.name: f.metadata[_SPEC_KEY] for f in fields(cls)}  # type: ignore[arg-type]
+        names = order if order is not None else tuple(codecs)
+        assert sorted(names) == sorted(codecs), f"{cls.__name__}: order names every field"
+        cls._DECLARED = tuple(codecs.items())
+        cls._SPEC = tuple((n, codecs[n]) for n in names)
+        cls._IN_ORDER = names == tuple(codecs)
+        cls._CHECKED = "_check" in cls.__dict__
+        return cls
+
+    return make
 
 
 # --- messages ------------------------------------------------------------------------
@@ -405,25 +796,21 @@ def _aligned(msg: str, field: str, v: int, align: int) -> None:
 _REGISTRY: dict[int, type[Message]] = {}
 
 
-class Message:
-    """Base of every message: a type byte and a mirror-image pair of body codecs."""
+class Message(Record):
+    """Base of every message: a type byte and a field spec (see :func:`message`)."""
 
     TYPE: ClassVar[int]
-
-    def _encode(self, w: _Writer) -> None:
-        raise NotImplementedError
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        raise NotImplementedError
 
 
 _M = TypeVar("_M", bound=type[Message])
 
 
-def _message(type_byte: int) -> Callable[[_M], _M]:
+def message(type_byte: int) -> Callable[[_M], _M]:
+    """A :func:`record` with a type byte, registered for :func:`decode`."""
+
     def register(cls: _M) -> _M:
         assert type_byte not in _REGISTRY, f"type {type_byte:#x} registered twice"
+        cls = record()(cls)
         cls.TYPE = type_byte
         _REGISTRY[type_byte] = cls
         return cls
@@ -434,59 +821,25 @@ def _message(type_byte: int) -> Callable[[_M], _M]:
 # --- hypervisor link (clear) --------------------------------------------------------
 
 
-@_message(0x01)
-@dataclass(frozen=True)
+@message(0x01)
 class Hello(Message):
     """Library -> hypervisor: ask for a fresh nonce for a session on ``vm``."""
 
-    vm: str
-
-    def __post_init__(self) -> None:
-        _text("Hello", "vm", self.vm, MAX_VM_NAME, nonempty=True)
-
-    def _encode(self, w: _Writer) -> None:
-        w.text(self.vm)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.text("vm", MAX_VM_NAME))
+    vm: str = text(MAX_VM_NAME, nonempty=True)
 
 
-@_message(0x02)
-@dataclass(frozen=True)
+@message(0x02)
 class HelloReply(Message):
     """Hypervisor -> library: the nonce the attestation statement must bind (and the
     session's keys mix in), the suites offered, and the service's public key (which
     the enclave uses only once the attestation service has endorsed it)."""
 
-    hv_nonce: bytes
-    suites: tuple[Suite, ...]
-    hv_key: bytes
-
-    def __post_init__(self) -> None:
-        _bytes("HelloReply", "hv_nonce", self.hv_nonce, HV_NONCE_LEN, exact=HV_NONCE_LEN)
-        _tuple("HelloReply", "suites", self.suites, 8, Suite)
-        _bytes("HelloReply", "hv_key", self.hv_key, HV_KEY_LEN, exact=HV_KEY_LEN)
-
-    def _encode(self, w: _Writer) -> None:
-        w.fixed(self.hv_nonce)
-        w.u8(len(self.suites))
-        for s in self.suites:
-            w.u8(s)
-        w.fixed(self.hv_key)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        nonce = r.take(HV_NONCE_LEN, "hv_nonce")
-        n = r.u8("suite count")
-        if n > 8:
-            raise WireError(f"HelloReply: {n} suites, limit 8")
-        suites = tuple(r.enum(Suite, "suite", r.u8("suite")) for _ in range(n))
-        return cls(nonce, suites, r.take(HV_KEY_LEN, "hv_key"))
+    hv_nonce: bytes = fixed(HV_NONCE_LEN)
+    suites: tuple[Suite, ...] = spec(Seq(EnumOf(Suite), 8, count_bits=8, item_name="suite"))
+    hv_key: bytes = fixed(HV_KEY_LEN)
 
 
-@_message(0x03)
-@dataclass(frozen=True)
+@message(0x03)
 class OpenSession(Message):
     """Library -> hypervisor: register the enclave's wrapped session key for ``vm``.
 
@@ -494,71 +847,35 @@ class OpenSession(Message):
     session (``sgmonitor.statement``); without a valid one the hypervisor refuses.
     """
 
-    vm: str
-    session_id: bytes
-    suite: Suite
-    wrapped_key: bytes
-    statement: bytes = b""
-
-    def __post_init__(self) -> None:
-        _text("OpenSession", "vm", self.vm, MAX_VM_NAME, nonempty=True)
-        _bytes("OpenSession", "session_id", self.session_id, SESSION_ID_LEN, SESSION_ID_LEN)
-        _enum("OpenSession", "suite", self.suite, Suite)
-        _bytes("OpenSession", "wrapped_key", self.wrapped_key, MAX_WRAPPED_KEY)
-        _bytes("OpenSession", "statement", self.statement, MAX_STATEMENT)
-
-    def _encode(self, w: _Writer) -> None:
-        w.text(self.vm)
-        w.fixed(self.session_id)
-        w.u8(self.suite)
-        w.blob(self.wrapped_key)
-        w.blob(self.statement)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        vm = r.text("vm", MAX_VM_NAME)
-        sid = r.take(SESSION_ID_LEN, "session_id")
-        suite = r.enum(Suite, "suite", r.u8("suite"))
-        wrapped = r.blob("wrapped_key", MAX_WRAPPED_KEY)
-        statement = r.blob("statement", MAX_STATEMENT)
-        return cls(vm, sid, suite, wrapped, statement)
+    vm: str = text(MAX_VM_NAME, nonempty=True)
+    session_id: bytes = fixed(SESSION_ID_LEN)
+    suite: Suite = enum(Suite)
+    wrapped_key: bytes = blob(MAX_WRAPPED_KEY)
+    statement: bytes = blob(MAX_STATEMENT, default=b"")
 
 
-@dataclass(frozen=True)
-class _SessionOnly(Message):
-    session_id: bytes
-
-    def __post_init__(self) -> None:
-        _bytes(type(self).__name__, "session_id", self.session_id, SESSION_ID_LEN, SESSION_ID_LEN)
-
-    def _encode(self, w: _Writer) -> None:
-        w.fixed(self.session_id)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.take(SESSION_ID_LEN, "session_id"))
-
-
-@_message(0x04)
-@dataclass(frozen=True)
-class SessionOpened(_SessionOnly):
+@message(0x04)
+class SessionOpened(Message):
     """Hypervisor -> library: the key unwrapped; sealed requests may flow."""
 
+    session_id: bytes = fixed(SESSION_ID_LEN)
 
-@_message(0x05)
-@dataclass(frozen=True)
-class CloseSession(_SessionOnly):
+
+@message(0x05)
+class CloseSession(Message):
     """Library -> hypervisor: forget this session's keys."""
 
+    session_id: bytes = fixed(SESSION_ID_LEN)
 
-@_message(0x06)
-@dataclass(frozen=True)
-class SessionClosed(_SessionOnly):
+
+@message(0x06)
+class SessionClosed(Message):
     """Hypervisor -> library: the session's keys are gone."""
 
+    session_id: bytes = fixed(SESSION_ID_LEN)
 
-@_message(0x07)
-@dataclass(frozen=True)
+
+@message(0x07)
 class Request(Message):
     """Library -> hypervisor: one sealed request body (kind REQUEST) from the enclave.
 
@@ -566,66 +883,25 @@ class Request(Message):
     data and the library can match replies; changing it breaks the seal.
     """
 
-    session_id: bytes
-    request_id: int
-    sealed: bytes
-
-    def __post_init__(self) -> None:
-        _bytes("Request", "session_id", self.session_id, SESSION_ID_LEN, SESSION_ID_LEN)
-        _uint("Request", "request_id", self.request_id)
-        _bytes("Request", "sealed", self.sealed, MAX_SEALED_REQUEST)
-
-    def _encode(self, w: _Writer) -> None:
-        w.fixed(self.session_id)
-        w.u64(self.request_id)
-        w.blob(self.sealed)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        sid = r.take(SESSION_ID_LEN, "session_id")
-        return cls(sid, r.u64("request_id"), r.blob("sealed", MAX_SEALED_REQUEST))
+    session_id: bytes = fixed(SESSION_ID_LEN)
+    request_id: int = u64()
+    sealed: bytes = blob(MAX_SEALED_REQUEST)
 
 
-@_message(0x08)
-@dataclass(frozen=True)
+@message(0x08)
 class Reply(Message):
     """Hypervisor -> library: a sealed reply index (kind REPLY), then one sealed page
     (kind PAGE) per PRESENT entry of the index, in index order."""
 
-    session_id: bytes
-    request_id: int
-    sealed_reply: bytes
-    sealed_pages: tuple[bytes, ...] = ()
-
-    def __post_init__(self) -> None:
-        _bytes("Reply", "session_id", self.session_id, SESSION_ID_LEN, SESSION_ID_LEN)
-        _uint("Reply", "request_id", self.request_id)
-        _bytes("Reply", "sealed_reply", self.sealed_reply, MAX_SEALED_REPLY)
-        _tuple("Reply", "sealed_pages", self.sealed_pages, MAX_REPLY_PAGES, bytes)
-        if any(len(p) > MAX_SEALED_PAGE for p in self.sealed_pages):
-            for p in self.sealed_pages:
-                _bytes("Reply", "sealed page", p, MAX_SEALED_PAGE)
-
-    def _encode(self, w: _Writer) -> None:
-        w.fixed(self.session_id)
-        w.u64(self.request_id)
-        w.blob(self.sealed_reply)
-        w.u32(len(self.sealed_pages))
-        pack = _U32.pack
-        for p in self.sealed_pages:
-            w.parts += (pack(len(p)), p)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        sid = r.take(SESSION_ID_LEN, "session_id")
-        rid = r.u64("request_id")
-        sealed = r.blob("sealed_reply", MAX_SEALED_REPLY)
-        n = r.count("sealed pages", MAX_REPLY_PAGES, 4)
-        return cls(sid, rid, sealed, r.blobs(n, "sealed page", MAX_SEALED_PAGE))
+    session_id: bytes = fixed(SESSION_ID_LEN)
+    request_id: int = u64()
+    sealed_reply: bytes = blob(MAX_SEALED_REPLY)
+    sealed_pages: tuple[bytes, ...] = spec(
+        Blobs(MAX_REPLY_PAGES, MAX_SEALED_PAGE, "sealed page"), default=()
+    )
 
 
-@_message(0x0F)
-@dataclass(frozen=True)
+@message(0x0F)
 class Error(Message):
     """Either direction, in the clear and so unauthenticated: a refusal or failure.
 
@@ -633,313 +909,127 @@ class Error(Message):
     ``session_id`` is empty when no session is concerned; ``request_id`` 0 likewise.
     """
 
-    code: ErrorCode
-    message: str = ""
-    session_id: bytes = b""
-    request_id: int = 0
-
-    def __post_init__(self) -> None:
-        _enum("Error", "code", self.code, ErrorCode)
-        _text("Error", "message", self.message, MAX_ERROR_TEXT)
-        _bytes("Error", "session_id", self.session_id, SESSION_ID_LEN)
-        _uint("Error", "request_id", self.request_id)
-        if len(self.session_id) not in (0, SESSION_ID_LEN):
-            raise WireError(f"Error: session_id must be empty or {SESSION_ID_LEN} bytes")
-
-    def _encode(self, w: _Writer) -> None:
-        w.u16(self.code)
-        w.text(self.message)
-        w.u8(len(self.session_id))
-        w.fixed(self.session_id)
-        w.u64(self.request_id)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        code = r.enum(ErrorCode, "error code", r.u16("code"))
-        message = r.text("message", MAX_ERROR_TEXT)
-        n = r.u8("session_id length")
-        if n not in (0, SESSION_ID_LEN):
-            raise WireError(f"Error: session_id length {n}")
-        return cls(code, message, r.take(n, "session_id"), r.u64("request_id"))
+    code: ErrorCode = enum(ErrorCode, 16, "error code")
+    message: str = text(MAX_ERROR_TEXT, default="")
+    session_id: bytes = spec(ShortFixed(0, SESSION_ID_LEN), default=b"")
+    request_id: int = u64(default=0)
 
 
 # --- attestation link (library <-> attestation service), in the clear -------------
 
 
-@_message(0x51)
-@dataclass(frozen=True)
+@message(0x51)
 class ChallengeRequest(Message):
     """Library -> attestation service: a fresh nonce for evidence. For a hypervisor
     session (purpose 1), also the service's endorsement of the hypervisor key
     ``peer_key`` (refused if it is not enrolled); for a monitor link (purpose 2), the
     nonce only (the monitor checks its own key in the enclave's launch configuration)."""
 
-    purpose: int
-    peer_key: bytes
+    purpose: int = u8()
+    peer_key: bytes = fixed(HV_KEY_LEN)
 
-    def __post_init__(self) -> None:
-        _uint("ChallengeRequest", "purpose", self.purpose, 8)
+    def _check(self) -> None:
         if self.purpose not in (1, 2):
-            raise WireError(f"ChallengeRequest: unknown purpose {self.purpose}")
-        _bytes("ChallengeRequest", "peer_key", self.peer_key, HV_KEY_LEN, exact=HV_KEY_LEN)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u8(self.purpose)
-        w.fixed(self.peer_key)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        purpose = r.u8("purpose")
-        return cls(purpose, r.take(HV_KEY_LEN, "peer_key"))
+            self._fail(f"unknown purpose {self.purpose}")
 
 
-@_message(0x52)
-@dataclass(frozen=True)
+@message(0x52)
 class Challenge(Message):
     """Attestation service -> library: a single-use nonce and the signed endorsement."""
 
-    nonce: bytes
-    endorsement: bytes
-
-    def __post_init__(self) -> None:
-        _bytes("Challenge", "nonce", self.nonce, VERIFIER_NONCE_LEN, exact=VERIFIER_NONCE_LEN)
-        _bytes("Challenge", "endorsement", self.endorsement, MAX_ENDORSEMENT)
-
-    def _encode(self, w: _Writer) -> None:
-        w.fixed(self.nonce)
-        w.blob(self.endorsement)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        nonce = r.take(VERIFIER_NONCE_LEN, "nonce")
-        return cls(nonce, r.blob("endorsement", MAX_ENDORSEMENT))
+    nonce: bytes = fixed(VERIFIER_NONCE_LEN)
+    endorsement: bytes = blob(MAX_ENDORSEMENT)
 
 
-@_message(0x53)
-@dataclass(frozen=True)
+@message(0x53)
 class AttestSession(Message):
     """Library -> attestation service: the enclave's evidence for one session, with the
     launch configuration and the session binding (``sgmonitor.statement.SessionBinding``
     bytes) that its report data covers, for the service to recompute and check."""
 
-    backend: str
-    evidence: bytes
-    config: bytes
-    nonce: bytes
-    binding: bytes
-
-    def __post_init__(self) -> None:
-        m = "AttestSession"
-        _text(m, "backend", self.backend, MAX_BACKEND_NAME, nonempty=True)
-        _bytes(m, "evidence", self.evidence, MAX_EVIDENCE)
-        _bytes(m, "config", self.config, MAX_ENCLAVE_CONFIG)
-        _bytes(m, "nonce", self.nonce, VERIFIER_NONCE_LEN, exact=VERIFIER_NONCE_LEN)
-        _bytes(m, "binding", self.binding, MAX_BINDING)
-
-    def _encode(self, w: _Writer) -> None:
-        w.text(self.backend)
-        w.blob(self.evidence)
-        w.blob(self.config)
-        w.fixed(self.nonce)
-        w.blob(self.binding)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(
-            r.text("backend", MAX_BACKEND_NAME),
-            r.blob("evidence", MAX_EVIDENCE),
-            r.blob("config", MAX_ENCLAVE_CONFIG),
-            r.take(VERIFIER_NONCE_LEN, "nonce"),
-            r.blob("binding", MAX_BINDING),
-        )
+    backend: str = text(MAX_BACKEND_NAME, nonempty=True)
+    evidence: bytes = blob(MAX_EVIDENCE)
+    config: bytes = blob(MAX_ENCLAVE_CONFIG)
+    nonce: bytes = fixed(VERIFIER_NONCE_LEN)
+    binding: bytes = blob(MAX_BINDING)
 
 
-@_message(0x54)
-@dataclass(frozen=True)
+@message(0x54)
 class StatementIssued(Message):
     """Attestation service -> library: the signed statement for the session."""
 
-    statement: bytes
-
-    def __post_init__(self) -> None:
-        _bytes("StatementIssued", "statement", self.statement, MAX_STATEMENT)
-
-    def _encode(self, w: _Writer) -> None:
-        w.blob(self.statement)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.blob("statement", MAX_STATEMENT))
+    statement: bytes = blob(MAX_STATEMENT)
 
 
 # --- monitor link (library <-> remote monitor), in the clear, over TCP -------------
 
 
-@_message(0x71)
-@dataclass(frozen=True)
+@message(0x71)
 class LinkHello(Message):
     """Library -> monitor: IDS ``ids`` wants a link."""
 
-    ids: str
-
-    def __post_init__(self) -> None:
-        _text("LinkHello", "ids", self.ids, MAX_VM_NAME, nonempty=True)
-
-    def _encode(self, w: _Writer) -> None:
-        w.text(self.ids)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.text("ids", MAX_VM_NAME))
+    ids: str = text(MAX_VM_NAME, nonempty=True)
 
 
-@_message(0x72)
-@dataclass(frozen=True)
+@message(0x72)
 class LinkChallenge(Message):
     """Monitor -> library: the nonce the link's statement must bind, and the monitor's
     X25519 key (the enclave uses the one its launch configuration names, not this)."""
 
-    monitor_nonce: bytes
-    monitor_key: bytes
-
-    def __post_init__(self) -> None:
-        _bytes("LinkChallenge", "monitor_nonce", self.monitor_nonce, 32, exact=32)
-        _bytes("LinkChallenge", "monitor_key", self.monitor_key, HV_KEY_LEN, exact=HV_KEY_LEN)
-
-    def _encode(self, w: _Writer) -> None:
-        w.fixed(self.monitor_nonce)
-        w.fixed(self.monitor_key)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.take(32, "monitor_nonce"), r.take(HV_KEY_LEN, "monitor_key"))
+    monitor_nonce: bytes = fixed(32)
+    monitor_key: bytes = fixed(HV_KEY_LEN)
 
 
-@_message(0x73)
-@dataclass(frozen=True)
+@message(0x73)
 class LinkOpen(Message):
     """Library -> monitor: the enclave's wrapped link key, the verifier's statement for
     it, and the enclave's launch configuration (its hash is the statement's CONFIGID)."""
 
-    link_id: bytes
-    wrapped_key: bytes
-    statement: bytes
-    config: bytes
-
-    def __post_init__(self) -> None:
-        _bytes("LinkOpen", "link_id", self.link_id, SESSION_ID_LEN, exact=SESSION_ID_LEN)
-        _bytes("LinkOpen", "wrapped_key", self.wrapped_key, MAX_WRAPPED_KEY)
-        _bytes("LinkOpen", "statement", self.statement, MAX_STATEMENT)
-        _bytes("LinkOpen", "config", self.config, MAX_ENCLAVE_CONFIG)
-
-    def _encode(self, w: _Writer) -> None:
-        w.fixed(self.link_id)
-        w.blob(self.wrapped_key)
-        w.blob(self.statement)
-        w.blob(self.config)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(
-            r.take(SESSION_ID_LEN, "link_id"),
-            r.blob("wrapped_key", MAX_WRAPPED_KEY),
-            r.blob("statement", MAX_STATEMENT),
-            r.blob("config", MAX_ENCLAVE_CONFIG),
-        )
+    link_id: bytes = fixed(SESSION_ID_LEN)
+    wrapped_key: bytes = blob(MAX_WRAPPED_KEY)
+    statement: bytes = blob(MAX_STATEMENT)
+    config: bytes = blob(MAX_ENCLAVE_CONFIG)
 
 
-@_message(0x74)
-@dataclass(frozen=True)
-class LinkOpened(_SessionOnly):
+@message(0x74)
+class LinkOpened(Message):
     """Monitor -> library: the link key is accepted; reports and heartbeats may flow."""
 
+    session_id: bytes = fixed(SESSION_ID_LEN)
 
-@_message(0x75)
-@dataclass(frozen=True)
+
+@message(0x75)
 class HeartbeatChallenge(Message):
     """Monitor -> library: challenge ``number`` for the enclave to answer."""
 
-    number: int
-    challenge: bytes
-
-    def __post_init__(self) -> None:
-        _uint("HeartbeatChallenge", "number", self.number)
-        _bytes("HeartbeatChallenge", "challenge", self.challenge, 32, exact=32)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u64(self.number)
-        w.fixed(self.challenge)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.u64("number"), r.take(32, "challenge"))
+    number: int = u64()
+    challenge: bytes = fixed(32)
 
 
-@_message(0x76)
-@dataclass(frozen=True)
+@message(0x76)
 class HeartbeatAnswer(Message):
     """Library -> monitor: the enclave's answer to challenge ``number``: its own answer
     count, its progress (scans completed) and the MAC over them and the challenge."""
 
-    number: int
-    sequence: int
-    progress: int
-    mac: bytes
-
-    def __post_init__(self) -> None:
-        _uint("HeartbeatAnswer", "number", self.number)
-        _uint("HeartbeatAnswer", "sequence", self.sequence)
-        _uint("HeartbeatAnswer", "progress", self.progress)
-        _bytes("HeartbeatAnswer", "mac", self.mac, 32, exact=32)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u64(self.number)
-        w.u64(self.sequence)
-        w.u64(self.progress)
-        w.fixed(self.mac)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.u64("number"), r.u64("sequence"), r.u64("progress"), r.take(32, "mac"))
+    number: int = u64()
+    sequence: int = u64()
+    progress: int = u64()
+    mac: bytes = fixed(32)
 
 
-@_message(0x77)
-@dataclass(frozen=True)
+@message(0x77)
 class SealedReport(Message):
     """Library -> monitor: report ``seq``, sealed by the enclave for the monitor."""
 
-    seq: int
-    sealed: bytes
-
-    def __post_init__(self) -> None:
-        _uint("SealedReport", "seq", self.seq)
-        _bytes("SealedReport", "sealed", self.sealed, MAX_REPORT)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u64(self.seq)
-        w.blob(self.sealed)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.u64("seq"), r.blob("sealed", MAX_REPORT))
+    seq: int = u64()
+    sealed: bytes = blob(MAX_REPORT)
 
 
-@_message(0x78)
-@dataclass(frozen=True)
+@message(0x78)
 class ReportAck(Message):
     """Monitor -> library: report ``seq`` was opened and accepted."""
 
-    seq: int
-
-    def __post_init__(self) -> None:
-        _uint("ReportAck", "seq", self.seq)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u64(self.seq)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.u64("seq"))
+    seq: int = u64()
 
 
 # --- hypervisor administration (operator <-> hypervisor service's admin socket) ----
@@ -952,100 +1042,63 @@ class RevokeKind(IntEnum):
     SESSION = 2  # one session id
 
 
-@_message(0x61)
-@dataclass(frozen=True)
+@message(0x61)
 class Revoke(Message):
     """Operator -> hypervisor service: revoke a measurement or a session, at once."""
 
-    kind: RevokeKind
-    value: bytes
+    kind: RevokeKind = enum(RevokeKind)
+    value: bytes = blob(32)
 
-    def __post_init__(self) -> None:
-        _enum("Revoke", "kind", self.kind, RevokeKind)
+    def _check(self) -> None:
         size = 32 if self.kind is RevokeKind.MEASUREMENT else SESSION_ID_LEN
-        _bytes("Revoke", "value", self.value, size, exact=size)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u8(self.kind)
-        w.blob(self.value)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        kind = r.enum(RevokeKind, "kind", r.u8("kind"))
-        return cls(kind, r.blob("value", 32))
+        _bytes(type(self).__name__, "value", self.value, size, exact=size)
 
 
-@_message(0x62)
-@dataclass(frozen=True)
+@message(0x62)
 class Revoked(Message):
     """Hypervisor service -> operator: the revocation holds; how many sessions it ended."""
 
-    sessions_closed: int
-
-    def __post_init__(self) -> None:
-        _uint("Revoked", "sessions_closed", self.sessions_closed, 32)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u32(self.sessions_closed)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.u32("sessions_closed"))
+    sessions_closed: int = u32()
 
 
 # --- sealed request bodies ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PageRange:
+@record()
+class PageRange(Record):
     """``count`` consecutive 4 KiB guest-virtual pages starting at ``address``."""
 
-    address: int
-    count: int
+    address: int = u64(align=PAGE_SIZE)
+    count: int = u32()
 
-    def __post_init__(self) -> None:
-        _uint("PageRange", "address", self.address)
-        _uint("PageRange", "count", self.count, 32)
-        _aligned("PageRange", "address", self.address, PAGE_SIZE)
+    def _check(self) -> None:
         if self.count < 1:
-            raise WireError("PageRange: count must be at least 1")
+            self._fail("count must be at least 1")
         if self.address + self.count * PAGE_SIZE > _U64:
-            raise WireError(f"PageRange: {self.address:#x} + {self.count} pages wraps")
+            self._fail(f"{self.address:#x} + {self.count} pages wraps")
 
 
-@_message(0x21)
-@dataclass(frozen=True)
+@message(0x21)
 class ReadPages(Message):
     """Enclave -> hypervisor (sealed): read these guest-virtual pages with the vCPU's CR3."""
 
-    ranges: tuple[PageRange, ...]
+    ranges: tuple[PageRange, ...] = spec(Seq(Nested(PageRange), MAX_RANGES))
 
-    def __post_init__(self) -> None:
-        _tuple("ReadPages", "ranges", self.ranges, MAX_RANGES, PageRange)
+    def _check(self) -> None:
         if not self.ranges:
-            raise WireError("ReadPages: no ranges")
+            self._fail("no ranges")
         total = sum(r.count for r in self.ranges)
         if total > MAX_PAGES_PER_REQUEST:
-            raise WireError(f"ReadPages: {total} pages, limit {MAX_PAGES_PER_REQUEST}")
-
-    def _encode(self, w: _Writer) -> None:
-        w.u32(len(self.ranges))
-        for rng in self.ranges:
-            w.u64(rng.address)
-            w.u32(rng.count)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        n = r.count("ranges", MAX_RANGES, 12)
-        return cls(tuple(PageRange(r.u64("address"), r.u32("count")) for _ in range(n)))
+            self._fail(f"{total} pages, limit {MAX_PAGES_PER_REQUEST}")
 
     def pages(self) -> list[int]:
         """Every page address asked for, in order."""
         return [rng.address + i * PAGE_SIZE for rng in self.ranges for i in range(rng.count)]
 
 
-@dataclass(frozen=True)
-class ListWalk:
+# on the wire: head, member_offset, span_size, limit, next_offset, after
+@record(order=("head", "member_offset", "span_size", "limit", "next_offset", "after"))
+class ListWalk(Record):
     """A kernel list for the trusted side to walk: the one shape of that request, from
     ``list_for_each_entry`` through ``RemoteMemory.prefetch_list``, the transport and
     the wire (:class:`FollowList`) to ``PageServer.follow_list``.
@@ -1063,29 +1116,22 @@ class ListWalk:
     negative (the kernel's ``container_of``). Validated here and only here.
     """
 
-    head: int
-    next_offset: int
-    member_offset: int
-    span_size: int
-    limit: int
-    after: int = 0
+    head: int = u64(align=8)
+    next_offset: int = u32()
+    member_offset: int = u32()
+    span_size: int = u32()
+    limit: int = u32()
+    after: int = u64(default=0)
 
-    def __post_init__(self) -> None:
-        _uint("ListWalk", "head", self.head)
-        _aligned("ListWalk", "head", self.head, 8)
-        _uint("ListWalk", "next_offset", self.next_offset, 32)
-        _uint("ListWalk", "member_offset", self.member_offset, 32)
-        _uint("ListWalk", "span_size", self.span_size, 32)
-        _uint("ListWalk", "limit", self.limit, 32)
-        _uint("ListWalk", "after", self.after)
+    def _check(self) -> None:
         if not 0 < self.span_size <= MAX_ENTRY_SIZE:
-            raise WireError(f"ListWalk: span_size must be 1..{MAX_ENTRY_SIZE}")
+            self._fail(f"span_size must be 1..{MAX_ENTRY_SIZE}")
         if self.member_offset + 16 > self.span_size:
-            raise WireError("ListWalk: the list_head must lie inside the span")
+            self._fail("the list_head must lie inside the span")
         if self.next_offset + 8 > 16:
-            raise WireError("ListWalk: next_offset must lie inside the list_head")
+            self._fail("next_offset must lie inside the list_head")
         if self.limit < 1:
-            raise WireError("ListWalk: limit must be at least 1")
+            self._fail("limit must be at least 1")
 
     @property
     def layout(self) -> tuple[int, int, int, int]:
@@ -1097,92 +1143,49 @@ class ListWalk:
         return node - self.member_offset
 
 
-@_message(0x22)
-@dataclass(frozen=True)
+@message(0x22)
 class FollowList(Message):
     """Enclave -> hypervisor (sealed): walk a kernel ``list_head`` list (a
     :class:`ListWalk` of at most ``MAX_LIST_NODES`` nodes), return its entries. The
     reply lists node addresses and the pages covering each node's span."""
 
-    walk: ListWalk
+    walk: ListWalk = spec(Nested(ListWalk))
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.walk, ListWalk):
-            raise WireError("FollowList: walk must be a ListWalk")
+    def _check(self) -> None:
         if self.walk.limit > MAX_LIST_NODES:
-            raise WireError(f"FollowList: limit must be 1..{MAX_LIST_NODES}")
-
-    def _encode(self, w: _Writer) -> None:
-        walk = self.walk
-        w.u64(walk.head)
-        w.u32(walk.member_offset)
-        w.u32(walk.span_size)
-        w.u32(walk.limit)
-        w.u32(walk.next_offset)
-        w.u64(walk.after)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        head = r.u64("head")
-        member_offset = r.u32("member_offset")
-        span_size = r.u32("span_size")
-        limit = r.u32("limit")
-        next_offset = r.u32("next_offset")
-        return cls(ListWalk(head, next_offset, member_offset, span_size, limit, r.u64("after")))
+            self._fail(f"limit must be 1..{MAX_LIST_NODES}")
 
 
-@dataclass(frozen=True)
-class _Empty(Message):
-    def _encode(self, w: _Writer) -> None:
-        pass
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls()
-
-
-@_message(0x23)
-@dataclass(frozen=True)
-class GetVmcoreinfo(_Empty):
+@message(0x23)
+class GetVmcoreinfo(Message):
     """Enclave -> hypervisor (sealed): the guest's VMCOREINFO note text."""
 
 
-@_message(0x24)
-@dataclass(frozen=True)
-class GetRegisters(_Empty):
+@message(0x24)
+class GetRegisters(Message):
     """Enclave -> hypervisor (sealed): control registers of each vCPU (CR0/CR3/CR4/EFER)."""
 
 
-@_message(0x25)
-@dataclass(frozen=True)
+@message(0x25)
 class BeginScan(Message):
     """Enclave -> hypervisor (sealed): a scan starts. The hypervisor re-reads the vCPU
     registers and drops cached translations; with ``pause`` it also stops the guest's
     vCPUs until :class:`EndScan` (or a bounded maximum pause) so the scan sees one
     consistent state. Answered by :class:`Ack`."""
 
-    pause: bool = False
-
-    def __post_init__(self) -> None:
-        _bool("BeginScan", "pause", self.pause)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u8(int(self.pause))
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.flag("pause"))
+    pause: bool = flag(default=False)
 
 
-@_message(0x26)
-@dataclass(frozen=True)
-class EndScan(_Empty):
+@message(0x26)
+class EndScan(Message):
     """Enclave -> hypervisor (sealed): the scan is over; resume the guest if it paused it.
     Answered by :class:`Ack`."""
 
 
-@_message(0x27)
-@dataclass(frozen=True)
+_BATCHABLE: tuple[type[Message], ...] = (ReadPages, FollowList, BeginScan, EndScan, GetRegisters)
+
+
+@message(0x27)
 class Batch(Message):
     """Enclave -> hypervisor (sealed): several requests served in order, in one crossing
     and under one guest lock, answered by one :class:`BatchReply` (e.g. BeginScan with a
@@ -1194,31 +1197,18 @@ class Batch(Message):
     ``MAX_REPLY_PAGES``. Each request travels as a nested ``version | type | body``.
     """
 
-    requests: tuple[Message, ...]
+    requests: tuple[Message, ...] = spec(
+        Messages(_BATCHABLE, MAX_BATCH, MAX_SEALED_REQUEST, "request")
+    )
 
-    def __post_init__(self) -> None:
-        _tuple("Batch", "requests", self.requests, MAX_BATCH, _BATCHABLE)
+    def _check(self) -> None:
         if not self.requests:
-            raise WireError("Batch: no requests")
+            self._fail("no requests")
         if sum(isinstance(m, FollowList) for m in self.requests) > 1:
-            raise WireError("Batch: more than one FollowList")
+            self._fail("more than one FollowList")
         pages = sum(len(m.pages()) for m in self.requests if isinstance(m, ReadPages))
         if pages > MAX_PAGES_PER_REQUEST:
-            raise WireError(f"Batch: {pages} pages, limit {MAX_PAGES_PER_REQUEST}")
-
-    def _encode(self, w: _Writer) -> None:
-        w.u32(len(self.requests))
-        for m in self.requests:
-            w.blob(encode(m))
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        n = r.count("requests", MAX_BATCH, 6)
-        return cls(
-            tuple(
-                decode(r.blob("request", MAX_SEALED_REQUEST), expect=_BATCHABLE) for _ in range(n)
-            )
-        )
+            self._fail(f"{pages} pages, limit {MAX_PAGES_PER_REQUEST}")
 
     def list_page_budget(self) -> int:
         """The reply pages a FollowList of this batch may fill."""
@@ -1229,115 +1219,82 @@ class Batch(Message):
 # --- sealed reply bodies ------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PageEntry:
+@record()
+class PageEntry(Record):
     """One page of a reply: its guest-virtual address and what the hypervisor found."""
 
-    address: int
-    status: PageStatus
-
-    def __post_init__(self) -> None:
-        a = self.address
-        if type(a) is int and 0 <= a < _U64 and not a & _PAGE_MASK:  # one per page: fast
-            _enum("PageEntry", "status", self.status, PageStatus)
-            return
-        _uint("PageEntry", "address", a)
-        _aligned("PageEntry", "address", a, PAGE_SIZE)
-        _enum("PageEntry", "status", self.status, PageStatus)
-
-
-def _check_pages(msg: str, pages: object) -> None:
-    _tuple(msg, "pages", pages, MAX_REPLY_PAGES, PageEntry)
-    assert isinstance(pages, tuple)
-    if len({p.address for p in pages}) != len(pages):
-        raise WireError(f"{msg}: a page address appears twice")
+    address: int = u64(align=PAGE_SIZE)
+    status: PageStatus = enum(PageStatus)
 
 
 _PAGE_ENTRY = struct.Struct(">QB")
 _PAGE_STATUS = {int(s): s for s in PageStatus}
 
 
-def _encode_pages(w: _Writer, pages: tuple[PageEntry, ...]) -> None:
-    w.u32(len(pages))
-    pack = _PAGE_ENTRY.pack
-    w.parts += [pack(p.address, p.status) for p in pages]
+class PageEntries(Seq):
+    """A reply index's pages, packed and parsed in bulk; no address twice."""
 
+    def __init__(self) -> None:
+        super().__init__(Nested(PageEntry), MAX_REPLY_PAGES)
 
-def _decode_pages(r: _Reader) -> tuple[PageEntry, ...]:
-    n = r.count("pages", MAX_REPLY_PAGES, _PAGE_ENTRY.size)
-    raw = r.take(n * _PAGE_ENTRY.size, "pages")
-    out = []
-    for address, raw_status in _PAGE_ENTRY.iter_unpack(raw):
-        status = _PAGE_STATUS.get(raw_status)
-        if status is None:
-            raise WireError(f"{r.what}: unknown page status {raw_status}")
-        out.append(PageEntry(address, status))
-    return tuple(out)
+    def check(self, msg: str, name: str, v: Any) -> None:
+        _tuple(msg, name, v, MAX_REPLY_PAGES, PageEntry)
+        if len({p.address for p in v}) != len(v):
+            raise WireError(f"{msg}: a page address appears twice")
+
+    def put(self, w: _Writer, v: tuple[PageEntry, ...]) -> None:
+        w.u32(len(v))
+        pack = _PAGE_ENTRY.pack
+        w.parts += [pack(p.address, p.status) for p in v]
+
+    def get(self, r: _Reader, name: str) -> tuple[PageEntry, ...]:
+        n = self.get_count(r, name)
+        raw = r.take(n * _PAGE_ENTRY.size, name)
+        out = []
+        new, setdict = object.__new__, object.__setattr__
+        for address, raw_status in _PAGE_ENTRY.iter_unpack(raw):
+            status = _PAGE_STATUS.get(raw_status)
+            if status is None:
+                raise WireError(f"{r.what}: unknown page status {raw_status}")
+            if address & _PAGE_MASK:
+                PageEntry(address, status)  # raises: not aligned
+            # checked as PageEntry's own spec would (a u64, aligned; a PageStatus): one
+            # object per page, so it is made without running the checks again
+            entry = new(PageEntry)
+            setdict(entry, "__dict__", {"address": address, "status": status})
+            out.append(entry)
+        return tuple(out)
 
 
 def _present(pages: tuple[PageEntry, ...]) -> list[int]:
     return [p.address for p in pages if p.status is PageStatus.PRESENT]
 
 
-@_message(0x31)
-@dataclass(frozen=True)
+@message(0x31)
 class PagesReply(Message):
     """Hypervisor -> enclave (sealed index) for ReadPages."""
 
-    pages: tuple[PageEntry, ...]
-
-    def __post_init__(self) -> None:
-        _check_pages("PagesReply", self.pages)
-
-    def _encode(self, w: _Writer) -> None:
-        _encode_pages(w, self.pages)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(_decode_pages(r))
+    pages: tuple[PageEntry, ...] = spec(PageEntries())
 
     def present(self) -> list[int]:
         """Addresses of the sealed pages that follow, in their order."""
         return _present(self.pages)
 
 
-@_message(0x32)
-@dataclass(frozen=True)
+@message(0x32)
 class ListReply(Message):
     """Hypervisor -> enclave (sealed index) for FollowList: entries in list order."""
 
-    entries: tuple[int, ...]
-    end: ListEnd
-    pages: tuple[PageEntry, ...]
-
-    def __post_init__(self) -> None:
-        _tuple("ListReply", "entries", self.entries, MAX_LIST_NODES, int)
-        if not all(0 <= e < _U64 for e in self.entries):
-            for e in self.entries:
-                _uint("ListReply", "entry", e)
-        _enum("ListReply", "end", self.end, ListEnd)
-        _check_pages("ListReply", self.pages)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u32(len(self.entries))
-        w.fixed(struct.pack(f">{len(self.entries)}Q", *self.entries))
-        w.u8(self.end)
-        _encode_pages(w, self.pages)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        n = r.count("entries", MAX_LIST_NODES, 8)
-        entries = struct.unpack(f">{n}Q", r.take(8 * n, "entries"))
-        end = r.enum(ListEnd, "list end", r.u8("end"))
-        return cls(entries, end, _decode_pages(r))
+    entries: tuple[int, ...] = spec(U64s(MAX_LIST_NODES, "entry"))
+    end: ListEnd = enum(ListEnd, label="list end")
+    pages: tuple[PageEntry, ...] = spec(PageEntries())
 
     def present(self) -> list[int]:
         """Addresses of the sealed pages that follow, in their order."""
         return _present(self.pages)
 
 
-@_message(0x33)
-@dataclass(frozen=True)
+@message(0x33)
 class VmcoreinfoReply(Message):
     """Hypervisor -> enclave (sealed): every VMCOREINFO ELF note found in guest RAM.
 
@@ -1346,150 +1303,45 @@ class VmcoreinfoReply(Message):
     (``sgmonitor.kernel.kallsyms.genuine_vmcoreinfo``).
     """
 
-    notes: tuple[bytes, ...]
-
-    def __post_init__(self) -> None:
-        _tuple("VmcoreinfoReply", "notes", self.notes, MAX_VMCOREINFO_NOTES, bytes)
-        for note in self.notes:
-            _bytes("VmcoreinfoReply", "note", note, MAX_VMCOREINFO_NOTE)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u32(len(self.notes))
-        for note in self.notes:
-            w.blob(note)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        n = r.count("notes", MAX_VMCOREINFO_NOTES, 4)
-        return cls(tuple(r.blob("note", MAX_VMCOREINFO_NOTE) for _ in range(n)))
+    notes: tuple[bytes, ...] = spec(
+        Seq(Blob(MAX_VMCOREINFO_NOTE), MAX_VMCOREINFO_NOTES, item_name="note")
+    )
 
 
-@dataclass(frozen=True)
-class VcpuRegisters:
+@record()
+class VcpuRegisters(Record):
     """Control registers of one vCPU."""
 
-    index: int
-    cr0: int
-    cr3: int
-    cr4: int
-    efer: int
-
-    def __post_init__(self) -> None:
-        _uint("VcpuRegisters", "index", self.index, 16)
-        for name in ("cr0", "cr3", "cr4", "efer"):
-            _uint("VcpuRegisters", name, getattr(self, name))
+    index: int = u16()
+    cr0: int = u64()
+    cr3: int = u64()
+    cr4: int = u64()
+    efer: int = u64()
 
 
-@_message(0x34)
-@dataclass(frozen=True)
+@message(0x34)
 class RegistersReply(Message):
     """Hypervisor -> enclave (sealed): each vCPU's control registers."""
 
-    vcpus: tuple[VcpuRegisters, ...]
-
-    def __post_init__(self) -> None:
-        _tuple("RegistersReply", "vcpus", self.vcpus, MAX_VCPUS, VcpuRegisters)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u32(len(self.vcpus))
-        for v in self.vcpus:
-            w.u16(v.index)
-            for x in (v.cr0, v.cr3, v.cr4, v.efer):
-                w.u64(x)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        n = r.count("vcpus", MAX_VCPUS, 34)
-        return cls(
-            tuple(
-                VcpuRegisters(
-                    r.u16("index"), r.u64("cr0"), r.u64("cr3"), r.u64("cr4"), r.u64("efer")
-                )
-                for _ in range(n)
-            )
-        )
+    vcpus: tuple[VcpuRegisters, ...] = spec(Seq(Nested(VcpuRegisters), MAX_VCPUS))
 
 
-@_message(0x35)
-@dataclass(frozen=True)
+@message(0x35)
 class Ack(Message):
     """Hypervisor -> enclave (sealed): BeginScan or EndScan done; ``paused`` says whether
     the guest's vCPUs are stopped now."""
 
-    paused: bool = False
-
-    def __post_init__(self) -> None:
-        _bool("Ack", "paused", self.paused)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u8(int(self.paused))
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.flag("paused"))
+    paused: bool = flag(default=False)
 
 
-@_message(0x36)
-@dataclass(frozen=True)
-class BatchReply(Message):
-    """Hypervisor -> enclave (sealed index) for Batch: one reply per request, in order
-    (each a PagesReply, ListReply, Ack, RegistersReply or RequestFailed). The sealed
-    pages of all of them follow, in reply order."""
-
-    replies: tuple[Message, ...]
-
-    def __post_init__(self) -> None:
-        _tuple("BatchReply", "replies", self.replies, MAX_BATCH, _BATCH_REPLIES)
-        if not self.replies:
-            raise WireError("BatchReply: no replies")
-        entries = sum(len(m.pages) for m in self.replies if isinstance(m, PagesReply | ListReply))
-        if entries > MAX_REPLY_PAGES:
-            raise WireError(f"BatchReply: {entries} page entries, limit {MAX_REPLY_PAGES}")
-
-    def _encode(self, w: _Writer) -> None:
-        w.u32(len(self.replies))
-        for m in self.replies:
-            w.blob(encode(m))
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        n = r.count("replies", MAX_BATCH, 6)
-        return cls(
-            tuple(
-                decode(r.blob("reply", MAX_SEALED_REPLY), expect=_BATCH_REPLIES) for _ in range(n)
-            )
-        )
-
-    def present(self) -> list[int]:
-        """Addresses of the sealed pages that follow, in their order."""
-        return [
-            a for m in self.replies if isinstance(m, PagesReply | ListReply) for a in m.present()
-        ]
-
-
-@_message(0x3F)
-@dataclass(frozen=True)
+@message(0x3F)
 class RequestFailed(Message):
     """Hypervisor -> enclave (sealed): the request was refused; authenticated, unlike Error."""
 
-    code: ErrorCode
-    message: str = ""
-
-    def __post_init__(self) -> None:
-        _enum("RequestFailed", "code", self.code, ErrorCode)
-        _text("RequestFailed", "message", self.message, MAX_ERROR_TEXT)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u16(self.code)
-        w.text(self.message)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        code = r.enum(ErrorCode, "error code", r.u16("code"))
-        return cls(code, r.text("message", MAX_ERROR_TEXT))
+    code: ErrorCode = enum(ErrorCode, 16, "error code")
+    message: str = text(MAX_ERROR_TEXT, default="")
 
 
-_BATCHABLE: tuple[type[Message], ...] = (ReadPages, FollowList, BeginScan, EndScan, GetRegisters)
 _BATCH_REPLIES: tuple[type[Message], ...] = (
     PagesReply,
     ListReply,
@@ -1498,130 +1350,111 @@ _BATCH_REPLIES: tuple[type[Message], ...] = (
     RequestFailed,
 )
 
+
+@message(0x36)
+class BatchReply(Message):
+    """Hypervisor -> enclave (sealed index) for Batch: one reply per request, in order
+    (each a PagesReply, ListReply, Ack, RegistersReply or RequestFailed). The sealed
+    pages of all of them follow, in reply order."""
+
+    replies: tuple[Message, ...] = spec(
+        Messages(_BATCH_REPLIES, MAX_BATCH, MAX_SEALED_REPLY, "reply")
+    )
+
+    def _check(self) -> None:
+        if not self.replies:
+            self._fail("no replies")
+        entries = sum(len(m.pages) for m in self.replies if isinstance(m, PagesReply | ListReply))
+        if entries > MAX_REPLY_PAGES:
+            self._fail(f"{entries} page entries, limit {MAX_REPLY_PAGES}")
+
+    def present(self) -> list[int]:
+        """Addresses of the sealed pages that follow, in their order."""
+        return [
+            a for m in self.replies if isinstance(m, PagesReply | ListReply) for a in m.present()
+        ]
+
+
 # --- enclave boundary (ECALL / OCALL) -----------------------------------------------
 
 _VALUE_UINT, _VALUE_BYTES, _VALUE_STR = 1, 2, 3
 
 
-def _check_values(msg: str, field: str, values: object) -> None:
-    _tuple(msg, field, values, MAX_CALL_ARGS, (int, bytes, str))
-    assert isinstance(values, tuple)
-    for v in values:
-        if isinstance(v, int):
-            _uint(msg, field, v)
-        elif isinstance(v, bytes):
-            _bytes(msg, field, v, MAX_CALL_VALUE)
-        else:
-            _text(msg, field, v, MAX_CALL_VALUE)
+class Values(Codec):
+    """Tagged ECALL/OCALL values (``u8 count``, then ``1`` u64, ``2`` bytes or ``3`` str
+    each), at most ``MAX_CALL_ARGS``."""
+
+    size, types = 1, tuple
+    _UINT, _BYTES, _TEXT = UInt(64), Blob(MAX_CALL_VALUE), Text(MAX_CALL_VALUE)
+
+    def check(self, msg: str, name: str, v: Any) -> None:
+        _tuple(msg, name, v, MAX_CALL_ARGS, (int, bytes, str))
+        for x in v:
+            codec = (
+                self._UINT
+                if isinstance(x, int)
+                else self._BYTES
+                if isinstance(x, bytes)
+                else self._TEXT
+            )
+            codec.check(msg, name, x)
+
+    def put(self, w: _Writer, v: tuple[Value, ...]) -> None:
+        w.u8(len(v))
+        for x in v:
+            if isinstance(x, int):
+                w.u8(_VALUE_UINT)
+                w.u64(x)
+            elif isinstance(x, bytes):
+                w.u8(_VALUE_BYTES)
+                w.blob(x)
+            else:
+                w.u8(_VALUE_STR)
+                w.text(x)
+
+    def get(self, r: _Reader, name: str) -> tuple[Value, ...]:
+        n = r.u8(f"{name} count")
+        if n > MAX_CALL_ARGS:
+            raise WireError(f"{r.what}: {n} {name}, limit {MAX_CALL_ARGS}")
+        out: list[Value] = []
+        for _ in range(n):
+            tag = r.u8("value tag")
+            if tag == _VALUE_UINT:
+                out.append(r.u64(name))
+            elif tag == _VALUE_BYTES:
+                out.append(r.blob(name, MAX_CALL_VALUE))
+            elif tag == _VALUE_STR:
+                out.append(r.text(name, MAX_CALL_VALUE))
+            else:
+                raise WireError(f"{r.what}: unknown value tag {tag}")
+        return tuple(out)
 
 
-def _encode_values(w: _Writer, values: tuple[Value, ...]) -> None:
-    w.u8(len(values))
-    for v in values:
-        if isinstance(v, int):
-            w.u8(_VALUE_UINT)
-            w.u64(v)
-        elif isinstance(v, bytes):
-            w.u8(_VALUE_BYTES)
-            w.blob(v)
-        else:
-            w.u8(_VALUE_STR)
-            w.text(v)
-
-
-def _decode_values(r: _Reader, field: str) -> tuple[Value, ...]:
-    n = r.u8(f"{field} count")
-    if n > MAX_CALL_ARGS:
-        raise WireError(f"{r.what}: {n} {field}, limit {MAX_CALL_ARGS}")
-    out: list[Value] = []
-    for _ in range(n):
-        tag = r.u8("value tag")
-        if tag == _VALUE_UINT:
-            out.append(r.u64(field))
-        elif tag == _VALUE_BYTES:
-            out.append(r.blob(field, MAX_CALL_VALUE))
-        elif tag == _VALUE_STR:
-            out.append(r.text(field, MAX_CALL_VALUE))
-        else:
-            raise WireError(f"{r.what}: unknown value tag {tag}")
-    return tuple(out)
-
-
-@_message(0x41)
-@dataclass(frozen=True)
+@message(0x41)
 class Call(Message):
     """An ECALL (library -> enclave) or OCALL (enclave -> library); see tee/edl.py."""
 
-    call_id: int
-    direction: CallDirection
-    name: str
-    args: tuple[Value, ...] = ()
-
-    def __post_init__(self) -> None:
-        _uint("Call", "call_id", self.call_id)
-        _enum("Call", "direction", self.direction, CallDirection)
-        _text("Call", "name", self.name, MAX_CALL_NAME, nonempty=True)
-        _check_values("Call", "args", self.args)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u64(self.call_id)
-        w.u8(self.direction)
-        w.text(self.name)
-        _encode_values(w, self.args)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        call_id = r.u64("call_id")
-        direction = r.enum(CallDirection, "call direction", r.u8("direction"))
-        name = r.text("name", MAX_CALL_NAME)
-        return cls(call_id, direction, name, _decode_values(r, "args"))
+    call_id: int = u64()
+    direction: CallDirection = enum(CallDirection, label="call direction")
+    name: str = text(MAX_CALL_NAME, nonempty=True)
+    args: tuple[Value, ...] = spec(Values(), default=())
 
 
-@_message(0x42)
-@dataclass(frozen=True)
+@message(0x42)
 class Return(Message):
     """The results of the call with the same ``call_id``."""
 
-    call_id: int
-    results: tuple[Value, ...] = ()
-
-    def __post_init__(self) -> None:
-        _uint("Return", "call_id", self.call_id)
-        _check_values("Return", "results", self.results)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u64(self.call_id)
-        _encode_values(w, self.results)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        return cls(r.u64("call_id"), _decode_values(r, "results"))
+    call_id: int = u64()
+    results: tuple[Value, ...] = spec(Values(), default=())
 
 
-@_message(0x43)
-@dataclass(frozen=True)
+@message(0x43)
 class CallFailed(Message):
     """The call with the same ``call_id`` failed; ``message`` is for logs."""
 
-    call_id: int
-    code: ErrorCode
-    message: str = ""
-
-    def __post_init__(self) -> None:
-        _uint("CallFailed", "call_id", self.call_id)
-        _enum("CallFailed", "code", self.code, ErrorCode)
-        _text("CallFailed", "message", self.message, MAX_ERROR_TEXT)
-
-    def _encode(self, w: _Writer) -> None:
-        w.u64(self.call_id)
-        w.u16(self.code)
-        w.text(self.message)
-
-    @classmethod
-    def _decode(cls, r: _Reader) -> Self:
-        call_id = r.u64("call_id")
-        code = r.enum(ErrorCode, "error code", r.u16("code"))
-        return cls(call_id, code, r.text("message", MAX_ERROR_TEXT))
+    call_id: int = u64()
+    code: ErrorCode = enum(ErrorCode, 16, "error code")
+    message: str = text(MAX_ERROR_TEXT, default="")
 
 
 # --- encode / decode -----------------------------------------------------------------
@@ -1634,7 +1467,7 @@ def encode(msg: Message) -> bytes:
     w = _Writer()
     w.u8(WIRE_VERSION)
     w.u8(msg.TYPE)
-    msg._encode(w)
+    msg._put(w)
     data = b"".join(w.parts)
     if len(data) > MAX_FRAME:
         raise WireError(f"{type(msg).__name__}: {len(data)} bytes exceeds MAX_FRAME")
@@ -1663,7 +1496,7 @@ def decode(data: bytes, expect: tuple[type[_T], ...] | None = None) -> _T:
         names = ", ".join(c.__name__ for c in expect)
         raise WireError(f"unexpected {cls.__name__} (expected {names})")
     r = _Reader(data, cls.__name__, 2)  # a view past version and type, not a copy
-    msg = cls._decode(r)
+    msg = cls._get(r)
     r.end()
     return msg  # type: ignore[return-value]
 
