@@ -527,7 +527,7 @@ def _kallsyms_span(tables: KallsymsTables) -> range:
 
 
 @given(data=st.data())
-@_settings(examples=20, deadline_s=15)
+@_settings(examples=16, deadline_s=15)
 def test_kallsyms_decoder_raises_only_guest_data_errors(data: st.DataObject) -> None:
     """Find and decode bent tables (the guest's copy is what a hostile guest controls):
     only KallsymsError, or another GuestDataError (a read outside the image)."""
