@@ -27,24 +27,10 @@ from sgmonitor.tee.backend import EnclaveIdentity
 from sgmonitor.tee.boot import measure_installed
 from sgmonitor.tee.launch_config import LaunchConfig
 from sgmonitor.tee.sim import SimBackend, SimPlatform
-from sgmonitor.wire import (
-    AttestSession,
-    Challenge,
-    ChallengeRequest,
-    Error,
-    Hello,
-    HelloReply,
-    Message,
-    OpenSession,
-    Reply,
-    Request,
-    StatementIssued,
-    connect,
-    decode,
-    encode,
-    recv_frame,
-    send_frame,
-)
+from sgmonitor.wire.attestation import AttestSession, Challenge, ChallengeRequest, StatementIssued
+from sgmonitor.wire.core import Error, Message, connect, decode, encode, recv_frame, send_frame
+from sgmonitor.wire.hypervisor import Hello, HelloReply, OpenSession
+from sgmonitor.wire.sealed import Reply, Request
 
 
 def call(sock: socket.socket, msg: Message) -> Message:

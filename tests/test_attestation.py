@@ -33,15 +33,8 @@ from sgmonitor.statement import (
 from sgmonitor.tee.backend import EnclaveIdentity
 from sgmonitor.tee.launch_config import LaunchConfig, LaunchConfigError
 from sgmonitor.tee.sim import SimBackend, SimPlatform
-from sgmonitor.wire import (
-    AttestSession,
-    Challenge,
-    ChallengeRequest,
-    Error,
-    ErrorCode,
-    StatementIssued,
-    encode,
-)
+from sgmonitor.wire.attestation import AttestSession, Challenge, ChallengeRequest, StatementIssued
+from sgmonitor.wire.core import Error, ErrorCode, encode
 
 NOW = 1_800_000_000.0
 MRENCLAVE = hashlib.sha256(b"the enclave's code").digest()

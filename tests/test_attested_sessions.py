@@ -48,26 +48,19 @@ from sgmonitor.untrusted.library import (
     ScanError,
     SecureMonitor,
 )
-from sgmonitor.wire import (
-    Ack,
-    BeginScan,
-    Call,
-    CallDirection,
-    CallFailed,
-    ChallengeRequest,
-    EndScan,
+from sgmonitor.wire.attestation import ChallengeRequest
+from sgmonitor.wire.calls import Call, CallDirection, CallFailed
+from sgmonitor.wire.core import (
     Error,
     ErrorCode,
-    Hello,
-    HelloReply,
-    OpenSession,
-    Request,
     connect,
     decode,
     encode,
     recv_encoded,
     send_encoded,
 )
+from sgmonitor.wire.hypervisor import Hello, HelloReply, OpenSession
+from sgmonitor.wire.sealed import Ack, BeginScan, EndScan, Request
 
 pytestmark = [pytest.mark.guest, only(MAIN)]
 

@@ -31,7 +31,7 @@ from sgmonitor.tee import backend_class, sign_enclave_for
 from sgmonitor.tee.boot import measure_installed
 from sgmonitor.tee.launch_config import raw_ed25519
 from sgmonitor.untrusted.ids_run import IdsConfig
-from sgmonitor.wire import parse_address
+from sgmonitor.wire.core import parse_address
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "deploy" / "examples"

@@ -141,6 +141,15 @@ def test_the_interpreter_and_library_modules_are_measured_by_their_bytes() -> No
     assert f"module json {sha(Path(json.__file__).read_bytes())}\n" in manifest
 
 
+def test_the_enclave_measures_only_its_wire_families() -> None:
+    """The enclave frames its sealed exchange and its calls; opening hypervisor
+    sessions, the attestation and monitor links and the admin socket are the library's
+    and the services': their code is not in the measured enclave (issue 10)."""
+    manifest = boot.measure_installed().manifest
+    wire = sorted(line.split()[1] for line in manifest.splitlines() if "sgmonitor/wire" in line)
+    assert wire == [f"sgmonitor/wire/{name}.py" for name in ("__init__", "calls", "core", "sealed")]
+
+
 def test_another_library_version_changes_mrenclave(tree: Path, tmp_path: Path) -> None:
     import cryptography
 

@@ -28,19 +28,18 @@ from sgmonitor.lab.initramfs import Workload
 from sgmonitor.local import LocalDeployment, local_deployment
 from sgmonitor.untrusted.library import EnclaveCallFailed, ScanError, SecureMonitor
 from sgmonitor.untrusted.malicious import Attack, MaliciousMonitor, Recording
-from sgmonitor.wire import (
-    Call,
+from sgmonitor.wire.calls import Call, Return
+from sgmonitor.wire.core import (
     Error,
     ErrorCode,
     Message,
-    OpenSession,
-    Request,
-    Return,
     decode,
     recv_frame,
     send_encoded,
     send_frame,
 )
+from sgmonitor.wire.hypervisor import OpenSession
+from sgmonitor.wire.sealed import Request
 
 pytestmark = [pytest.mark.guest, only(MAIN)]
 

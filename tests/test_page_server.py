@@ -14,7 +14,8 @@ from synthetic import MEMBER, RAM_SIZE, Region, Ring, Tables
 
 from sgmonitor.errors import PageFault
 from sgmonitor.hypervisor.pages import ListEnd, PageNotRam, PageServer
-from sgmonitor.wire import MAX_LIST_NODES, ListWalk, WireError
+from sgmonitor.wire.core import WireError
+from sgmonitor.wire.sealed import MAX_LIST_NODES, ListWalk
 
 PAGE = 0x1000
 NONCANONICAL = 0x4141_4141_4141_4141

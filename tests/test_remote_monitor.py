@@ -23,7 +23,8 @@ from sgmonitor.ids.pslist import list_processes
 from sgmonitor.local import LocalDeployment, local_deployment, running_ids
 from sgmonitor.traditional import open_guest_kernel
 from sgmonitor.untrusted.library import SecureMonitor
-from sgmonitor.wire import HeartbeatAnswer, HeartbeatChallenge, decode
+from sgmonitor.wire.core import decode
+from sgmonitor.wire.monitor import HeartbeatAnswer, HeartbeatChallenge
 
 pytestmark = [pytest.mark.guest, only(MAIN)]
 

@@ -27,18 +27,9 @@ from sgmonitor.keywrap import wrap_session_key
 from sgmonitor.local import LocalDeployment, local_deployment, scan_qemu
 from sgmonitor.traditional import open_guest_kernel
 from sgmonitor.untrusted.library import HypervisorUnavailable, SecureMonitor
-from sgmonitor.wire import (
-    Error,
-    ErrorCode,
-    Hello,
-    HelloReply,
-    OpenSession,
-    Request,
-    encode,
-    recv_frame,
-    send_encoded,
-    send_frame,
-)
+from sgmonitor.wire.core import Error, ErrorCode, encode, recv_frame, send_encoded, send_frame
+from sgmonitor.wire.hypervisor import Hello, HelloReply, OpenSession
+from sgmonitor.wire.sealed import Request
 
 pytestmark = [pytest.mark.guest, only(MAIN)]
 

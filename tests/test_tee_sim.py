@@ -19,7 +19,7 @@ from sgmonitor.tee.backend import (
     SealedDataError,
     TeeBackend,
 )
-from sgmonitor.wire import Call, CallDirection
+from sgmonitor.wire.calls import Call, CallDirection
 
 REPO = Path(sgmonitor.__file__).resolve().parent.parent
 NOW = 1_800_000_000.0

@@ -5,34 +5,42 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sgmonitor import wire
 from sgmonitor.channel import Suite
 from sgmonitor.errors import SGMonitorError
-from sgmonitor.wire import (
+from sgmonitor.wire import admin, attestation, calls, core, hypervisor, monitor, sealed
+from sgmonitor.wire.calls import Call, CallDirection
+from sgmonitor.wire.core import (
     MAX_FRAME,
-    PAGE_SIZE,
-    Call,
-    CallDirection,
     ConnectionClosed,
     ErrorCode,
+    WireError,
+    WireTimeout,
+    decode,
+    encode,
+)
+from sgmonitor.wire.sealed import (
+    PAGE_SIZE,
     FollowList,
     ListEnd,
     PageEntry,
     PageRange,
     PageStatus,
     ReadPages,
-    WireError,
-    WireTimeout,
-    decode,
-    encode,
 )
+
+FAMILIES = (core, sealed, calls, hypervisor, attestation, monitor, admin)
+# every family's names, as the one wire module offered them before the split
+wire = SimpleNamespace(**{n: getattr(m, n) for m in FAMILIES for n in m.__all__})
 
 SID = bytes(range(16))
 
@@ -464,3 +472,37 @@ def test_pop_frame_takes_whole_frames_only_and_refuses_bad_lengths() -> None:
     for length in (0, 1, wire.MAX_FRAME + 1):
         with pytest.raises(wire.WireError, match="out of bounds"):
             wire.pop_frame(bytearray(length.to_bytes(4, "big") + b"xx"))
+
+
+def test_the_enclave_families_load_and_decode_alone() -> None:
+    """Importing the enclave's families (core, sealed, calls) loads no other; their
+    decode does not know the others' types; the transitional package names resolve."""
+    code = """if True:
+        import sys
+        from sgmonitor.wire import ListWalk, WireError
+        from sgmonitor.wire import calls, core, sealed
+        assert ListWalk is sealed.ListWalk and WireError is core.WireError
+        loaded = sorted(m[15:] for m in sys.modules if m.startswith("sgmonitor.wire."))
+        assert loaded == ["calls", "core", "sealed"], loaded
+        try:
+            core.decode(bytes.fromhex("0101000000016167"))  # a Hello
+        except core.WireError as exc:
+            assert "unknown message type 0x01" in str(exc), exc
+        else:
+            raise AssertionError("Hello decoded without its family")
+        assert core.decode(core.encode(sealed.EndScan())) == sealed.EndScan()
+    """
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_every_family_registers_distinct_types() -> None:
+    declared = [
+        obj
+        for family in FAMILIES
+        for obj in vars(family).values()
+        if isinstance(obj, type) and issubclass(obj, core.Message) and obj is not core.Message
+    ]
+    assert {m.TYPE: m for m in declared} == core._REGISTRY
+    for m in declared:  # each message named once, by the family that declares it
+        owners = [f for f in FAMILIES if m.__name__ in f.__all__]
+        assert owners == [sys.modules[m.__module__]], m

@@ -3,11 +3,11 @@
 One request, one decision, one JSON line in the decision log. Two requests, both from
 the untrusted library (which only relays; everything it sends is checked):
 
-- :class:`~sgmonitor.wire.ChallengeRequest`: a fresh single-use nonce, and, for a
+- :class:`~sgmonitor.wire.attestation.ChallengeRequest`: a fresh single-use nonce, and, for a
   hypervisor session, an endorsement of the hypervisor key asked about if that key is
   enrolled in the configuration (the enclave wraps its session key only for an endorsed
   key);
-- :class:`~sgmonitor.wire.AttestSession`: evidence for one session. Checked in order:
+- :class:`~sgmonitor.wire.attestation.AttestSession`: evidence for one session. Checked in order:
   the nonce is one this service issued, unused and not stale; the evidence verifies
   for a platform it trusts and binds exactly this session and nonce; its CONFIGID is
   the hash of the launch configuration sent along, which names *this* service's key;
@@ -50,16 +50,18 @@ from sgmonitor.statement import (
 )
 from sgmonitor.tee.backend import EvidenceVerifier, InvalidEvidence
 from sgmonitor.tee.launch_config import LaunchConfig, LaunchConfigError, raw_ed25519
-from sgmonitor.wire import (
+from sgmonitor.wire.attestation import (
     VERIFIER_NONCE_LEN,
     AttestSession,
     Challenge,
     ChallengeRequest,
+    StatementIssued,
+)
+from sgmonitor.wire.core import (
     ConnectionClosed,
     Error,
     ErrorCode,
     Message,
-    StatementIssued,
     WireError,
     decode,
     parse_address,

@@ -34,7 +34,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
 from sgmonitor.errors import PageFault, SGMonitorError
-from sgmonitor.wire import MAX_LIST_NODES, MAX_PAGES_PER_REQUEST, ListEnd, ListWalk
+from sgmonitor.wire.sealed import MAX_LIST_NODES, MAX_PAGES_PER_REQUEST, ListEnd, ListWalk
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -59,7 +59,7 @@ class TransportError(SGMonitorError):
 
 class ListPages(Protocol):
     """The trusted side's answer to ``follow_list``: nodes in list order, why the walk
-    ended (:class:`sgmonitor.wire.ListEnd`), and every page it read."""
+    ended (:class:`sgmonitor.wire.sealed.ListEnd`), and every page it read."""
 
     @property
     def nodes(self) -> Sequence[int]: ...

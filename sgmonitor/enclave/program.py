@@ -8,7 +8,7 @@ host runs can't read the session; it makes every key itself; its evidence binds 
 its own session's values, domain-separated; and it reads guest memory only through
 :class:`~sgmonitor.enclave.transport.SealedTransport`.
 
-The host connection is a stream socket carrying :mod:`sgmonitor.wire` Call/Return
+The host connection is a stream socket carrying :mod:`sgmonitor.wire.calls` Call/Return
 frames; every call is checked against :mod:`sgmonitor.tee.edl` on the way in and out.
 An ECALL may make OCALLs; the host answers them on the same connection before it gets
 the ECALL's Return. Every wait has a deadline, so a host that stops answering turns a
@@ -49,16 +49,12 @@ from sgmonitor.statement import (
 from sgmonitor.tee import edl
 from sgmonitor.tee.backend import TeeBackend
 from sgmonitor.tee.launch_config import LaunchConfig
-from sgmonitor.wire import (
+from sgmonitor.wire.calls import Call, CallDirection, CallFailed, Return, Value
+from sgmonitor.wire.core import (
     MAX_FRAME,
-    Call,
-    CallDirection,
-    CallFailed,
     ConnectionClosed,
     ErrorCode,
     Message,
-    Return,
-    Value,
     WireError,
     WireTimeout,
     recv_frame,

@@ -30,7 +30,8 @@ from sgmonitor.channel import (
     Suite,
 )
 from sgmonitor.errors import PageFault, SGMonitorError
-from sgmonitor.wire import (
+from sgmonitor.wire.core import Error, ErrorCode, Message, WireError, WireTimeout, decode, encode
+from sgmonitor.wire.sealed import (
     MAX_LIST_NODES,
     MAX_PAGES_PER_REQUEST,
     PAGE_SIZE,
@@ -39,15 +40,12 @@ from sgmonitor.wire import (
     BatchReply,
     BeginScan,
     EndScan,
-    Error,
-    ErrorCode,
     FollowList,
     GetRegisters,
     GetVmcoreinfo,
     ListEnd,
     ListReply,
     ListWalk,
-    Message,
     PageEntry,
     PageRange,
     PagesReply,
@@ -58,10 +56,6 @@ from sgmonitor.wire import (
     Request,
     RequestFailed,
     VmcoreinfoReply,
-    WireError,
-    WireTimeout,
-    decode,
-    encode,
 )
 
 __all__ = ["Exchange", "ExchangeFailed", "RemoteListWalk", "SealedTransport", "SessionFailed"]

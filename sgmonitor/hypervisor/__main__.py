@@ -39,17 +39,9 @@ from sgmonitor.errors import SGMonitorError
 from sgmonitor.hypervisor.service import HypervisorService, ServiceConfig
 from sgmonitor.keyfiles import load_or_create
 from sgmonitor.keywrap import raw_public_key
-from sgmonitor.wire import (
-    Error,
-    Revoke,
-    Revoked,
-    RevokeKind,
-    connect,
-    decode,
-    recv_encoded,
-    send_encoded,
-)
-from sgmonitor.wire import encode as encode_message
+from sgmonitor.wire.admin import Revoke, Revoked, RevokeKind
+from sgmonitor.wire.core import Error, connect, decode, recv_encoded, send_encoded
+from sgmonitor.wire.core import encode as encode_message
 
 UNSEALED_WARNING = (
     "sgmonitor hypervisor: allow_unsealed: sessions may use the UNSEALED experiment "

@@ -1,8 +1,8 @@
 """The hypervisor service's page logic: translate, read and walk lists for the enclave.
 
 Transport-independent: the service wraps these results in sealed replies
-(:class:`sgmonitor.wire.PagesReply`, :class:`sgmonitor.wire.ListReply`); tests and the
-in-process modes call a :class:`PageServer` directly (it is itself a
+(:class:`sgmonitor.wire.sealed.PagesReply`, :class:`sgmonitor.wire.sealed.ListReply`);
+tests and the in-process modes call a :class:`PageServer` directly (it is itself a
 ``sgmonitor.enclave.memory.PageTransport``).
 
 Guest data is hostile here too: every pointer goes through the page walker, request
@@ -19,9 +19,14 @@ from dataclasses import dataclass, field
 from sgmonitor.errors import PageFault, PhysicalAccessError
 from sgmonitor.guest.memory import PhysicalMemory, Registers
 from sgmonitor.guest.paging import PAGE_SHIFT, PAGE_SIZE, PageWalker, Translation
-from sgmonitor.wire import MAX_ENTRY_SIZE, MAX_LIST_NODES, MAX_PAGES_PER_REQUEST, MAX_REPLY_PAGES
-from sgmonitor.wire import ListEnd as ListEnd
-from sgmonitor.wire import ListWalk as ListWalk
+from sgmonitor.wire.sealed import (
+    MAX_ENTRY_SIZE,
+    MAX_LIST_NODES,
+    MAX_PAGES_PER_REQUEST,
+    MAX_REPLY_PAGES,
+)
+from sgmonitor.wire.sealed import ListEnd as ListEnd
+from sgmonitor.wire.sealed import ListWalk as ListWalk
 
 __all__ = ["ListEnd", "ListWalk", "PageNotRam", "PageServer", "WalkedList"]
 
@@ -129,7 +134,7 @@ class PageServer:
         max_pages: int | None = None,
         pages: Sequence[int] = (),
     ) -> WalkedList:
-        """Follow a kernel linked list (see :class:`sgmonitor.wire.ListWalk`, which
+        """Follow a kernel linked list (see :class:`sgmonitor.wire.sealed.ListWalk`, which
         validated the request) and return the pages its nodes' spans cover.
 
         Ends on reaching ``head`` (``HEAD_REACHED``), after ``min(limit,

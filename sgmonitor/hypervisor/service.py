@@ -1,7 +1,7 @@
 """The hypervisor service: the one process that opens guest RAM and QMP.
 
 It listens on a unix socket for untrusted libraries. Each connection may open sessions
-(one per enclave key, :class:`sgmonitor.wire.OpenSession`); a session's requests arrive
+(one per enclave key, :class:`sgmonitor.wire.hypervisor.OpenSession`); a session's requests arrive
 sealed, are opened with the session's channel, served by the guest's
 :class:`~sgmonitor.hypervisor.pages.PageServer` and answered with a sealed index
 followed by one sealed page per present entry. Everything a library sends is hostile
@@ -46,26 +46,39 @@ from sgmonitor.hypervisor.pages import PageNotRam, PageServer
 from sgmonitor.kernel.vmcoreinfo import find_vmcoreinfo
 from sgmonitor.keywrap import InvalidWrappedKey, fingerprint, raw_public_key, unwrap_session_key
 from sgmonitor.statement import InvalidToken, SessionBinding, Statement
-from sgmonitor.wire import (
+from sgmonitor.wire.admin import Revoke, Revoked, RevokeKind
+from sgmonitor.wire.core import (
+    ConnectionClosed,
+    Error,
+    ErrorCode,
+    Message,
+    WireError,
+    WireTimeout,
+    decode,
+    encode,
+    recv_encoded,
+    send_frame,
+)
+from sgmonitor.wire.hypervisor import (
     HV_NONCE_LEN,
+    CloseSession,
+    Hello,
+    HelloReply,
+    OpenSession,
+    SessionClosed,
+    SessionOpened,
+)
+from sgmonitor.wire.sealed import (
     MAX_VMCOREINFO_NOTES,
     Ack,
     Batch,
     BatchReply,
     BeginScan,
-    CloseSession,
-    ConnectionClosed,
     EndScan,
-    Error,
-    ErrorCode,
     FollowList,
     GetRegisters,
     GetVmcoreinfo,
-    Hello,
-    HelloReply,
     ListReply,
-    Message,
-    OpenSession,
     PageEntry,
     PagesReply,
     PageStatus,
@@ -74,19 +87,8 @@ from sgmonitor.wire import (
     Reply,
     Request,
     RequestFailed,
-    Revoke,
-    Revoked,
-    RevokeKind,
-    SessionClosed,
-    SessionOpened,
     VcpuRegisters,
     VmcoreinfoReply,
-    WireError,
-    WireTimeout,
-    decode,
-    encode,
-    recv_encoded,
-    send_frame,
 )
 
 __all__ = ["GuestHandle", "HypervisorService", "ServiceConfig"]

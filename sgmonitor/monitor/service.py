@@ -54,23 +54,25 @@ from sgmonitor.monitorlink import (
 )
 from sgmonitor.statement import InvalidToken, Purpose, SessionBinding, Statement
 from sgmonitor.tee.launch_config import LaunchConfig, LaunchConfigError, raw_ed25519
-from sgmonitor.wire import (
+from sgmonitor.wire.core import (
     Error,
     ErrorCode,
+    Message,
+    WireError,
+    decode,
+    framed,
+    parse_address,
+    pop_frame,
+)
+from sgmonitor.wire.monitor import (
     HeartbeatAnswer,
     HeartbeatChallenge,
     LinkChallenge,
     LinkHello,
     LinkOpen,
     LinkOpened,
-    Message,
     ReportAck,
     SealedReport,
-    WireError,
-    decode,
-    framed,
-    parse_address,
-    pop_frame,
 )
 
 __all__ = ["STATES", "MonitorConfig", "MonitorService"]

@@ -59,7 +59,12 @@ ENCLAVE_SOURCES: tuple[str, ...] = (
     "sgmonitor/errors.py",
     "sgmonitor/channel.py",
     "sgmonitor/keywrap.py",
-    "sgmonitor/wire.py",
+    # the wire families the enclave speaks, not the hypervisor's session set-up, the
+    # attestation or monitor links or the admin socket (the library's and services')
+    "sgmonitor/wire/__init__.py",
+    "sgmonitor/wire/core.py",
+    "sgmonitor/wire/sealed.py",
+    "sgmonitor/wire/calls.py",
     "sgmonitor/statement.py",
     "sgmonitor/monitorlink.py",
     "sgmonitor/tee",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sgmonitor.errors import SGMonitorError
-from sgmonitor.wire import MAX_CALL_VALUE, Call, CallDirection, Value
+from sgmonitor.wire.calls import MAX_CALL_VALUE, Call, CallDirection, Value
 
 __all__ = [
     "CALLS",

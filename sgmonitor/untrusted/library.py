@@ -59,26 +59,13 @@ from sgmonitor.untrusted.monitor_link import (
     MonitorLinkError,
     Tap,
 )
-from sgmonitor.wire import (
-    AttestSession,
-    Call,
-    CallDirection,
-    CallFailed,
-    Challenge,
-    ChallengeRequest,
-    CloseSession,
+from sgmonitor.wire.attestation import AttestSession, Challenge, ChallengeRequest, StatementIssued
+from sgmonitor.wire.calls import Call, CallDirection, CallFailed, Return, Value
+from sgmonitor.wire.core import (
     ConnectionClosed,
     Error,
     ErrorCode,
-    Hello,
-    HelloReply,
     Message,
-    OpenSession,
-    Return,
-    SessionClosed,
-    SessionOpened,
-    StatementIssued,
-    Value,
     WireError,
     WireTimeout,
     connect,
@@ -87,6 +74,14 @@ from sgmonitor.wire import (
     recv_encoded,
     send_encoded,
     send_frame,
+)
+from sgmonitor.wire.hypervisor import (
+    CloseSession,
+    Hello,
+    HelloReply,
+    OpenSession,
+    SessionClosed,
+    SessionOpened,
 )
 
 __all__ = [

@@ -31,7 +31,8 @@ from enum import StrEnum
 from typing import Any
 
 from sgmonitor.untrusted.library import SecureMonitor
-from sgmonitor.wire import Reply, Request, decode, encode
+from sgmonitor.wire.core import decode, encode
+from sgmonitor.wire.sealed import Reply, Request
 
 __all__ = ["Attack", "MaliciousMonitor", "Recording"]
 

@@ -17,19 +17,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from sgmonitor.errors import SGMonitorError
-from sgmonitor.wire import (
+from sgmonitor.wire.calls import Value
+from sgmonitor.wire.core import (
     ConnectionClosed,
     Error,
-    HeartbeatAnswer,
-    HeartbeatChallenge,
-    LinkChallenge,
-    LinkHello,
-    LinkOpen,
-    LinkOpened,
     Message,
-    ReportAck,
-    SealedReport,
-    Value,
     WireError,
     WireTimeout,
     connect,
@@ -37,6 +29,16 @@ from sgmonitor.wire import (
     encode,
     recv_encoded,
     send_encoded,
+)
+from sgmonitor.wire.monitor import (
+    HeartbeatAnswer,
+    HeartbeatChallenge,
+    LinkChallenge,
+    LinkHello,
+    LinkOpen,
+    LinkOpened,
+    ReportAck,
+    SealedReport,
 )
 
 __all__ = ["MonitorEndpoint", "MonitorLinkClient", "MonitorLinkError"]
