@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from sgmonitor.kernel.helpers.sched import (
+    PF_KTHREAD,
+    PF_WQ_WORKER,
     HasInitTask,
     for_each_process,
     proc_task_name,
-    task_cred_uid,
-    task_ppid,
-    task_state_to_char,
+    state_to_char,
+    task_state_member,
 )
 
 
@@ -43,17 +44,35 @@ _FIELDS = tuple(f.name for f in fields(ProcessRecord))
 def list_processes(kernel: HasInitTask) -> list[ProcessRecord]:
     """Every process of the guest, by pid.
 
+    The fields are read through compiled layouts (one read of the span of a task's
+    members, one of its parent's tgid, one of its cred's uid) rather than one typed
+    read each; kernel threads and workqueue workers take the helpers' way for their
+    names, which need more of their structures.
+
     :raises GuestDataError: the task list or a task is corrupt or unreadable
     """
-    return sorted(
-        ProcessRecord(
-            pid=int(task.pid),
-            tgid=int(task.tgid),
-            ppid=task_ppid(task),
-            uid=task_cred_uid(task),
-            state=task_state_to_char(task),
-            comm=task.comm.string_(),
-            name=proc_task_name(task),
+    tm = kernel.types
+    state = task_state_member(tm)
+    members = ("pid", "tgid", "flags", state, "exit_state", "real_parent", "cred", "comm")
+    task = tm.layout("struct task_struct", members)
+    parent_tgid = tm.layout("struct task_struct", ("tgid",))
+    cred_uid = tm.layout("struct cred", ("uid.val",))
+    records = []
+    for entry in for_each_process(kernel):
+        pid, tgid, flags, state, exit_state, parent, cred, comm = task.read(int(entry))
+        records.append(
+            ProcessRecord(
+                pid=pid,  # type: ignore[arg-type]
+                tgid=tgid,  # type: ignore[arg-type]
+                ppid=parent_tgid.read(parent)[0],  # type: ignore[arg-type]
+                uid=cred_uid.read(cred)[0],  # type: ignore[arg-type]
+                state=state_to_char(state, exit_state),  # type: ignore[arg-type]
+                comm=comm,  # type: ignore[arg-type]
+                name=proc_task_name(entry) if flags & _NAMED_ELSEWHERE else comm,  # type: ignore[arg-type, operator]
+            )
         )
-        for task in for_each_process(kernel)
-    )
+    return sorted(records)
+
+
+# Tasks whose /proc name is not their comm (kernel threads, workqueue workers).
+_NAMED_ELSEWHERE = PF_KTHREAD | PF_WQ_WORKER

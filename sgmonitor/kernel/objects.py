@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sgmonitor.errors import GuestDataError
@@ -199,6 +199,7 @@ class TypedMemory:
         self.byteorder: Any = btf.byteorder
         self._by_id: dict[int, CType] = {}
         self._by_name: dict[str, CType] = {}
+        self._layouts: dict[tuple[str, tuple[str, ...]], Layout] = {}
         self.void = CType(self, TypeKind.VOID, "void", None)
 
     # -- types ----------------------------------------------------------------------
@@ -408,11 +409,69 @@ class TypedMemory:
         address = int(ptr) - self.offsetof(ctype, member)
         return Object(self, ctype.pointer(), None, address & 0xFFFFFFFFFFFFFFFF)
 
+    def layout(self, spec: str | int | CType, members: Sequence[str]) -> Layout:
+        """Some members of a struct, compiled (see :class:`Layout`); cached per type."""
+        ctype = self.type(spec)
+        key = (ctype.name, tuple(members))
+        found = self._layouts.get(key)
+        if found is None:
+            found = self._layouts[key] = Layout(self, ctype, members)
+        return found
+
     def read(self, address: int, size: int) -> bytes:
         """Raw bytes of guest memory (bounded by ``max_read``)."""
         if not 0 <= size <= self.max_read:
             raise BtfError(f"read of {size} bytes at {address:#x} exceeds {self.max_read}")
         return self.memory.read(address, size)
+
+
+class Layout:
+    """Some members of one struct type, compiled: offsets, sizes and kinds resolved once
+    (the paper's LLView idea), so reading them from an object costs one guest read of
+    the span they cover and a slice each, not a typed object and a read per member.
+
+    Members are designators (``"pid"``, ``"uid.val"``, ``"pid_links[1].next"``) of
+    integer, enum, pointer (read as its address) or ``char [N]`` type (read as a C
+    string); anything else, or a bitfield, is a TypeError when the layout is made.
+    """
+
+    __slots__ = ("_fields", "_order", "_tm", "end", "start", "type")
+
+    def __init__(self, tm: TypedMemory, ctype: CType, members: Sequence[str]) -> None:
+        if not members:
+            raise ValueError("a layout needs at least one member")
+        fields = []
+        for member in members:
+            offset, mtype = tm._member_path(ctype, member)
+            if mtype.kind in _INTEGER or mtype.kind == TypeKind.POINTER:
+                signed = mtype.kind != TypeKind.POINTER and mtype.signed
+                fields.append((offset, mtype.size or 0, signed, False))
+            elif mtype.kind == TypeKind.ARRAY and mtype.target.is_char and mtype.size:
+                fields.append((offset, min(mtype.size, tm.max_string), False, True))
+            else:
+                raise TypeError(f"{ctype.name}.{member} ({mtype.name}) has no plain value")
+        self.type = ctype
+        self.start = min(offset for offset, _, _, _ in fields)
+        self.end = max(offset + size for offset, size, _, _ in fields)
+        if self.end - self.start > tm.max_read:
+            raise ValueError(f"{members} span {self.end - self.start} bytes of {ctype.name}")
+        self._tm = tm
+        self._order = tm.byteorder
+        self._fields = tuple(
+            (offset - self.start, offset - self.start + size, signed, string)
+            for offset, size, signed, string in fields
+        )
+
+    def read(self, address: int) -> tuple[int | str, ...]:
+        """The members of the object at ``address``, in the order given."""
+        raw = self._tm.memory.read(address + self.start, self.end - self.start)
+        order = self._order
+        return tuple(
+            raw[lo:hi].split(b"\0", 1)[0].decode("utf-8", errors="replace")
+            if string
+            else int.from_bytes(raw[lo:hi], order, signed=signed)
+            for lo, hi, signed, string in self._fields
+        )
 
 
 def _array_name(element: str, length: int) -> str:

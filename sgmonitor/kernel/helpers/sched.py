@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 from sgmonitor.kernel.helpers.list import DEFAULT_LIMIT, list_for_each_entry
-from sgmonitor.kernel.objects import Object
+from sgmonitor.kernel.objects import Object, TypedMemory
 
 __all__ = [
     "for_each_process",
@@ -18,9 +18,11 @@ __all__ = [
     "get_kthread_comm",
     "kthread_data",
     "proc_task_name",
+    "state_to_char",
     "task_cred_uid",
     "task_ppid",
     "task_state",
+    "task_state_member",
     "task_state_to_char",
     "to_kthread",
     "wq_worker_comm",
@@ -43,6 +45,8 @@ _PROC_NAME_MAX = 64
 
 
 class HasInitTask(Protocol):
+    types: TypedMemory
+
     def object(self, name: str, type_name: str | None = None) -> Object: ...
 
 
@@ -82,6 +86,16 @@ def for_each_thread(task: Object, limit: int = DEFAULT_LIMIT) -> Iterator[Object
     yield from list_for_each_entry("struct task_struct", head, "thread_node", limit)
 
 
+def task_state_member(tm: TypedMemory) -> str:
+    """The name of the scheduler state member: ``__state`` since v5.14 (commit
+    2f064a59a11f, "sched: Change task_struct::state"), ``state`` before."""
+    try:
+        tm.offsetof("struct task_struct", "__state")
+    except (AttributeError, LookupError):
+        return "state"
+    return "__state"
+
+
 def task_state(task: Object) -> int:
     """The raw scheduler state of a ``struct task_struct *``.
 
@@ -99,8 +113,12 @@ def task_state_to_char(task: Object) -> str:
 
     :param task: ``struct task_struct *``
     """
-    tsk_state = task_state(task)
-    state = (tsk_state | int(task.exit_state)) & _TASK_REPORT
+    return state_to_char(task_state(task), int(task.exit_state))
+
+
+def state_to_char(tsk_state: int, exit_state: int) -> str:
+    """:func:`task_state_to_char` from the two fields it reads, already read."""
+    state = (tsk_state | exit_state) & _TASK_REPORT
     if tsk_state == _TASK_IDLE:
         state = _TASK_REPORT_IDLE
     if tsk_state == _TASK_RTLOCK_WAIT:
