@@ -232,3 +232,36 @@ def test_scan_reads_only_the_members_it_uses() -> None:
     assert scan() == expected
     assert max(size for _, size in fk.mem.reads) <= 16  # comm, never a whole task
     assert len(fk.mem.reads) <= 300 * 12
+
+
+def test_a_layout_reads_what_the_typed_objects_read(k: FakeKernel) -> None:
+    """The compiled layout gives, member for member, what the typed reads give, with one
+    read of the members' span; it refuses what has no plain value."""
+    tm = k.tm
+    members = ("pid", "tgid", "comm", "real_parent", "cred", "flags")
+    layout = tm.layout("struct task_struct", members)
+    assert tm.layout("struct task_struct", members) is layout  # compiled once
+    for i, address in enumerate(k.tasks):
+        task = k.task(i)
+        expected = (
+            int(task.pid),
+            int(task.tgid),
+            task.comm.string_(),
+            int(task.real_parent),
+            int(task.cred),
+            int(task.flags),
+        )
+        k.mem.reads.clear()
+        assert layout.read(address) == expected
+        assert len(k.mem.reads) == 1
+        start, size = k.mem.reads[0]
+        assert start == address + layout.start and size == layout.end - layout.start
+    uid = tm.layout("struct cred", ("uid.val",))
+    assert [uid.read(cred)[0] for cred in k.creds] == [1000, 1001, 1002]
+    k.put(k.tasks[0], "pid", struct.pack("<i", -5))
+    assert layout.read(k.tasks[0])[0] == -5  # pid_t is signed, as int(task.pid) reads it
+    for bad in (("tasks",), ("thread",), ()):
+        with pytest.raises((TypeError, ValueError)):
+            tm.layout("struct task_struct", bad)
+    with pytest.raises(AttributeError):
+        tm.layout("struct task_struct", ("no_such_member",))
