@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 from sgmonitor.attestation.policy import Policy
 from sgmonitor.errors import SGMonitorError
+from sgmonitor.guest.paging import VirtualMemory
 from sgmonitor.guest.qemu import QemuGuest
 from sgmonitor.guest.qmp import held_still
 from sgmonitor.ids.pslist import list_processes
@@ -234,9 +235,11 @@ def measure_guest(
         if "traditional" in modes or truth is None:
             with QemuGuest(qmp_socket) as live:
                 kernel = open_guest_kernel(live)
+                memory = kernel.memory
+                assert isinstance(memory, VirtualMemory)  # what open_guest_kernel gives
 
                 def traditional() -> _Outcome:
-                    kernel.memory.walker.invalidate()
+                    memory.walker.invalidate()
                     return _Outcome([r.as_dict() for r in list_processes(kernel)], 0, 0, 0.0)
 
                 if truth is None and "traditional" not in modes:

@@ -254,7 +254,7 @@ def _ps(args: argparse.Namespace) -> int:
 
     with _traditional_kernel(args) as kernel:
         found = list_processes(kernel)
-    _print_processes([r.as_dict() for r in found], args.json)
+    _print_processes([dict(r.as_dict()) for r in found], args.json)
     return 0
 
 

@@ -242,6 +242,7 @@ class AttestationService:
         try:
             if isinstance(request, ChallengeRequest):
                 return self.challenge(request, peer)
+            assert isinstance(request, AttestSession)  # what decode() was told to expect
             return self.attest(request, peer)
         except Refused as exc:
             return Error(ErrorCode.ATTESTATION_REFUSED, str(exc)[:1000])
@@ -405,11 +406,14 @@ def serve(
             os.umask(old)
         bound = f"unix:{where}"
     else:
-        server_class = type("_TcpServer", (_Server, socketserver.TCPServer), {})
-        server_class.address_family = family
-        server_class.allow_reuse_address = True
-        server = server_class(where, _Handler)
-        host, port = server.server_address[:2]
+        tcp: type[socketserver.TCPServer] = type(
+            "_TcpServer",
+            (_Server, socketserver.TCPServer),
+            {"address_family": family, "allow_reuse_address": True},
+        )
+        assert isinstance(where, tuple)
+        server = tcp(where, _Handler)
+        host, port = str(server.server_address[0]), int(server.server_address[1])
         bound = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
     server.service = service
     server.slots = threading.BoundedSemaphore(max_connections)

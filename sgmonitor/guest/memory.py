@@ -15,6 +15,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Self
 
 from sgmonitor.errors import PhysicalAccessError
 
@@ -79,7 +80,7 @@ class PhysicalMemory(ABC):
     def close(self) -> None:
         """Release the mapping (and any monitor connection)."""
 
-    def __enter__(self) -> PhysicalMemory:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

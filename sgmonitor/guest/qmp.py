@@ -49,7 +49,7 @@ class Qmp:
         try:
             return self._run(self._client.execute(name, arguments or None))
         except ExecuteError as exc:
-            raise QmpError(f"QMP {name}: {exc.error.desc}") from exc
+            raise QmpError(f"QMP {name}: {exc}") from exc  # str(): the error's desc
         except TimeoutError:
             raise QmpError(f"QMP {name}: no answer in {self._timeout}s") from None
         except (OSError, QMPError, EOFError) as exc:

@@ -116,6 +116,7 @@ def _revoke(args: argparse.Namespace) -> int:
         answer = decode(recv_encoded(sock, 5.0), expect=(Revoked, Error))
     if isinstance(answer, Error):
         raise SGMonitorError(f"revocation refused: {answer.code.name}: {answer.message}")
+    assert isinstance(answer, Revoked)  # what decode() was told to expect
     print(f"revoked; {answer.sessions_closed} open session(s) ended")
     return 0
 

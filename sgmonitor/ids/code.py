@@ -9,6 +9,7 @@ evidence, so an operator reads ``sgm_rootkit+0x1a0 (hidden module)``, not an add
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from sgmonitor.ids.registry import Finding
 from sgmonitor.kernel.helpers.module import (
@@ -25,7 +26,7 @@ __all__ = ["NOT_IMPLEMENTED", "KernelCode", "branch_finding", "syscall_handler"]
 NOT_IMPLEMENTED = ("sys_ni_syscall", "__x64_sys_ni_syscall")
 
 
-def syscall_handler(name: str | None) -> bool:
+def syscall_handler(name: str | None) -> TypeGuard[str]:
     """Whether ``name`` is a 64-bit system call's handler (or the not-implemented one)."""
     return name is not None and (name.startswith("__x64_sys_") or name in NOT_IMPLEMENTED)
 
@@ -56,7 +57,7 @@ class KernelCode:
 
     def core_kernel_text(self, address: int) -> bool:
         """Whether ``address`` is in the kernel image's text (``core_kernel_text()``)."""
-        return self.stext <= address < self.etext
+        return bool(self.stext <= address < self.etext)
 
     def module_at(self, address: int) -> tuple[str, bool] | None:
         """(name, hidden) of the module whose memory holds ``address``, or None."""

@@ -52,23 +52,26 @@ def list_processes(kernel: HasInitTask) -> list[ProcessRecord]:
     :raises GuestDataError: the task list or a task is corrupt or unreadable
     """
     tm = kernel.types
-    state = task_state_member(tm)
-    members = ("pid", "tgid", "flags", state, "exit_state", "real_parent", "cred", "comm")
+    members = (
+        *("pid", "tgid", "flags", task_state_member(tm)),
+        *("exit_state", "real_parent", "cred", "comm"),
+    )
     task = tm.layout("struct task_struct", members)
     parent_tgid = tm.layout("struct task_struct", ("tgid",))
     cred_uid = tm.layout("struct cred", ("uid.val",))
     records = []
     for entry in for_each_process(kernel):
         pid, tgid, flags, state, exit_state, parent, cred, comm = task.read(int(entry))
+        comm = str(comm)
         records.append(
             ProcessRecord(
-                pid=pid,  # type: ignore[arg-type]
-                tgid=tgid,  # type: ignore[arg-type]
-                ppid=parent_tgid.read(parent)[0],  # type: ignore[arg-type]
-                uid=cred_uid.read(cred)[0],  # type: ignore[arg-type]
-                state=state_to_char(state, exit_state),  # type: ignore[arg-type]
-                comm=comm,  # type: ignore[arg-type]
-                name=proc_task_name(entry) if flags & _NAMED_ELSEWHERE else comm,  # type: ignore[arg-type, operator]
+                pid=int(pid),
+                tgid=int(tgid),
+                ppid=int(parent_tgid.read(int(parent))[0]),
+                uid=int(cred_uid.read(int(cred))[0]),
+                state=state_to_char(int(state), int(exit_state)),
+                comm=comm,
+                name=proc_task_name(entry) if int(flags) & _NAMED_ELSEWHERE else comm,
             )
         )
     return sorted(records)

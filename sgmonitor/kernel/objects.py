@@ -781,9 +781,10 @@ class Object:
         if self._type.kind == TypeKind.POINTER:
             step = self._tm.sizeof(self._type.target) if self._type.target.size else 1
             if isinstance(other, Object) and other._type.kind == TypeKind.POINTER:
-                return (self.value_() - other.value_()) // step
+                return (int(self.value_()) - int(other.value_())) // step
             return self._tm.value(self._type, self.value_() - int(other) * step)
-        return self._scalar() - _plain(other)
+        difference: int | float = self._scalar() - _plain(other)
+        return difference
 
     def __and__(self, other: Object | int) -> int:
         return int(self) & int(other)

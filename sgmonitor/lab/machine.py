@@ -308,6 +308,10 @@ def exec_in_guest(guest: LabGuest, argv: Sequence[str], timeout: float = 30.0) -
     return int(done[1]), output.decode(errors="replace")
 
 
+def _pid(process: dict[str, object]) -> int:
+    return int(str(process["pid"]))
+
+
 def _truth_blocks(console: str) -> list[Truth]:
     blocks: list[Truth] = []
     procs: list[dict[str, object]] = []
@@ -324,7 +328,7 @@ def _truth_blocks(console: str) -> list[Truth]:
         elif m := _HELPER.match(line):
             helper = int(m[1])
         elif _END.match(line):
-            live = sorted((p for p in procs if p["pid"] != helper), key=lambda p: p["pid"])
+            live = sorted((p for p in procs if p["pid"] != helper), key=_pid)
             blocks.append(Truth(live, symbols, helper))
             procs, symbols, helper = [], {}, 0
     return blocks

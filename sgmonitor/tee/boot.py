@@ -29,6 +29,8 @@ The same file is imported as ``sgmonitor.tee.boot`` by the host, for the launch 
 
 # No ``from __future__ import annotations``: that statement imports the ``__future__``
 # module, and nothing but the interpreter's preloaded modules may run before the finder.
+# For the same reason modules and paths are typed ``object`` (``types`` and ``typing``
+# are not loaded yet), and the few places mypy sees through that carry an ignore.
 import _imp
 import sys
 from _frozen_importlib import ModuleSpec
@@ -130,7 +132,7 @@ class MeasuredFinder:
         if name in sys.builtin_module_names or _imp.is_frozen(name):
             self.loaded[name] = "builtin" if name in sys.builtin_module_names else "frozen"
             return None  # the built-in and frozen importers load it from the interpreter
-        found = PathFinder.find_spec(name, path)
+        found = PathFinder.find_spec(name, path)  # type: ignore[arg-type]
         if found is None:
             return None
         if isinstance(found.loader, SourcelessFileLoader):
@@ -141,9 +143,9 @@ class MeasuredFinder:
             kind = "extension"
         else:
             raise ImportError(f"{name}: cannot measure {found.loader!r}", name=name)
-        with open(found.origin, "rb") as f:
+        with open(found.origin, "rb") as f:  # type: ignore[arg-type]
             found.loader_state = (kind, f.read())
-        found.loader = self
+        found.loader = self  # type: ignore[assignment]
         return found
 
     def _enclave_spec(self, name: str) -> object:
@@ -151,7 +153,7 @@ class MeasuredFinder:
             raise ModuleNotFoundError(f"{name} is not among the measured sources", name=name)
         rel, data, is_package = self.sources[name]
         origin = f"{self.root}/{rel}"
-        spec = ModuleSpec(name, self, origin=origin, is_package=is_package)
+        spec = ModuleSpec(name, self, origin=origin, is_package=is_package)  # type: ignore[arg-type]
         spec.has_location = True
         spec.loader_state = ("enclave", data)
         if is_package:
@@ -169,11 +171,11 @@ class MeasuredFinder:
 
     def exec_module(self, module: object) -> None:
         """Run the bytes read at find time: compiled from source, never from a .pyc."""
-        spec = module.__spec__
+        spec = module.__spec__  # type: ignore[attr-defined]
         kind, data = spec.loader_state
         spec.loader_state = (kind, b"")  # the bytes stay in sources/loaded until measured
         if kind == "extension":
-            ExtensionFileLoader(spec.name, spec.origin).exec_module(module)
+            ExtensionFileLoader(spec.name, spec.origin).exec_module(module)  # type: ignore[arg-type]
             self._seal_memfds()
             return
         if kind == "source":
@@ -251,10 +253,10 @@ def build_manifest(boot_source: bytes, preloaded: dict[str, object], finder: Mea
         if getattr(module, "__file__", None) is None:
             continue
         what = "frozen" if spec is not None and spec.origin == "frozen" else None
-        lines.append(f"preloaded {name} {what or file_sha(module.__file__)}")
+        lines.append(f"preloaded {name} {what or file_sha(module.__file__)}")  # type: ignore[attr-defined]
     for rel, data, _ in finder.sources.values():
         lines.append(f"file {rel} {sha(data)}")
-    for name, data in finder.loaded.items():
+    for name, data in finder.loaded.items():  # type: ignore[assignment]
         lines.append(f"module {name} {data if isinstance(data, str) else sha(data)}")
     return _MANIFEST_HEADER + "".join(sorted(line + "\n" for line in lines))
 
@@ -331,7 +333,7 @@ def _boot(boot_source: bytes, argv: list[str]) -> int:
     """Measure, seal, then run the enclave (or print the measurement)."""
     preloaded = dict(sys.modules)
     finder = MeasuredFinder()
-    sys.meta_path[:] = [finder, *(f for f in sys.meta_path if f is not PathFinder)]
+    sys.meta_path[:] = [finder, *(f for f in sys.meta_path if f is not PathFinder)]  # type: ignore[list-item]
     try:
         launch = [*_INTERPRETER_FLAGS, "-c", STUB]
         if sys.orig_argv[1 : 1 + len(launch)] != launch:
@@ -349,7 +351,7 @@ def _boot(boot_source: bytes, argv: list[str]) -> int:
         for name in (*_LAZILY_IMPORTED, *sorted(finder.sources)):
             __import__(name)
         finder.seal()
-        manifest = build_manifest(boot_source, preloaded, finder)
+        manifest = build_manifest(boot_source, preloaded, finder)  # type: ignore[arg-type]
     except BootError as exc:
         print(f"sgmonitor boot: refusing to start: {exc}", file=sys.stderr, flush=True)
         return 2

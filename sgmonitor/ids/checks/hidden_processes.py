@@ -75,11 +75,11 @@ def run(kernel: object) -> Iterator[Finding]:
     tm = kernel.types  # type: ignore[attr-defined]
     for ns_address, level in namespaces.items():
         ns = tm.object("struct pid_namespace", ns_address).address_of_()
-        for pid in for_each_pid(ns):
-            task = pid_task(pid, "PIDTYPE_PID")
-            if task is None:
+        for struct_pid in for_each_pid(ns):
+            found_task = pid_task(struct_pid, "PIDTYPE_PID")
+            if found_task is None:
                 continue
-            leader = _leader(task)
+            leader = _leader(found_task)
             if int(leader) not in listed and int(leader) not in reported:
                 reported.add(int(leader))
                 yield _hidden(leader, "PID IDR" if level == 0 else f"PID IDR of level {level}")

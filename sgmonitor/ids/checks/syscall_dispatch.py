@@ -33,7 +33,7 @@ def _table_handlers(kernel: object, code: KernelCode) -> dict[str, int]:
     for nr in range(count):
         name = code.symbol_at(int.from_bytes(raw[8 * nr : 8 * nr + 8], "little"))
         if syscall_handler(name) and name not in NOT_IMPLEMENTED:
-            handlers.setdefault(name, nr)  # type: ignore[arg-type]
+            handlers.setdefault(name, nr)
     return handlers
 
 
@@ -57,7 +57,7 @@ def run(kernel: object) -> Iterator[Finding]:
             continue
         name = code.symbol_at(branch.target)
         if branch.kind != "jcc" and syscall_handler(name):
-            reached.add(name)  # type: ignore[arg-type]
+            reached.add(name)
         else:
             foreign.append(branch)
     missing = [

@@ -71,7 +71,8 @@ def _table(kernel: Kernel, read: Reader, start: str, stop: str) -> tuple[int, by
 def _self_relative(raw: bytes, i: int, address: int) -> int:
     """Where the ``s32`` at ``raw[i]``, itself at guest ``address``, points: the tables'
     fields hold offsets from their own address (position-independent since v4.x)."""
-    return (address + struct.unpack_from("<i", raw, i)[0]) % 2**64
+    offset: int = struct.unpack_from("<i", raw, i)[0]
+    return (address + offset) % 2**64
 
 
 def _relative(kernel: Kernel, read: Reader, start: str, stop: str) -> Iterator[int]:

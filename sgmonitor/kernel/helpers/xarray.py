@@ -112,8 +112,15 @@ def _layout(tm: TypedMemory) -> _Layout:
     chunk = slots.length or 0
     if chunk not in (16, 64):  # XA_CHUNK_SIZE: 1 << (CONFIG_BASE_SMALL ? 4 : 6)
         raise ValidationError(f"xa_node.slots has {chunk} slots, not 16 or 64")
-    offsets = (tm.offsetof(spec, name) for name in ("shift", "offset", "parent", "array"))
-    return _Layout(tm.sizeof(spec), *offsets, tm.offsetof(spec, "slots"), chunk.bit_length() - 1)
+    return _Layout(
+        tm.sizeof(spec),
+        tm.offsetof(spec, "shift"),
+        tm.offsetof(spec, "offset"),
+        tm.offsetof(spec, "parent"),
+        tm.offsetof(spec, "array"),
+        tm.offsetof(spec, "slots"),
+        chunk.bit_length() - 1,
+    )
 
 
 class _Walk:
