@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from sgmonitor.errors import GuestDataError
 from sgmonitor.kernel.elf import ByteImage, ElfError, ElfFile
@@ -237,7 +238,7 @@ class Btf:
         kind = Kind((info >> 24) & 0x1F)
         vlen = info & 0xFFFF
         flag = bool(info >> 31)
-        base = {"id": type_id, "kind": kind, "name": self.string(name_off)}
+        base: dict[str, Any] = {"id": type_id, "kind": kind, "name": self.string(name_off)}
         base |= {"kind_flag": flag, "vlen": vlen}
         if kind in _SIZED:
             base["size"] = size_or_type
