@@ -7,7 +7,7 @@ tampered list raises (the IDS reports "could not check") instead of looping.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 from sgmonitor.kernel.helpers.sched import (
     PF_KTHREAD,
@@ -20,10 +20,10 @@ from sgmonitor.kernel.helpers.sched import (
 )
 
 
-@dataclass(frozen=True, order=True)
-class ProcessRecord:
+class ProcessRecord(NamedTuple):
     """One process as ``ps`` shows it: ``comm`` is the kernel's 16-byte field, ``name``
-    what /proc shows (kernel threads' full names, workqueue workers' current work)."""
+    what /proc shows (kernel threads' full names, workqueue workers' current work).
+    A named tuple: immutable, ordered by pid first, and cheap to make a thousand of."""
 
     pid: int
     tgid: int
@@ -34,11 +34,8 @@ class ProcessRecord:
     name: str
 
     def as_dict(self) -> dict[str, int | str]:
-        """As ``dataclasses.asdict`` (every field is a scalar), without its deep copy."""
-        return {name: getattr(self, name) for name in _FIELDS}
-
-
-_FIELDS = tuple(f.name for f in fields(ProcessRecord))
+        """The record as JSON wants it."""
+        return dict(zip(self._fields, self, strict=True))
 
 
 def list_processes(kernel: HasInitTask) -> list[ProcessRecord]:
@@ -62,16 +59,15 @@ def list_processes(kernel: HasInitTask) -> list[ProcessRecord]:
     records = []
     for entry in for_each_process(kernel):
         pid, tgid, flags, state, exit_state, parent, cred, comm = task.read(int(entry))
-        comm = str(comm)
         records.append(
             ProcessRecord(
-                pid=int(pid),
-                tgid=int(tgid),
-                ppid=int(parent_tgid.read(int(parent))[0]),
-                uid=int(cred_uid.read(int(cred))[0]),
-                state=state_to_char(int(state), int(exit_state)),
-                comm=comm,
-                name=proc_task_name(entry) if int(flags) & _NAMED_ELSEWHERE else comm,
+                pid,
+                tgid,
+                parent_tgid.read(parent)[0],
+                cred_uid.read(cred)[0],
+                state_to_char(state, exit_state),
+                comm,
+                proc_task_name(entry) if flags & _NAMED_ELSEWHERE else comm,
             )
         )
     return sorted(records)

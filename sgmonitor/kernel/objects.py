@@ -427,51 +427,100 @@ class TypedMemory:
 
 class Layout:
     """Some members of one struct type, compiled: offsets, sizes and kinds resolved once
-    (the paper's LLView idea), so reading them from an object costs one guest read of
-    the span they cover and a slice each, not a typed object and a read per member.
+    (the paper's LLView idea), so reading them from an object costs one guest read per
+    cluster of nearby members and one ``struct`` unpack, not a typed object and a read
+    per member.
 
     Members are designators (``"pid"``, ``"uid.val"``, ``"pid_links[1].next"``) of
     integer, enum, pointer (read as its address) or ``char [N]`` type (read as a C
     string); anything else, or a bitfield, is a TypeError when the layout is made.
+    Members further apart than ``GAP`` bytes are read separately, so a layout of a
+    large struct (``task_struct`` is ~9 KiB) does not copy, or cross pages for, the
+    bytes between them.
     """
 
-    __slots__ = ("_fields", "_order", "_tm", "end", "start", "type")
+    GAP = 2048
+
+    __slots__ = ("_clusters", "_count", "_strings", "_tm", "end", "start", "type")
 
     def __init__(self, tm: TypedMemory, ctype: CType, members: Sequence[str]) -> None:
         if not members:
             raise ValueError("a layout needs at least one member")
-        fields = []
-        for member in members:
+        order = "<" if tm.byteorder == "little" else ">"
+        fields = []  # (offset, size, struct code, position in the output)
+        strings = []
+        for position, member in enumerate(members):
             offset, mtype = tm._member_path(ctype, member)
+            size = mtype.size or 0
             if mtype.kind in _INTEGER or mtype.kind == TypeKind.POINTER:
                 signed = mtype.kind != TypeKind.POINTER and mtype.signed
-                fields.append((offset, mtype.size or 0, signed, False))
-            elif mtype.kind == TypeKind.ARRAY and mtype.target.is_char and mtype.size:
-                fields.append((offset, min(mtype.size, tm.max_string), False, True))
+                code = _STRUCT_CODES.get((size, signed))
+                if code is None:
+                    raise TypeError(f"{ctype.name}.{member}: a {size}-byte integer")
+            elif mtype.kind == TypeKind.ARRAY and mtype.target.is_char and size:
+                size = min(size, tm.max_string)
+                code = f"{size}s"
+                strings.append(position)
             else:
                 raise TypeError(f"{ctype.name}.{member} ({mtype.name}) has no plain value")
+            fields.append((offset, size, code, position))
+        fields.sort()
+        clusters: list[list[tuple[int, int, str, int]]] = [[fields[0]]]
+        for field in fields[1:]:
+            last = clusters[-1][-1]
+            # overlapping members (a union) and far-apart ones are read on their own
+            if field[0] < last[0] + last[1] or field[0] - (last[0] + last[1]) > self.GAP:
+                clusters.append([field])
+            else:
+                clusters[-1].append(field)
+        self._clusters = []
+        for cluster in clusters:
+            start = cluster[0][0]
+            parts, at = [order], start
+            for offset, size, code, _ in cluster:
+                parts.append(f"{offset - at}x{code}" if offset > at else code)
+                at = offset + size
+            self._clusters.append(
+                (start, at - start, struct.Struct("".join(parts)), [f[3] for f in cluster])
+            )
         self.type = ctype
-        self.start = min(offset for offset, _, _, _ in fields)
+        self.start = fields[0][0]
         self.end = max(offset + size for offset, size, _, _ in fields)
-        if self.end - self.start > tm.max_read:
-            raise ValueError(f"{members} span {self.end - self.start} bytes of {ctype.name}")
+        if any(size > tm.max_read for _, size, _, _ in self._clusters):
+            raise ValueError(f"{members}: a span of {ctype.name} beyond {tm.max_read} bytes")
+        self._strings = tuple(strings)
+        self._count = len(fields)
         self._tm = tm
-        self._order = tm.byteorder
-        self._fields = tuple(
-            (offset - self.start, offset - self.start + size, signed, string)
-            for offset, size, signed, string in fields
-        )
 
-    def read(self, address: int) -> tuple[int | str, ...]:
-        """The members of the object at ``address``, in the order given."""
-        raw = self._tm.memory.read(address + self.start, self.end - self.start)
-        order = self._order
-        return tuple(
-            raw[lo:hi].split(b"\0", 1)[0].decode("utf-8", errors="replace")
-            if string
-            else int.from_bytes(raw[lo:hi], order, signed=signed)
-            for lo, hi, signed, string in self._fields
-        )
+    @property
+    def spans(self) -> list[tuple[int, int]]:
+        """(offset, size) of each read a :meth:`read` makes, relative to the object."""
+        return [(start, size) for start, size, _, _ in self._clusters]
+
+    def read(self, address: int) -> tuple[Any, ...]:
+        """The members of the object at ``address``, in the order given: ints, and strs
+        for the ``char [N]`` members."""
+        read = self._tm.memory.read
+        out: list[Any] = [None] * self._count
+        for start, size, unpack, positions in self._clusters:
+            values = unpack.unpack(read(address + start, size))
+            for position, value in zip(positions, values, strict=True):
+                out[position] = value
+        for i in self._strings:
+            out[i] = out[i].split(b"\0", 1)[0].decode("utf-8", errors="replace")
+        return tuple(out)
+
+
+_STRUCT_CODES = {
+    (1, True): "b",
+    (1, False): "B",
+    (2, True): "h",
+    (2, False): "H",
+    (4, True): "i",
+    (4, False): "I",
+    (8, True): "q",
+    (8, False): "Q",
+}
 
 
 def _array_name(element: str, length: int) -> str:
