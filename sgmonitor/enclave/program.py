@@ -368,7 +368,7 @@ class EnclaveProgram:
             self.ecall_close_session(vm)
             raise EnclaveCallError(transport.failure.code, str(transport.failure))
         elapsed = time.perf_counter() - started
-        stats = memory.stats().since(before).as_dict()
+        stats: dict[str, int | float | bool] = dict(memory.stats().since(before).as_dict())
         stats.update(
             page_crossings=stats.pop("crossings"),
             crossings=transport.crossings - crossings,

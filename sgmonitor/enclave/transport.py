@@ -233,7 +233,9 @@ class SealedTransport:
             self.channel.close()
         raise self.failure
 
-    def _call(self, request: Message, expect: tuple[type[Message], ...]) -> tuple[Message, list]:
+    def _call(
+        self, request: Message, expect: tuple[type[Message], ...]
+    ) -> tuple[Message, list[bytes]]:
         """Seal ``request``, exchange it, open the index and its pages; fail closed."""
         if self.failure is not None:
             raise self.failure
@@ -255,7 +257,7 @@ class SealedTransport:
                 )
             assert isinstance(answer, Reply)
             body = self.channel.open(Kind.REPLY, rid, answer.sealed_reply)
-            index = decode(body, expect=(*expect, RequestFailed))
+            index: Message = decode(body, expect=(*expect, RequestFailed))
             if isinstance(index, RequestFailed):
                 self._fail(index.code, f"hypervisor refused: {index.message}")
             present = (

@@ -479,7 +479,7 @@ class SecureMonitor:
         )
         session_id, wrapped = out["session_id"], out["wrapped_key"]
         assert isinstance(session_id, bytes) and isinstance(wrapped, bytes)
-        suite = Suite(int(out["suite"]))  # type: ignore[call-overload]
+        suite = Suite(int(out["suite"]))
         binding = SessionBinding.for_wrapped_key(
             self.vm, session_id, suite, wrapped, hello.hv_nonce, hello.hv_key
         )
@@ -664,7 +664,7 @@ class SecureMonitor:
             answer = self._relay(encode(msg), timeout)
             if answer is None:
                 raise HypervisorUnavailable("no answer")
-            reply = decode(answer, expect=(*expect, Error))
+            reply: Message = decode(answer, expect=(*expect, Error))
         except WireTimeout:
             raise HypervisorUnavailable(
                 f"{type(msg).__name__}: no answer from the hypervisor within {timeout:.1f}s"

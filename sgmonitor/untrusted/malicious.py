@@ -115,6 +115,7 @@ class MaliciousMonitor(SecureMonitor):
         if forged is _NOT_YET:
             return answer
         self.attacked = True
+        assert forged is None or isinstance(forged, Reply)
         return None if forged is None else encode(forged)
 
     def _forge(self, reply: Reply, earlier: list[Reply]) -> Reply | object | None:
@@ -151,7 +152,8 @@ class MaliciousMonitor(SecureMonitor):
         own = {id(r) for r in self._own}
         others = [r for r in self.recording.all_replies() if id(r) not in own and r.sealed_pages]
         same = [r for r in others if r.request_id == request_id]
-        return (same or others or [None])[0]
+        found = same or others
+        return found[0] if found else None
 
     def _replay_session(self, request: Request) -> bytes:
         """Answer from the recording of an earlier session, never asking the hypervisor."""

@@ -169,8 +169,8 @@ class MonitorLinkClient:
                     out = self._ecall("ecall_heartbeat", self.timeout, challenge=msg.challenge)
                     answer = HeartbeatAnswer(
                         msg.number,
-                        int(out["sequence"]),  # type: ignore[call-overload]
-                        int(out["progress"]),  # type: ignore[call-overload]
+                        int(out["sequence"]),
+                        int(out["progress"]),
                         bytes(out["mac"]),  # type: ignore[arg-type]
                     )
                     self._send(answer)

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from enum import IntEnum
-from typing import Any, ClassVar, NoReturn, Self, TypeVar
+from typing import Any, ClassVar, NoReturn, Self, TypeVar, dataclass_transform, overload
 
 from sgmonitor.channel import SESSION_ID_LEN
 from sgmonitor.errors import SGMonitorError
@@ -387,19 +387,19 @@ class EnumOf(Codec):
     """An IntEnum member as an unsigned integer; ``label`` names it in decode errors."""
 
     def __init__(self, cls: type[IntEnum], bits: int = 8, label: str | None = None) -> None:
-        self.types, self.label = cls, label
+        self.types, self.enum_class, self.label = cls, cls, label
         self.int = UInt(bits)
         self.size = self.int.size
 
     def check(self, msg: str, name: str, v: Any) -> None:
         if not isinstance(v, self.types):
-            raise WireError(f"{msg}: {name} must be a {self.types.__name__}")
+            raise WireError(f"{msg}: {name} must be a {self.enum_class.__name__}")
 
     def put(self, w: Writer, v: IntEnum) -> None:
         self.int.put(w, v)
 
     def get(self, r: Reader, name: str) -> IntEnum:
-        return r.enum(self.types, self.label or name, self.int.get(r, name))
+        return r.enum(self.enum_class, self.label or name, self.int.get(r, name))
 
 
 class Fixed(Codec):
@@ -696,14 +696,18 @@ class Record:
 _R = TypeVar("_R", bound=type[Record])
 
 
-def record(order: tuple[str, ...] | None = None) -> Callable[[_R], _R]:
+@dataclass_transform(
+    frozen_default=True,
+    field_specifiers=(u8, u16, u32, u64, flag, enum, fixed, blob, text, spec),
+)
+def record(wire_order: tuple[str, ...] | None = None) -> Callable[[_R], _R]:
     """Make ``cls`` a frozen dataclass whose fields are checked, written and read as
-    their codecs say, in declaration order or in ``order`` (the wire's, when it differs)."""
+    their codecs say, in declaration order or in ``wire_order`` (when it differs)."""
 
     def make(cls: _R) -> _R:
-        cls = dataclass(frozen=True)(cls)
+        dataclass(frozen=True)(cls)  # in place: the class itself, made a dataclass
         codecs = {f.name: f.metadata[_SPEC_KEY] for f in fields(cls)}  # type: ignore[arg-type]
-        names = order if order is not None else tuple(codecs)
+        names = wire_order if wire_order is not None else tuple(codecs)
         assert sorted(names) == sorted(codecs), f"{cls.__name__}: order names every field"
         cls._DECLARED = tuple(codecs.items())
         cls._SPEC = tuple((n, codecs[n]) for n in names)
@@ -728,6 +732,10 @@ class Message(Record):
 _M = TypeVar("_M", bound=type[Message])
 
 
+@dataclass_transform(
+    frozen_default=True,
+    field_specifiers=(u8, u16, u32, u64, flag, enum, fixed, blob, text, spec),
+)
 def message(type_byte: int) -> Callable[[_M], _M]:
     """A :func:`record` with a type byte, registered for :func:`decode`."""
 
@@ -778,7 +786,15 @@ def encode(msg: Message) -> bytes:
 _T = TypeVar("_T", bound=Message)
 
 
-def decode(data: bytes, expect: tuple[type[_T], ...] | None = None) -> _T:
+@overload
+def decode(data: bytes) -> Message: ...
+@overload
+def decode(data: bytes, expect: tuple[type[_T], ...]) -> _T: ...
+@overload
+def decode(data: bytes, expect: None) -> Message: ...
+
+
+def decode(data: bytes, expect: tuple[type[Message], ...] | None = None) -> Message:
     """Parse one message; ``expect`` lists the types acceptable here (others: WireError)."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WireError("decode needs bytes")
@@ -799,7 +815,7 @@ def decode(data: bytes, expect: tuple[type[_T], ...] | None = None) -> _T:
     r = Reader(data, cls.__name__, 2)  # a view past version and type, not a copy
     msg = cls._get(r)
     r.end()
-    return msg  # type: ignore[return-value]
+    return msg
 
 
 # --- stream sockets ------------------------------------------------------------------
@@ -885,9 +901,15 @@ def recv_encoded(sock: socket.socket, timeout: float) -> bytes:
     return _recv_exact(sock, length, deadline, started=True)
 
 
+@overload
+def recv_frame(sock: socket.socket, timeout: float) -> Message: ...
+@overload
+def recv_frame(sock: socket.socket, timeout: float, expect: tuple[type[_T], ...]) -> _T: ...
+
+
 def recv_frame(
-    sock: socket.socket, timeout: float, expect: tuple[type[_T], ...] | None = None
-) -> _T:
+    sock: socket.socket, timeout: float, expect: tuple[type[Message], ...] | None = None
+) -> Message:
     """Receive and decode one message within ``timeout`` seconds in total."""
     return decode(recv_encoded(sock, timeout), expect)
 

@@ -184,7 +184,7 @@ class ReadPages(Message):
 
 
 # on the wire: head, member_offset, span_size, limit, next_offset, after
-@record(order=("head", "member_offset", "span_size", "limit", "next_offset", "after"))
+@record(wire_order=("head", "member_offset", "span_size", "limit", "next_offset", "after"))
 class ListWalk(Record):
     """A kernel list for the trusted side to walk: the one shape of that request, from
     ``list_for_each_entry`` through ``RemoteMemory.prefetch_list``, the transport and
