@@ -94,19 +94,14 @@ from sgmonitor.monitorlink import LinkKeys, heartbeat_mac
 from sgmonitor.statement import Purpose, SessionBinding, Statement
 from sgmonitor.tee.backend import EnclaveIdentity
 from sgmonitor.tee.launch_config import LaunchConfig, raw_ed25519
-from sgmonitor.wire import (
-    Error,
+from sgmonitor.wire.core import Error, Message, WireError, decode, framed, pop_frame
+from sgmonitor.wire.monitor import (
     HeartbeatAnswer,
     HeartbeatChallenge,
     LinkChallenge,
     LinkHello,
     LinkOpen,
     LinkOpened,
-    Message,
-    WireError,
-    decode,
-    framed,
-    pop_frame,
 )
 
 INTERVAL = 1.0

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from sgmonitor.errors import GuestDataError, SGMonitorError
 from sgmonitor.lab.kernel import FLAVORS, LabError
-from sgmonitor.untrusted.library import AttestationRefused
 
 if TYPE_CHECKING:
     from sgmonitor.attestation.policy import Policy
@@ -608,15 +607,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GuestDataError as exc:
         print(f"sgmonitor: could not check the guest: {exc}", file=sys.stderr)
         return EXIT_COULD_NOT_CHECK
-    except AttestationRefused as exc:
-        print(f"sgmonitor: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
     except UsageError as exc:
         print(f"sgmonitor: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (LabError, SGMonitorError) as exc:
+        if _refused(exc):
+            print(f"sgmonitor: {exc}", file=sys.stderr)
+            return EXIT_REFUSED
         print(f"sgmonitor: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _refused(exc: Exception) -> bool:
+    """Whether a party refused the session. Only the secure path, which imports the
+    untrusted library, can raise that: a traditional ``ps`` need not import it."""
+    library = sys.modules.get("sgmonitor.untrusted.library")
+    return library is not None and isinstance(exc, library.AttestationRefused)
 
 
 if __name__ == "__main__":

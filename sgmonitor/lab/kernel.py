@@ -16,8 +16,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import lz4.block
-
 FLAVORS = {"cloud": "cloud-amd64", "amd64": "amd64", "rt": "rt-amd64"}
 
 _LZ4_LEGACY_MAGIC = 0x184C2102
@@ -112,6 +110,8 @@ def _download(package: str, into: Path) -> Path:
 
 
 def _lz4_legacy(payload: bytes) -> bytes:
+    import lz4.block  # here: every sgmonitor command imports this module, few unpack
+
     blocks = []
     pos = 4
     # Blocks are [u32 size][data]; the kernel's build appends the plain size as a

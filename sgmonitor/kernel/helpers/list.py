@@ -28,7 +28,8 @@ from dataclasses import replace
 
 from sgmonitor.errors import GuestDataError, PageFault, ValidationError
 from sgmonitor.kernel.objects import CType, Object, TypedMemory, TypeKind
-from sgmonitor.wire import ListWalk, WireError
+from sgmonitor.wire.core import WireError
+from sgmonitor.wire.sealed import ListWalk
 
 __all__ = [
     "DEFAULT_LIMIT",
