@@ -29,6 +29,7 @@ from sgmonitor.kernel.helpers.text_patching import (
     ftrace_trampolines,
     image_reader,
     jump_label_entries,
+    kaslr_slide,
     runtime_patch_sites,
 )
 
@@ -83,7 +84,14 @@ def _changed(now: bytes, ref: bytes, masked: bytearray, slide: int) -> list[int]
     return out
 
 
-def _site_problems(kernel: object, code: KernelCode, text: bytes, base: int) -> Iterator[Finding]:
+def _site_problems(
+    kernel: object,
+    code: KernelCode,
+    text: bytes,
+    base: int,
+    jump_labels: list[tuple[int, int]],
+    ftrace_ips: list[int],
+) -> Iterator[Finding]:
     """Runtime sites that hold something the kernel would not put there."""
     trampolines = ftrace_trampolines(kernel)  # type: ignore[arg-type]
 
@@ -92,8 +100,8 @@ def _site_problems(kernel: object, code: KernelCode, text: bytes, base: int) -> 
             lo <= target < lo + size for lo, size in trampolines
         )
 
-    checks = [(ip, None) for ip in ftrace_record_ips(kernel)]  # type: ignore[arg-type]
-    checks += list(jump_label_entries(kernel, kernel.memory.read))  # type: ignore[arg-type, attr-defined]
+    checks: list[tuple[int, int | None]] = [(ip, None) for ip in ftrace_ips]
+    checks += jump_labels
     for site, target in checks:
         at = site - base
         if not 0 <= at <= len(text) - FTRACE_SITE:
@@ -131,14 +139,16 @@ def run(kernel: object) -> Iterator[Finding]:
         raise ValidationError(f"core kernel text has an implausible size ({end - base})")
     text = kernel.memory.read(base, end - base)  # type: ignore[attr-defined]
     code = KernelCode(kernel)
-    yield from _site_problems(kernel, code, text, base)
+    jump_labels = list(jump_label_entries(kernel, kernel.memory.read))  # type: ignore[arg-type, attr-defined]
+    ftrace_ips = ftrace_record_ips(kernel)  # type: ignore[arg-type]
+    yield from _site_problems(kernel, code, text, base, jump_labels, ftrace_ips)
     masked = bytearray(len(text))
-    _mask(masked, base, runtime_patch_sites(kernel))  # type: ignore[arg-type]
+    _mask(masked, base, runtime_patch_sites(kernel, jump_labels, ftrace_ips))  # type: ignore[arg-type]
     if kernel.vendor_image is not None:  # type: ignore[attr-defined]
         read = image_reader(kernel)  # type: ignore[arg-type]
         reference, what = read(base, end - base), "the vendor image"
-        _mask(masked, base, boot_patch_sites(kernel, read, read))  # type: ignore[arg-type]
-        slide = (kernel.vmcoreinfo.kernel_offset or 0) if kernel.vmcoreinfo else 0  # type: ignore[attr-defined]
+        _mask(masked, base, boot_patch_sites(kernel, read))  # type: ignore[arg-type]
+        slide = kaslr_slide(kernel)  # type: ignore[arg-type]
     else:
         if kernel.text_baseline is None:  # type: ignore[attr-defined]
             kernel.text_baseline = text  # type: ignore[attr-defined]
@@ -147,7 +157,7 @@ def run(kernel: object) -> Iterator[Finding]:
             raise ValidationError("core kernel text changed size since the baseline")
     changed: dict[str, list[int]] = {}
     for p in _changed(text, reference, masked, slide):
-        changed.setdefault(code.describe(base + p).split("+")[0], []).append(p)
+        changed.setdefault(code.function_at(base + p) or f"{base + p:#x}", []).append(p)
     for function, offsets in changed.items():
         first = offsets[0]
         yield Finding(

@@ -37,8 +37,7 @@ def run(kernel: object) -> Iterator[Finding]:
             areas.append((int(va.va_start), int(va.va_end), int(vm.caller)))
     loader = {caller for start, _, caller in areas if code.module_at(start) is not None}
     for start, end, caller in areas:
-        name = code.symbol_at(caller) or code.describe(caller).split("+")[0]
-        if caller not in loader and name not in _LOADER:
+        if caller not in loader and code.function_at(caller) not in _LOADER:
             continue
         if code.module_at(start) is not None:
             continue

@@ -15,7 +15,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from sgmonitor.errors import ValidationError
-from sgmonitor.ids.code import NOT_IMPLEMENTED, KernelCode, branch_finding, syscall_handler
+from sgmonitor.ids.code import (
+    NOT_IMPLEMENTED,
+    KernelCode,
+    branch_finding,
+    sys_call_table,
+    syscall_handler,
+)
 from sgmonitor.ids.registry import Finding, check
 from sgmonitor.kernel.insn import branches
 
@@ -24,14 +30,9 @@ _MAX_FUNCTION = 1 << 16
 
 def _table_handlers(kernel: object, code: KernelCode) -> dict[str, int]:
     """handler name -> the first system call number whose table entry holds it."""
-    symbols = kernel.symbols  # type: ignore[attr-defined]
-    table = symbols["sys_call_table"]
-    found = symbols.lookup_size_offset(table)
-    count = found[1] // 8 if found is not None and found[2] == 0 else 0
-    raw = kernel.memory.read(table, count * 8)  # type: ignore[attr-defined]
     handlers: dict[str, int] = {}
-    for nr in range(count):
-        name = code.symbol_at(int.from_bytes(raw[8 * nr : 8 * nr + 8], "little"))
+    for nr, target in enumerate(sys_call_table(kernel)):
+        name = code.symbol_at(target)
         if syscall_handler(name) and name not in NOT_IMPLEMENTED:
             handlers.setdefault(name, nr)
     return handlers

@@ -12,28 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from sgmonitor.errors import ValidationError
-from sgmonitor.ids.code import NOT_IMPLEMENTED, KernelCode, syscall_handler
+from sgmonitor.ids.code import NOT_IMPLEMENTED, KernelCode, sys_call_table, syscall_handler
 from sgmonitor.ids.registry import Finding, check
-
-_MAX_SYSCALLS = 4096
 
 
 @check("syscall_table", "sys_call_table entries point to their own handlers in kernel text")
 def run(kernel: object) -> Iterator[Finding]:
     """``sys_call_t sys_call_table[]`` read whole, each entry resolved with kallsyms."""
-    symbols = kernel.symbols  # type: ignore[attr-defined]
-    if not hasattr(symbols, "lookup"):
-        raise ValidationError("the symbol source cannot map addresses to names (kallsyms)")
-    table = symbols["sys_call_table"]
-    found = symbols.lookup_size_offset(table)
-    count = found[1] // 8 if found is not None and found[2] == 0 else 0
-    if not 0 < count <= _MAX_SYSCALLS:
-        raise ValidationError(f"sys_call_table has an implausible size ({count} entries)")
-    raw = kernel.memory.read(table, count * 8)  # type: ignore[attr-defined]
-    entries = [int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 8)]
-    while entries and entries[-1] == 0:  # alignment padding after the last entry
-        entries.pop()
+    entries = sys_call_table(kernel)
     code = KernelCode(kernel)
     owner: dict[str, int] = {}
     for nr, target in enumerate(entries):

@@ -17,7 +17,7 @@ have (BTF says) are skipped, since such a kernel has no such sites.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from sgmonitor.errors import GuestDataError, ValidationError
 from sgmonitor.kernel.helpers.ftrace import for_each_ftrace_op, for_each_kprobe
@@ -34,6 +34,7 @@ __all__ = [
     "ftrace_trampolines",
     "image_reader",
     "jump_label_entries",
+    "kaslr_slide",
     "runtime_patch_sites",
 ]
 
@@ -48,13 +49,19 @@ _MAX_FTRACE_PAGES = 1 << 16
 _FTRACE_CALL_LABELS = ("ftrace_call", "ftrace_regs_call", "ftrace_graph_call")
 
 
+def kaslr_slide(kernel: Kernel) -> int:
+    """How far the running kernel's image lies from its link addresses (VMCOREINFO's
+    ``KERNELOFFSET``; 0 without KASLR)."""
+    return (kernel.vmcoreinfo.kernel_offset if kernel.vmcoreinfo else 0) or 0
+
+
 def image_reader(kernel: Kernel) -> Reader:
     """Read the vendor image (``kernel.vendor_image``) at run-time addresses: its link
     addresses plus the guest's KASLR slide."""
     image = kernel.vendor_image
     if image is None:
         raise ValueError("no vendor image was given")
-    slide = (kernel.vmcoreinfo.kernel_offset if kernel.vmcoreinfo else 0) or 0
+    slide = kaslr_slide(kernel)
     return lambda address, size: image.read(address - slide, size)
 
 
@@ -153,13 +160,16 @@ def ftrace_trampolines(kernel: Kernel) -> list[tuple[int, int]]:
     ]
 
 
-def runtime_patch_sites(kernel: Kernel) -> list[Site]:
-    """Sites of the running kernel's core text that may change at any time."""
-    symbols, memory = kernel.symbols, kernel.memory
-    jump_labels = jump_label_entries(kernel, memory.read)
+def runtime_patch_sites(
+    kernel: Kernel, jump_labels: Sequence[tuple[int, int]], ftrace_ips: Sequence[int]
+) -> list[Site]:
+    """Sites of the running kernel's core text that may change at any time, given its
+    jump labels (:func:`jump_label_entries`) and ftrace sites (:func:`ftrace_record_ips`),
+    which a caller that also checks what those sites hold has read already."""
+    symbols = kernel.symbols
     sites: list[Site] = [(code, JUMP_LABEL_SITE) for code, _ in jump_labels]
-    sites += _static_call_sites(kernel, memory.read)
-    sites += [(ip, FTRACE_SITE) for ip in ftrace_record_ips(kernel)]
+    sites += _static_call_sites(kernel, kernel.memory.read)
+    sites += [(ip, FTRACE_SITE) for ip in ftrace_ips]
     sites += [(int(probe.addr), 5) for probe in for_each_kprobe(kernel)]  # int3 or jmp
     sites += [(symbols[name], 5) for name in _FTRACE_CALL_LABELS if name in symbols]  # type: ignore[operator]
     lo, hi = symbols.get("__static_call_text_start"), symbols.get("__static_call_text_end")  # type: ignore[attr-defined]
@@ -168,10 +178,10 @@ def runtime_patch_sites(kernel: Kernel) -> list[Site]:
     return sites
 
 
-def boot_patch_sites(kernel: Kernel, read: Reader, text: Reader) -> list[Site]:
-    """Sites patched once at boot, from the vendor image's tables (``read``); ``text``
-    reads the image's unpatched code, to size the instructions at retpoline and return
-    sites. ``__fentry__`` calls (``__mcount_loc``) are included."""
+def boot_patch_sites(kernel: Kernel, read: Reader) -> list[Site]:
+    """Sites patched once at boot, from the vendor image's tables (``read``, which also
+    gives the image's unpatched code, to size the instructions at retpoline and return
+    sites). ``__fentry__`` calls (``__mcount_loc``) are included."""
     sites: list[Site] = []
     for start, stop in (
         ("__retpoline_sites", "__retpoline_sites_end"),
@@ -180,7 +190,7 @@ def boot_patch_sites(kernel: Kernel, read: Reader, text: Reader) -> list[Site]:
     ):
         for site in _relative(kernel, read, start, stop):
             try:
-                sites.append((site, insn_length(text(site, 15))))
+                sites.append((site, insn_length(read(site, 15))))
             except GuestDataError:  # InsnError, or a site at the end of other text
                 sites.append((site, 6))  # the longest call/jmp/jcc rel32
     sites += [(site, 1) for site in _relative(kernel, read, "__smp_locks", "__smp_locks_end")]
@@ -192,7 +202,7 @@ def boot_patch_sites(kernel: Kernel, read: Reader, text: Reader) -> list[Site]:
         at = kernel.types.offsetof("struct alt_instr", "instr_offset")
         length = raw[i + kernel.types.offsetof("struct alt_instr", "instrlen")]
         sites.append((_self_relative(raw, i + at, entry + at), length))
-    slide = (kernel.vmcoreinfo.kernel_offset if kernel.vmcoreinfo else 0) or 0
+    slide = kaslr_slide(kernel)
     paravirt = ("struct paravirt_patch_site", "__parainstructions", "__parainstructions_end")
     for raw, i, _ in _entries(kernel, read, *paravirt):
         at = kernel.types.offsetof("struct paravirt_patch_site", "instr")
