@@ -176,14 +176,20 @@ def insn_length(code: bytes, offset: int = 0) -> int:
 
     :raises InsnError: not an instruction this decoder reads, or cut short by the end
     """
+    return _decode_at(code, offset, f"+{offset:#x}")[0]
+
+
+def _decode_at(code: bytes, offset: int, where: str) -> tuple[int, str | None, int]:
+    """:func:`_decode` of the instruction at ``code[offset]`` (``where`` names it in the
+    error), refusing one that the end of ``code`` cuts short."""
     window = code[offset : offset + MAX_INSN_LENGTH]
     try:
-        length = _decode(window, 0)[0]
+        decoded = _decode(window, 0)
     except IndexError:
-        raise InsnError(f"the code ends inside an instruction at +{offset:#x}") from None
-    if length > len(window):
-        raise InsnError(f"the code ends inside an instruction at +{offset:#x}")
-    return length
+        decoded = (MAX_INSN_LENGTH + 1, None, 0)
+    if decoded[0] > len(window):
+        raise InsnError(f"the code ends inside an instruction at {where}")
+    return decoded
 
 
 def branches(code: bytes, address: int) -> Iterator[Branch]:
@@ -194,13 +200,7 @@ def branches(code: bytes, address: int) -> Iterator[Branch]:
     """
     pos = 0
     while pos < len(code):
-        window = code[pos : pos + MAX_INSN_LENGTH]
-        try:
-            length, kind, displacement = _decode(window, 0)
-        except IndexError:
-            length, kind, displacement = MAX_INSN_LENGTH + 1, None, 0
-        if length > len(window):
-            raise InsnError(f"the code ends inside an instruction at {address + pos:#x}")
+        length, kind, displacement = _decode_at(code, pos, f"{address + pos:#x}")
         if kind is not None:
             end = address + pos + length
             target = (end + displacement) & 0xFFFF_FFFF_FFFF_FFFF

@@ -97,15 +97,9 @@ def task_state_member(tm: TypedMemory) -> str:
 
 
 def task_state(task: Object) -> int:
-    """The raw scheduler state of a ``struct task_struct *``.
-
-    The field is ``__state`` since v5.14 (commit 2f064a59a11f, "sched: Change
-    task_struct::state") and ``state`` before.
-    """
-    try:
-        return int(task.__state)
-    except AttributeError:
-        return int(task.state)
+    """The raw scheduler state of a ``struct task_struct *`` (its member's name:
+    :func:`task_state_member`)."""
+    return int(task.member_(task_state_member(task.memory_)))
 
 
 def task_state_to_char(task: Object) -> str:
