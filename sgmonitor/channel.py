@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sgmonitor.errors import SGMonitorError
+from sgmonitor.wire.core import SESSION_ID_LEN, TAG_LEN
 
 __all__ = [
     "HV_NONCE_LEN",
@@ -62,10 +63,8 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 KEY_LEN = 32
-SESSION_ID_LEN = 16
 HV_NONCE_LEN = 32  # the hypervisor's fresh contribution to each session's keys
 NONCE_LEN = 12
-TAG_LEN = 16
 MAX_VM_NAME = 64
 MAX_REQUEST_ID = 2**64 - 1
 MAX_ADDRESS = 2**64 - 1

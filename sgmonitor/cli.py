@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sgmonitor.errors import GuestDataError, SGMonitorError
-from sgmonitor.lab.kernel import FLAVORS, LabError
+from sgmonitor.lab import FLAVORS, LabError
 
 if TYPE_CHECKING:
     from sgmonitor.attestation.policy import Policy
@@ -297,7 +297,7 @@ def _vendor_vmlinux(path: str) -> Path:
     import atexit
     import tempfile
 
-    from sgmonitor.lab.kernel import LabError, extract_vmlinux
+    from sgmonitor.lab.kernel import extract_vmlinux
 
     given = Path(path)
     try:

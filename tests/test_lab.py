@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sgmonitor.lab import machine
+from sgmonitor.lab import LabError, machine
 from sgmonitor.lab.initramfs import WORKLOAD_UID, CpioWriter, Workload
-from sgmonitor.lab.kernel import LabError
 
 
 def sgmonitor(*args: str) -> subprocess.CompletedProcess[str]:

@@ -22,9 +22,9 @@ import pytest
 import rootkit
 
 from sgmonitor.cli import main
-from sgmonitor.lab import machine
+from sgmonitor.lab import LabError, machine
 from sgmonitor.lab.initramfs import Workload, build_initramfs
-from sgmonitor.lab.kernel import LabError, fetch_kernel, resolve_release
+from sgmonitor.lab.kernel import fetch_kernel, resolve_release
 from sgmonitor.local import local_deployment
 from sgmonitor.untrusted.library import SecureMonitor
 

@@ -67,6 +67,11 @@ class PhysicalMemory(ABC):
     def ram_ranges(self) -> list[range]:
         """Guest-physical RAM, sorted."""
 
+    def read_strided(self, address: int, stride: int, count: int) -> bytes:
+        """The byte at ``address + i * stride`` for each ``i < count`` (one byte of
+        every page, for a scan that checks page starts without copying all of RAM)."""
+        return b"".join(self.read_physical(address + i * stride, 1) for i in range(count))
+
     @abstractmethod
     def registers(self) -> Registers:
         """The first vCPU's control registers."""
@@ -121,6 +126,23 @@ class MappedFile(PhysicalMemory, ABC):
                 start = seg.file_offset + address - seg.address
                 return self._view[start : start + size].tobytes()
         return self._read_across(address, size)
+
+    def read_strided(self, address: int, stride: int, count: int) -> bytes:
+        if stride <= 0 or address < 0:
+            raise PhysicalAccessError(address, 1, "negative address or stride")
+        parts = []
+        i = 0
+        while i < count:  # a strided slice of each segment the positions fall in
+            at = address + i * stride
+            k = bisect.bisect_right(self._starts, at) - 1
+            seg = self._segments[k] if k >= 0 else None
+            if seg is None or at >= seg.end:
+                raise PhysicalAccessError(at, 1)
+            n = min(count - i, (seg.end - 1 - at) // stride + 1)
+            start = seg.file_offset + at - seg.address
+            parts.append(self._view[start : start + (n - 1) * stride + 1 : stride].tobytes())
+            i += n
+        return b"".join(parts)
 
     def _read_across(self, address: int, size: int) -> bytes:
         """A read spanning adjacent segments (rare: only at a boundary)."""

@@ -16,15 +16,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-FLAVORS = {"cloud": "cloud-amd64", "amd64": "amd64", "rt": "rt-amd64"}
+from sgmonitor.lab import FLAVORS, LabError
 
 _LZ4_LEGACY_MAGIC = 0x184C2102
 _LZ4_LEGACY_BLOCK = 8 << 20
 _XZ_MAGIC = b"\xfd7zXZ\x00"
-
-
-class LabError(RuntimeError):
-    """The lab could not build, boot or reach a guest; the message says what to do."""
 
 
 def cache_dir() -> Path:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sgmonitor.guest.qmp import Qmp, QmpError
+from sgmonitor.lab import LabError
 from sgmonitor.lab.initramfs import (
     MAX_COMMAND,
     MAX_OUTPUT,
@@ -28,7 +29,7 @@ from sgmonitor.lab.initramfs import (
     build_initramfs,
     guest_path,
 )
-from sgmonitor.lab.kernel import LabError, fetch_kernel
+from sgmonitor.lab.kernel import fetch_kernel
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _PROC = re.compile(r"^SGM-PROC (\d+) (\d+) (\d+) (\S) (.*)$")

@@ -41,7 +41,6 @@ from dataclasses import MISSING, dataclass, field, fields
 from enum import IntEnum
 from typing import Any, ClassVar, NoReturn, Self, TypeVar, dataclass_transform, overload
 
-from sgmonitor.channel import SESSION_ID_LEN
 from sgmonitor.errors import SGMonitorError
 
 __all__ = [
@@ -51,6 +50,8 @@ __all__ = [
     "MAX_FRAME",
     "MAX_STATEMENT",
     "MAX_WRAPPED_KEY",
+    "SESSION_ID_LEN",
+    "TAG_LEN",
     "U32",
     "U64_END",
     "WIRE_VERSION",
@@ -104,6 +105,12 @@ __all__ = [
     "u32",
     "u64",
 ]
+
+# Sizes the sealed channel (sgmonitor/channel.py) fills and the messages carry. They
+# live here, not there, so that reading the wire (a kernel list helper, the traditional
+# path) does not import the cryptography.
+SESSION_ID_LEN = 16
+TAG_LEN = 16  # AES-GCM's tag
 
 WIRE_VERSION = 1
 MAX_FRAME = 16 * 1024 * 1024  # bytes after the length prefix

@@ -15,9 +15,10 @@ import struct
 from enum import IntEnum
 from typing import Any
 
-from sgmonitor.channel import SESSION_ID_LEN, TAG_LEN
 from sgmonitor.wire.core import (
     MAX_ERROR_TEXT,
+    SESSION_ID_LEN,
+    TAG_LEN,
     U64_END,
     Blob,
     Blobs,
