@@ -98,7 +98,8 @@ class LocalDeployment:
         self, ids: str, seq: int, timeout: float = 30.0, *, link: bytes = b""
     ) -> dict[str, Any]:
         """Report ``seq`` of IDS ``ids`` as the monitor opened it (what the operator
-        reads; the host only ever carried it sealed). Give the link's id to tell a
+        reads; the host only ever carried it sealed), its ``records`` as dicts (the
+        report carries rows under ``record_fields``). Give the link's id to tell a
         restarted IDS of the same name (whose reports count from 0 again) apart."""
         deadline = time.monotonic() + timeout
         while True:
@@ -107,10 +108,19 @@ class LocalDeployment:
                     entry = json.loads(line)
                     same_link = not link or entry["link"] == link.hex()
                     if entry["ids"] == ids and entry["seq"] == seq and same_link:
-                        return dict(entry["report"])
+                        return _records_as_dicts(entry["report"])
             if time.monotonic() > deadline:
                 raise SGMonitorError(f"the monitor opened no report {seq} from {ids!r}")
             time.sleep(0.02)
+
+
+def _records_as_dicts(report: dict[str, Any]) -> dict[str, Any]:
+    """A pslist report's rows as dicts keyed by its ``record_fields``."""
+    fields = report.get("record_fields")
+    if fields is not None:
+        rows = report["records"]
+        report = {**report, "records": [dict(zip(fields, r, strict=True)) for r in rows]}
+    return report
 
 
 def installed_policy(*, allow_unsealed: bool = False) -> Policy:
