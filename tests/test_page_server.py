@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from synthetic import MEMBER, RAM_SIZE, Region, Ring, Tables
+from synthetic import CR0_PG, CR4_PAE, MEMBER, RAM_SIZE, Region, Ring, Tables
 
 from sgmonitor.errors import PageFault
+from sgmonitor.guest.memory import RawImage, Registers
 from sgmonitor.hypervisor.pages import ListEnd, PageNotRam, PageServer
 from sgmonitor.wire.core import WireError
 from sgmonitor.wire.sealed import MAX_LIST_NODES, ListWalk
@@ -196,3 +197,79 @@ def test_a_bad_list_walk_is_refused_where_it_is_made(
         ListWalk(*args)
     with pytest.raises(ValueError, match="ListWalk"):
         Ring(1).server(tmp_path).follow_list(args)  # type: ignore[arg-type]
+
+
+class CountingImage(RawImage):
+    """A RAM image whose vCPU registers are ``now`` (a live guest's move between
+    reads), counting how often they are read (QMP's ``info registers`` on a live guest),
+    with a count of machine resets to set (QEMU's RESET events)."""
+
+    def __init__(self, path: str, now: Registers) -> None:
+        super().__init__(path, now)
+        self.now, self.reads, self.reset_count = now, 0, 0
+
+    def registers(self) -> Registers:
+        self.reads += 1
+        return self.now
+
+    def resets(self) -> int:
+        return self.reset_count
+
+
+def two_boots(tmp_path: Path) -> tuple[CountingImage, Region, int, int]:
+    """A page mapped at the same address by two top-level tables, onto b"old boot" and
+    b"new boot": the kernel before and after a reset. The vCPU runs on the first."""
+    tables = Tables(la57=False)
+    region = Region(tables, pages=2)
+    region.write(region.va, b"old boot")
+    tables.ram[0x30_0000:0x30_0008] = b"new boot"
+    first = tables.root
+    if tables.next_table % 0x2000:  # top-level tables are 8 KiB aligned (PTI pairs)
+        tables._new_table()
+    tables.root = tables._new_table()
+    tables.map(region.va, 0x30_0000, 0x1000)
+    second, tables.root = tables.root, first
+    tables.image(tmp_path).close()
+    image = CountingImage(str(tmp_path / "ram.img"), Registers(CR0_PG, first, CR4_PAE))
+    return image, region, first, second
+
+
+def test_refresh_rereads_registers_only_when_the_kernel_half_changes(tmp_path: Path) -> None:
+    """The registers are read again only when the top-level table at the cached CR3 no
+    longer holds the kernel half it held: a change in its user half (another process's
+    table in the same page) keeps them; a new kernel half (the page reused for
+    something else) makes the next scan read them, and walk from the new CR3."""
+    image, region, first, second = two_boots(tmp_path)
+    server = PageServer(image)
+    server.refresh()
+    server.refresh()
+    assert image.reads == 1
+    assert server.read_pages([region.va])[0][:8] == b"old boot"  # type: ignore[index]
+    with (tmp_path / "ram.img").open("r+b") as f:  # a user-half entry: not the kernel's
+        f.seek(first + 8)
+        f.write((0x7000 | 0x3).to_bytes(8, "little"))
+    server.refresh()
+    assert image.reads == 1
+    image.now = Registers(CR0_PG, second, CR4_PAE)  # the vCPU moves to another table ...
+    server.refresh()
+    assert image.reads == 1  # ... which a scan need not see while the old one is intact
+    with (tmp_path / "ram.img").open("r+b") as f:  # the old table's page is reused
+        f.seek(first + 2048)
+        f.write(bytes(2048))
+    server.refresh()
+    assert image.reads == 2
+    assert server.read_pages([region.va])[0][:8] == b"new boot"  # type: ignore[index]
+
+
+def test_a_reset_rereads_registers_though_the_old_tables_survive(tmp_path: Path) -> None:
+    """RAM survives a reboot: the old kernel's top-level table may still be intact, and
+    walking it would read the old kernel's data. The reset itself (QEMU's RESET event)
+    makes the next scan read the registers and walk the new kernel's tables."""
+    image, region, _, second = two_boots(tmp_path)
+    server = PageServer(image)
+    server.refresh()
+    assert server.read_pages([region.va])[0][:8] == b"old boot"  # type: ignore[index]
+    image.now, image.reset_count = Registers(CR0_PG, second, CR4_PAE), 1  # a reboot
+    server.refresh()
+    assert image.reads == 2
+    assert server.read_pages([region.va])[0][:8] == b"new boot"  # type: ignore[index]

@@ -76,6 +76,10 @@ class PhysicalMemory(ABC):
     def registers(self) -> Registers:
         """The first vCPU's control registers."""
 
+    def resets(self) -> int:
+        """How many times the machine has reset since this source opened (a dump: 0)."""
+        return 0
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Hold the guest still for a consistent read (a no-op for dumps)."""

@@ -42,6 +42,9 @@ class QemuGuest(MappedFile):
         regs = self.qmp.registers()
         return Registers(cr0=regs["cr0"], cr3=regs["cr3"], cr4=regs["cr4"], efer=regs["efer"])
 
+    def resets(self) -> int:
+        return self.qmp.resets()
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Stop the vCPUs (if running) for the duration; nested uses are cheap."""

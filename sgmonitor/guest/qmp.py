@@ -9,10 +9,14 @@ from collections.abc import Awaitable, Iterator
 from typing import Any, TypeVar
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
+from qemu.qmp.events import EventListener
 
 from sgmonitor.errors import SGMonitorError
 
 T = TypeVar("T")
+# Event-loop passes that take bytes already in the socket to a listener: one to read
+# them, one for the reader task to parse and dispatch them, one to spare.
+_EVENT_PASSES = 3
 
 
 class QmpError(SGMonitorError):
@@ -30,6 +34,8 @@ class Qmp:
         self._timeout = timeout
         self._loop = asyncio.new_event_loop()
         self._client = QMPClient("sgmonitor")
+        self._resets = EventListener(("RESET",))
+        self._client.register_listener(self._resets)
         try:
             self._run(self._client.connect(socket_path))
         except TimeoutError:
@@ -69,6 +75,15 @@ class Qmp:
         if not {"cr0", "cr3", "cr4", "efer"} <= found.keys():
             raise QmpError(f"unexpected 'info registers' output: {text[:200]!r}")
         return found
+
+    def resets(self) -> int:
+        """How many RESET events QEMU has sent on this connection so far (the guest
+        rebooted, or was reset from outside). No round trip: the event loop runs just
+        long enough to take in what QEMU has already written, which a reset does as it
+        happens."""
+        for _ in range(_EVENT_PASSES):
+            self._loop.run_until_complete(asyncio.sleep(0))
+        return len(self._resets.history)
 
     def is_running(self) -> bool:
         return bool(self.command("query-status")["running"])

@@ -59,9 +59,9 @@ class WalkedList:
 class PageServer:
     """Guest-virtual kernel pages of one guest, read with the vCPU's page tables.
 
-    Call :meth:`refresh` at the start of each scan (with the guest paused): it re-reads
-    the control registers and drops every cached translation, so no scan sees the page
-    tables of an earlier one.
+    Call :meth:`refresh` at the start of each scan (with the guest paused): it drops
+    every cached translation, so no scan sees the page tables of an earlier one, and
+    re-reads the control registers when the top-level table they name may be stale.
     """
 
     def __init__(self, memory: PhysicalMemory, *, max_list_pages: int = MAX_REPLY_PAGES) -> None:
@@ -73,14 +73,49 @@ class PageServer:
         self._walker: PageWalker | None = None
         self._registers: Registers | None = None
         self._large: dict[int, Translation] = {}  # 2 MiB and 1 GiB pages, by 2 MiB frame
+        self._kernel_half: bytes | None = None  # the walker's top-level kernel entries
+        self._resets = 0  # the machine's resets when the registers were read
 
     def refresh(self) -> None:
-        """Re-read the vCPU registers and rebuild the kernel walker (new CR3, no cached
-        translations)."""
+        """Start from fresh translations; re-read the vCPU registers (a QMP round trip,
+        ~1 ms) only if the machine has reset or the top-level table the last ones named
+        has changed its kernel half.
+
+        Every process's top-level table holds the same kernel half (``pgd_alloc`` copies
+        ``swapper_pg_dir``'s, and x86-64 never changes those entries after boot), and
+        only that half translates the kernel addresses read here. So while the kernel
+        runs and the page at the cached CR3 still holds the entries it held when the
+        registers were read, walking from it translates exactly as the kernel's own
+        tables do, even if the process it belonged to has exited and the page now
+        serves another; a reused page changes those 2 KiB. A reset is told by QEMU's
+        RESET event, not by the page: RAM survives a reboot, so the old kernel's tables
+        (and data) may still be there untouched. The lower levels are read afresh by
+        every walk in any case.
+        """
+        resets = self.memory.resets()
+        if self._walker is not None and self._still_current(resets):
+            self._walker.invalidate()
+            self._large.clear()
+            return
         registers = self.memory.registers()
         self._walker = PageWalker.for_kernel(self.memory, registers)
         self._registers = registers
         self._large.clear()
+        self._kernel_half = self._read_kernel_half()
+        self._resets = resets
+
+    def _still_current(self, resets: int) -> bool:
+        """No reset since the registers were read, and the same kernel half at CR3."""
+        known = self._kernel_half
+        return resets == self._resets and known is not None and self._read_kernel_half() == known
+
+    def _read_kernel_half(self) -> bytes | None:
+        """Entries 256-511 of the walker's top-level table (None if not RAM)."""
+        assert self._walker is not None
+        try:
+            return self.memory.read_physical(self._walker.root + PAGE_SIZE // 2, PAGE_SIZE // 2)
+        except PhysicalAccessError:
+            return None
 
     begin_scan = refresh  # the PageTransport hook: a new scan starts from fresh tables
 
