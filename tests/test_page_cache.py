@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from synthetic import Region, Ring, Tables
 from synthetic_memory import vendor_btf
-from transports import CountingTransport, NoPrefetch
+from transports import CountingTransport, NoPrefetch, StreamingTransport
 
-from sgmonitor.enclave.memory import PageCache, RemoteMemory, TransportError
+from sgmonitor.enclave.memory import FIRST_WINDOW, PageCache, RemoteMemory, TransportError
 from sgmonitor.errors import PageFault, ValidationError
 from sgmonitor.guest.paging import PageWalker, VirtualMemory
 from sgmonitor.hypervisor.pages import PageServer
@@ -205,6 +205,48 @@ def test_prefetch_caches_every_entry_page(tmp_path: Path) -> None:
         start = node - ring.member
         assert memory.read(start, ring.entry) == ring.region.read(start, ring.entry)
     assert len(transport.calls) == 1 and memory.stats().prefetches == 1
+
+
+def test_a_streamed_walk_asks_each_next_window_ahead(tmp_path: Path) -> None:
+    """With a transport that can take a walk ahead, each window's arrival sends the
+    next, whose answer is taken when the walk gets there; windows start at
+    FIRST_WINDOW nodes and double, up to a quarter of the budget each."""
+    ring = Ring(300, pages=1000)  # entries of 3 or 4 pages
+    transport = StreamingTransport(ring.server(tmp_path))
+    memory = RemoteMemory(transport, 16 * MIB)  # a quarter: 1024 pages, 256 entries
+    memory.begin_scan()
+    calls, after = 0, None
+    while True:
+        calls += 1
+        after = memory.prefetch_list(ring.walk(1000, after or 0))
+        if after is None:
+            break
+    limits = [args[4] for _, args in transport.calls]
+    assert [name for name, _ in transport.calls] == ["follow_list", *["follow_list_later"] * 3]
+    assert limits == [FIRST_WINDOW, 2 * FIRST_WINDOW, 4 * FIRST_WINDOW, 8 * FIRST_WINDOW]
+    assert len(transport.taken) == 3 and calls == 4
+    for node in ring.nodes:
+        start = node - ring.member
+        assert memory.read(start, ring.entry) == ring.region.read(start, ring.entry)
+    assert memory.stats().evictions == 0 and memory.cache.reserved == 0
+    memory.begin_scan()  # a window sent ahead and never asked for is dropped
+    assert memory.prefetch_list(ring.walk(1000)) == ring.nodes[FIRST_WINDOW - 1]
+    memory.begin_scan()
+    assert memory.prefetch_list(ring.walk(1000)) == ring.nodes[FIRST_WINDOW - 1]
+    assert len(transport.taken) == 3 and memory.cache.reserved > 0
+
+
+def test_streamed_windows_fit_a_quarter_of_the_budget(tmp_path: Path) -> None:
+    ring = Ring(60, pages=200)  # 60 entries of up to 4 pages; 1 MiB holds 256 pages
+    transport = StreamingTransport(ring.server(tmp_path))
+    memory = RemoteMemory(transport, MIB)
+    assert prefetch_all(memory, ring) == 4  # windows of 256 // 4 // 4 = 16 entries
+    assert [call[1][4] for call in transport.calls] == [16, 16, 16, 16]
+    assert transport.taken and len(transport.taken) == 3
+    assert memory.stats().evictions == 0
+    for node in ring.nodes:
+        start = node - ring.member
+        assert memory.read(start, ring.entry) == ring.region.read(start, ring.entry)
 
 
 def test_prefetch_windows_fit_half_the_budget(tmp_path: Path) -> None:

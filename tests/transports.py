@@ -7,7 +7,7 @@ checked independently of ``RemoteMemory``'s own counters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sgmonitor.enclave.memory import RemoteMemory
 from sgmonitor.errors import PageFault
@@ -33,6 +33,25 @@ class CountingTransport:
     def begin_scan(self) -> None:
         self.scans += 1
         self.server.refresh()
+
+
+class StreamingTransport(CountingTransport):
+    """A CountingTransport that also takes list walks ahead (``follow_list_later``), as
+    the sealed channel does: the walk is recorded when asked for, and only then."""
+
+    def __init__(self, server: PageServer) -> None:
+        super().__init__(server)
+        self.taken: list[tuple[int, ...]] = []  # the ahead walks whose answers were taken
+
+    def follow_list_later(self, walk: ListWalk) -> Callable[[], WalkedList]:
+        self.calls.append(("follow_list_later", (*walk.layout, walk.limit, walk.after)))
+        found = self.server.follow_list(walk)
+
+        def answer() -> WalkedList:
+            self.taken.append((*walk.layout, walk.limit, walk.after))
+            return found
+
+        return answer
 
 
 class NoPrefetch:

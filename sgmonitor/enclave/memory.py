@@ -6,7 +6,8 @@ hypervisor service, or a ``PageServer`` in-process) and is kept in a :class:`Pag
 bounded like the EPC. Crossings, not cryptography, are the cost (DESIGN.md, "Data path
 and its budget"), so a read fetches all its missing pages in one call, a list walk can
 ask the trusted side to follow the list and return every entry's pages in one reply,
-and the counters say how many crossings a scan took.
+and the counters say how many crossings a scan took. Over the sealed channel a list is
+streamed: while the IDS works through one window of it, the next is already asked for.
 
 The cache lives for one scan: :meth:`RemoteMemory.begin_scan` empties it, so a periodic
 IDS never judges the guest by pages read during an earlier scan. Faults are cached too
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
@@ -51,6 +52,7 @@ _PAGE_MASK = PAGE_SIZE - 1
 _U64 = 1 << 64
 DEFAULT_BUDGET = 32 << 20  # the EPC of the paper's machine
 NEGATIVE_ENTRY_COST = 64  # budget bytes charged for a cached fault
+FIRST_WINDOW = 32  # list nodes in a streamed walk's first window (see prefetch_list)
 
 
 class TransportError(SGMonitorError):
@@ -75,7 +77,9 @@ class PageTransport(Protocol):
     """What the enclave needs from the trusted side (one call = one crossing).
 
     A transport may also offer ``begin_scan()``, called when a scan starts, to refresh
-    its registers and translations.
+    its registers and translations, and ``follow_list_later(walk)``, which sends a
+    ``follow_list`` at once and returns the call that takes its answer (streamed list
+    walks, see :meth:`RemoteMemory.prefetch_list`).
     """
 
     def read_pages(self, addresses: Sequence[int]) -> Sequence[bytes | PageFault]:
@@ -227,6 +231,8 @@ class RemoteMemory:
         self._owners: list[_EntrySpan] = []
         self._unsorted: list[tuple[int, _EntrySpan]] = []
         self._learning = False  # some list's entries came whole this scan: note every read
+        self._windows: dict[tuple[int, int, int, int], int] = {}  # list windows this scan
+        self._ahead: _Ahead | None = None  # the next window, asked for already
 
     def begin_scan(self) -> None:
         """Start a scan: drop every cached page and fault, let the transport refresh."""
@@ -240,6 +246,8 @@ class RemoteMemory:
         self._learning = False
         self.cache.clear()
         self._staged.clear()
+        self._windows.clear()
+        self._ahead = None  # (the transport takes in an answer still out itself)
         self.cache.reserved = 0
         self._predict = list(dict.fromkeys(self._needed))[: self.max_predicted]
         self._needed = []
@@ -410,24 +418,35 @@ class RemoteMemory:
         """Have the trusted side follow a list and cache every page its entries span.
 
         An optimization only: nothing is validated here (the walk that follows checks
-        every link it reads from the cache). One window holds at most half the cache
-        budget, so prefetched pages are not evicted before the walk reaches them.
+        every link it reads from the cache). ``walk`` spans whole entries and its
+        ``limit`` bounds the whole walk; each call asks for one window of it. Once a
+        scan of this session has read inside this list's entries, only the hull of what
+        it read (and the node's links) is asked for; reads outside it miss, are
+        fetched, and widen it.
 
-        ``walk`` spans whole entries and its ``limit`` bounds the whole walk (this
-        call asks for one window of it). Once a scan of this session
-        has read inside this list's entries, only the hull of what it read (and the
-        node's links) is asked for; reads outside it miss, are fetched, and widen it.
+        A transport with ``follow_list_later`` (the sealed channel) streams the walk:
+        as each window arrives the next is asked for at once, so the trusted side walks
+        and the relay carries it while the IDS works through this one. Windows start at
+        ``FIRST_WINDOW`` nodes (the IDS starts soon) and double, up to a quarter of the
+        cache budget each (this window cached, the next held outside the cache and
+        reserved in its budget). Without streaming one window holds half the budget.
+        Either way prefetched pages are not evicted before the walk reaches them.
 
         :return: the last node prefetched when more may follow (call again with
             ``after=`` that node when the walk gets there), else None
         """
         key = walk.layout
-        asked = self._asked(walk)
-        per_entry = (asked.span_size + 2 * PAGE_SIZE - 1) // PAGE_SIZE
-        window = max(1, self.cache.budget // 2 // PAGE_SIZE // per_entry)
-        asked = replace(asked, limit=min(walk.limit, window, MAX_LIST_NODES))
-        extra = self._take_prediction(set(), MAX_PAGES_PER_REQUEST)
-        found = self.transport.follow_list(asked, pages=extra)
+        windows = self._windows.get(key, 0)
+        asked = self._window(walk, windows)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self.cache.reserved -= ahead.reserved
+        if ahead is not None and ahead.walk == asked:
+            found, extra = ahead.answer(), []
+        else:  # nothing sent ahead for this window (a stale one is just dropped)
+            extra = self._take_prediction(set(), MAX_PAGES_PER_REQUEST)
+            found = self.transport.follow_list(asked, pages=extra)
+        self._windows[key] = windows + 1
         span = self._reading.get(key)
         if span is None:
             span = self._reading[key] = _EntrySpan(walk.span_size)
@@ -448,7 +467,41 @@ class RemoteMemory:
             else:
                 self._store(page, value)
         more = found.end in (ListEnd.LIMIT, ListEnd.REPLY_FULL) and len(found.nodes) < walk.limit
-        return found.nodes[-1] if more and found.nodes else None
+        last = found.nodes[-1] if more and found.nodes else None
+        later = getattr(self.transport, "follow_list_later", None)
+        if last is not None and later is not None:
+            following = self._window(replace(walk, after=last), windows + 1)
+            reserved = following.limit * self._pages_per_entry(following) * PAGE_SIZE
+            self.cache.reserved += reserved
+            self._ahead = _Ahead(following, later(following), reserved)
+        return last
+
+    def _window(self, walk: ListWalk, number: int) -> ListWalk:
+        """What to ask for as window ``number`` (from 0) of ``walk`` in this scan."""
+        asked = self._asked(walk)
+        per_entry = self._pages_per_entry(asked)
+        if getattr(self.transport, "follow_list_later", None) is None:
+            window = self.cache.budget // 2 // PAGE_SIZE // per_entry
+        else:
+            window = min(
+                FIRST_WINDOW << min(number, 16), self.cache.budget // 4 // PAGE_SIZE // per_entry
+            )
+        return replace(asked, limit=max(1, min(walk.limit, window, MAX_LIST_NODES)))
+
+    @staticmethod
+    def _pages_per_entry(walk: ListWalk) -> int:
+        """The most pages one entry's span can cover."""
+        return (walk.span_size + 2 * PAGE_SIZE - 1) // PAGE_SIZE
+
+
+@dataclass(frozen=True)
+class _Ahead:
+    """A list window asked for before the walk reached it: the request, the call that
+    takes its answer, and the budget bytes reserved for that answer meanwhile."""
+
+    walk: ListWalk
+    answer: Callable[[], ListPages]
+    reserved: int
 
 
 def _first(item: tuple[int, _EntrySpan]) -> int:

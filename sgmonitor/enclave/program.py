@@ -87,8 +87,18 @@ class EnclaveCallError(SGMonitorError):
         self.code = code
 
 
+@dataclass(frozen=True)
+class _Outstanding:
+    """An OCALL sent and not answered yet."""
+
+    call_id: int
+    spec: edl.CallSpec
+    sent: float  # time.monotonic() when sent
+
+
 class HostPort:
-    """The enclave's end of the host connection: receive ECALLs, make OCALLs."""
+    """The enclave's end of the host connection: receive ECALLs, make OCALLs (one at a
+    time: a second is sent only once the first's answer is taken)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -131,20 +141,30 @@ class HostPort:
 
     def ocall(self, name: str, timeout: float, **args: Value) -> Mapping[str, Value]:
         """Make one OCALL and wait at most ``timeout`` seconds for its result."""
+        return self.ocall_wait(self.ocall_send(name, **args), timeout)
+
+    def ocall_send(self, name: str, **args: Value) -> _Outstanding:
+        """Send an OCALL and return at once (the host works on it meanwhile); take its
+        result with :meth:`ocall_wait` before sending another."""
         call_id = self._next_ocall
         self._next_ocall += 1
         call = edl.make_call(call_id, name, **args)
         found = edl.spec(name, CallDirection.OCALL)
         send_frame(self.sock, call, self.send_timeout)
-        deadline = time.monotonic() + timeout
+        return _Outstanding(call_id, found, time.monotonic())
+
+    def ocall_wait(self, out: _Outstanding, timeout: float) -> Mapping[str, Value]:
+        """The result of OCALL ``out``, at most ``timeout`` seconds after it was sent."""
+        name = out.spec.name
+        deadline = out.sent + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise WireTimeout(f"{name}: no answer from the host within {timeout:.1f}s")
             msg = recv_frame(self.sock, remaining)
-            if isinstance(msg, Return) and msg.call_id == call_id:
-                return edl.named_results(found, msg.results)
-            if isinstance(msg, CallFailed) and msg.call_id == call_id:
+            if isinstance(msg, Return) and msg.call_id == out.call_id:
+                return edl.named_results(out.spec, msg.results)
+            if isinstance(msg, CallFailed) and msg.call_id == out.call_id:
                 raise ExchangeFailed(msg.code, f"{name} failed on the host: {msg.message}")
             if isinstance(msg, Call):  # no re-entrant ECALLs while an OCALL is out
                 busy = CallFailed(msg.call_id, ErrorCode.BUSY, "enclave is in an OCALL")
@@ -192,16 +212,20 @@ class EnclaveProgram:
             raise EnclaveCallError(ErrorCode.NO_SUCH_CALL, f"{found.name} is not implemented")
         return handler(**args)  # type: ignore[no-any-return]
 
-    def _exchange(self, frame: bytes, timeout: float) -> bytes:
+    def _exchange(self, frame: bytes, timeout: float) -> Callable[[], bytes]:
+        """Send ``frame`` to the hypervisor now; the returned call waits for its answer
+        (the transport's ``Exchange``)."""
         timeout_ms = max(1, min(int(timeout * 1000), _MAX_TIMEOUT_MS))
         # The host is asked to give up at the deadline; the enclave doesn't rely on it.
-        out = self.port.ocall(
-            "ocall_hv_exchange", timeout + 1.0, frame=frame, timeout_ms=timeout_ms
-        )
-        answer = out["frame"]
-        assert isinstance(answer, bytes)
-        if len(answer) > MAX_FRAME:
-            raise ExchangeFailed(ErrorCode.TOO_LARGE, "reply frame too large")
+        sent = self.port.ocall_send("ocall_hv_exchange", frame=frame, timeout_ms=timeout_ms)
+
+        def answer() -> bytes:
+            got = self.port.ocall_wait(sent, timeout + 1.0)["frame"]
+            assert isinstance(got, bytes)
+            if len(got) > MAX_FRAME:
+                raise ExchangeFailed(ErrorCode.TOO_LARGE, "reply frame too large")
+            return got
+
         return answer
 
     # --- ECALLs --------------------------------------------------------------------------

@@ -16,8 +16,9 @@ too, and is never taken as a statement about the guest.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from sgmonitor.channel import (
@@ -60,8 +61,9 @@ from sgmonitor.wire.sealed import (
 
 __all__ = ["Exchange", "ExchangeFailed", "RemoteListWalk", "SealedTransport", "SessionFailed"]
 
-# encoded hypervisor-link frame, timeout in seconds -> the encoded answer
-Exchange = Callable[[bytes, float], bytes]
+# Send an encoded hypervisor-link frame (timeout in seconds) now; the call it returns
+# waits for the encoded answer. One exchange is out at a time.
+Exchange = Callable[[bytes, float], Callable[[], bytes]]
 
 
 class SessionFailed(SGMonitorError):
@@ -122,6 +124,7 @@ class SealedTransport:
         # A BeginScan not sent yet: it rides in the scan's first request (one Batch).
         self._begin: BeginScan | None = None
         self.paused = False  # the hypervisor said the guest is paused for this scan
+        self._out: _Sent | None = None  # the request whose answer is still out
 
     # --- PageTransport -----------------------------------------------------------------
 
@@ -140,6 +143,23 @@ class SealedTransport:
             self._fail(ErrorCode.BAD_REQUEST, "the reply index names other pages than asked")
         by_address = _values(index.pages, pages)
         return [by_address[a] for a in addresses]
+
+    def follow_list_later(self, walk: ListWalk) -> Callable[[], RemoteListWalk]:
+        """Send a ``follow_list`` now and take its answer when the returned call is made:
+        the hypervisor walks, and the relay carries its reply, while the enclave works
+        on what it has. Any other call first takes this answer in (one exchange is out
+        at a time), so the order of sealed requests and replies never changes."""
+        if self._begin is not None:  # the scan's first request: no need to overlap it
+            found = self.follow_list(walk)
+            return lambda: found
+        sent = self._send(FollowList(replace(walk, limit=min(walk.limit, MAX_LIST_NODES))))
+
+        def answer() -> RemoteListWalk:
+            index, pages = self._receive(sent, (ListReply,))
+            assert isinstance(index, ListReply)
+            return RemoteListWalk(index.entries, index.end, _values(index.pages, pages))
+
+        return answer
 
     def follow_list(self, walk: ListWalk, *, pages: Sequence[int] = ()) -> RemoteListWalk:
         """Have the hypervisor walk a ``list_head`` list (at most ``MAX_LIST_NODES``
@@ -170,8 +190,10 @@ class SealedTransport:
     # --- more requests -----------------------------------------------------------------
 
     def end_scan(self) -> None:
-        """The scan is over: the hypervisor resumes the guest if it paused it (a scan
-        that paused nothing, or made no request at all, needs no crossing for that)."""
+        """The scan is over: an answer still out is taken in (the next ECALL must not
+        find it), and the hypervisor resumes the guest if it paused it (a scan that
+        paused nothing, or made no request at all, needs no crossing for that)."""
+        self._settle()
         if self._begin is not None:
             self._begin = None  # nothing was asked, nothing was paused
             return
@@ -237,17 +259,54 @@ class SealedTransport:
         self, request: Message, expect: tuple[type[Message], ...]
     ) -> tuple[Message, list[bytes]]:
         """Seal ``request``, exchange it, open the index and its pages; fail closed."""
+        return self._receive(self._send(request), expect)
+
+    def _send(self, request: Message) -> _Sent:
+        """Seal ``request`` and hand it to the host (after taking in any answer still
+        out); :meth:`_receive` opens what comes back."""
+        self._settle()
         if self.failure is not None:
             raise self.failure
         rid = self._next_request
         self._next_request += 1
-        try:
+        with self._failing_closed():
             sealed = self.channel.seal(Kind.REQUEST, rid, encode(request))
             frame = encode(Request(self.session_id, rid, sealed))
             self.crossings += 1
             started = time.perf_counter()
             try:
-                reply = self.exchange(frame, self.timeout)
+                answer = self.exchange(frame, self.timeout)
+            finally:
+                self.crossing_s += time.perf_counter() - started
+        sent = self._out = _Sent(rid, answer)
+        return sent
+
+    def _settle(self) -> None:
+        """Take in the answer still out, if any (kept for whoever asked for it)."""
+        if self._out is not None:
+            self._receive(self._out, None)
+
+    def _receive(
+        self, sent: _Sent, expect: tuple[type[Message], ...] | None
+    ) -> tuple[Message, list[bytes]]:
+        """Wait for ``sent``'s answer and open it (once: a settled answer is kept);
+        ``expect`` None takes any reply, checked when its asker comes for it."""
+        if sent.opened is None:
+            if self.failure is not None:
+                raise self.failure
+            self._out = None
+            sent.opened = self._open(sent)
+        index, pages = sent.opened
+        if expect is not None and not isinstance(index, expect):
+            self._fail(ErrorCode.BAD_FRAME, f"malformed reply: a {type(index).__name__}")
+        return index, pages
+
+    def _open(self, sent: _Sent) -> tuple[Message, list[bytes]]:
+        rid = sent.request_id
+        with self._failing_closed():
+            started = time.perf_counter()
+            try:
+                reply = sent.answer()
             finally:
                 self.crossing_s += time.perf_counter() - started
             answer = decode(reply, expect=(Reply, Error))
@@ -257,7 +316,7 @@ class SealedTransport:
                 )
             assert isinstance(answer, Reply)
             body = self.channel.open(Kind.REPLY, rid, answer.sealed_reply)
-            index: Message = decode(body, expect=(*expect, RequestFailed))
+            index: Message = decode(body, expect=(*_REPLIES, RequestFailed))
             if isinstance(index, RequestFailed):
                 self._fail(index.code, f"hypervisor refused: {index.message}")
             present = (
@@ -266,6 +325,17 @@ class SealedTransport:
             if len(answer.sealed_pages) != len(present):
                 raise InvalidSeal()  # pages dropped or added: same as a forgery
             pages = self.channel.open_pages(rid, answer.sealed_pages, present, PAGE_SIZE)
+        opened = len(body) + PAGE_SIZE * len(pages)
+        self.bytes_opened += opened
+        if self.sealed:
+            self.bytes_decrypted += opened
+        return index, pages
+
+    @contextlib.contextmanager
+    def _failing_closed(self) -> Iterator[None]:
+        """Any failure of the channel or the exchange fails the session."""
+        try:
+            yield
         except (InvalidSeal, ChannelClosed):
             self._fail(ErrorCode.INVALID_SEAL, _FORGED)
         except (SessionExpired, ChannelExhausted) as exc:
@@ -276,11 +346,27 @@ class SealedTransport:
             self._fail(exc.code, f"the untrusted host could not relay: {exc}")
         except WireError as exc:
             self._fail(ErrorCode.BAD_FRAME, f"malformed reply: {exc}")
-        opened = len(body) + PAGE_SIZE * len(pages)
-        self.bytes_opened += opened
-        if self.sealed:
-            self.bytes_decrypted += opened
-        return index, pages
+
+
+@dataclass
+class _Sent:
+    """A request handed to the host: its id, the call that waits for its answer, and
+    the opened answer once taken in."""
+
+    request_id: int
+    answer: Callable[[], bytes]
+    opened: tuple[Message, list[bytes]] | None = None
+
+
+# Every reply the index of an answer may be (each asker checks for its own).
+_REPLIES = (
+    Ack,
+    BatchReply,
+    ListReply,
+    PagesReply,
+    RegistersReply,
+    VmcoreinfoReply,
+)
 
 
 def _ranges(addresses: Sequence[int]) -> tuple[PageRange, ...]:
