@@ -306,7 +306,7 @@ class SealingChannel(Protocol):
     def open_pages(
         self,
         request_id: int,
-        sealed: Sequence[bytes],
+        sealed: Sequence[bytes | memoryview],
         addresses: Sequence[int],
         length: int,
         *,
@@ -502,7 +502,7 @@ class Channel(_ChannelBase):
     def open_pages(
         self,
         request_id: int,
-        sealed: Sequence[bytes],
+        sealed: Sequence[bytes | memoryview],
         addresses: Sequence[int],
         length: int,
         *,
@@ -615,7 +615,7 @@ class UnsealedChannelForExperimentsOnly(_ChannelBase):
     def open_pages(
         self,
         request_id: int,
-        sealed: Sequence[bytes],
+        sealed: Sequence[bytes | memoryview],
         addresses: Sequence[int],
         length: int,
         *,
@@ -626,7 +626,7 @@ class UnsealedChannelForExperimentsOnly(_ChannelBase):
             self._state.failed = True
             raise InvalidSeal()
         return [
-            self.open(Kind.PAGE, request_id, s, address=a, length=length, now=now)
+            self.open(Kind.PAGE, request_id, bytes(s), address=a, length=length, now=now)
             for a, s in zip(addresses, sealed, strict=True)
         ]
 

@@ -164,7 +164,7 @@ class ErrorCode(IntEnum):
 
 class Writer:
     def __init__(self) -> None:
-        self.parts: list[bytes] = []
+        self.parts: list[bytes | memoryview] = []
 
     def u8(self, v: int) -> None:
         self.parts.append(struct.pack(">B", v))
@@ -191,7 +191,9 @@ class Writer:
 
 class Reader:
     def __init__(self, data: bytes, what: str, pos: int = 0) -> None:
-        self.data = memoryview(data)  # no copy: fields are copied out one by one
+        # No copy: fields are copied out one by one, or are views of ``data`` (sealed
+        # pages), which must therefore be immutable bytes.
+        self.data = memoryview(data)
         self.pos = pos
         self.what = what
 
@@ -224,8 +226,10 @@ class Reader:
             raise WireError(f"{self.what}: {field} is {n} bytes, limit {limit}")
         return self.take(n, field)
 
-    def blobs(self, n: int, field: str, limit: int) -> tuple[bytes, ...]:
-        """``n`` blobs in a row (as ``n`` calls of :meth:`blob`, one page each)."""
+    def blobs(self, n: int, field: str, limit: int) -> tuple[memoryview, ...]:
+        """``n`` blobs in a row (as ``n`` calls of :meth:`blob`, one page each), as views
+        of the message: a reply's sealed pages are opened straight from it, not copied
+        out first (the message is immutable bytes, so the views cannot change)."""
         data, pos, size, out = self.data, self.pos, len(self.data), []
         unpack = U32.unpack_from
         for _ in range(n):
@@ -239,7 +243,7 @@ class Reader:
             if end > size:
                 self.pos = pos + 4
                 self.take(length, field)  # raises: truncated
-            out.append(bytes(data[pos + 4 : end]))
+            out.append(data[pos + 4 : end])
             pos = end
         self.pos = pos
         return tuple(out)
@@ -531,23 +535,26 @@ class Seq(Codec):
 
 
 class Blobs(Seq):
-    """A tuple of blobs, packed and parsed in bulk (a reply's sealed pages)."""
+    """A tuple of blobs, packed and parsed in bulk (a reply's sealed pages); decoded,
+    they are views of the message (:meth:`Reader.blobs`)."""
 
     def __init__(self, limit: int, item_limit: int, item_name: str) -> None:
         super().__init__(Blob(item_limit), limit, item_name=item_name)
 
-    def check_items(self, msg: str, name: str, items: tuple[Any, ...]) -> None:
+    def check(self, msg: str, name: str, v: Any) -> None:
+        check_tuple(msg, name, v, self.limit, (bytes, memoryview))
         limit = self.item.limit  # type: ignore[attr-defined]
-        if any(len(x) > limit for x in items):
-            super().check_items(msg, name, items)
+        for x in v:
+            if len(x) > limit:
+                raise WireError(f"{msg}: {self.item_name or name} is {len(x)} bytes, limit {limit}")
 
-    def put(self, w: Writer, v: tuple[bytes, ...]) -> None:
+    def put(self, w: Writer, v: tuple[bytes | memoryview, ...]) -> None:
         w.u32(len(v))
         pack = U32.pack
         for x in v:
             w.parts += (pack(len(x)), x)
 
-    def get(self, r: Reader, name: str) -> tuple[bytes, ...]:
+    def get(self, r: Reader, name: str) -> tuple[memoryview, ...]:
         n = self.get_count(r, name)
         return r.blobs(n, self.item_name or name, self.item.limit)  # type: ignore[attr-defined]
 

@@ -144,7 +144,7 @@ class Reply(Message):
     session_id: bytes = fixed(SESSION_ID_LEN)
     request_id: int = u64()
     sealed_reply: bytes = blob(MAX_SEALED_REPLY)
-    sealed_pages: tuple[bytes, ...] = spec(
+    sealed_pages: tuple[bytes | memoryview, ...] = spec(
         Blobs(MAX_REPLY_PAGES, MAX_SEALED_PAGE, "sealed page"), default=()
     )
 
