@@ -387,18 +387,25 @@ def test_prediction_rides_in_the_first_crossing_and_reads_afresh(tmp_path: Path)
 
 
 def test_predicted_pages_stay_within_the_budget(tmp_path: Path) -> None:
+    """More pages predicted than a quarter of the budget holds: each crossing brings the
+    next quarter's worth, in the order the last scan needed them, so the scan takes a
+    handful of crossings instead of one per page beyond the first quarter."""
     region = patterned(600, alias=32)
     memory, transport = remote(region, tmp_path, budget=MIB)  # 256 pages
     memory.begin_scan()
     for page in range(0, 600, 2):
         memory.read(region.va + page * PAGE, 8)
     memory.begin_scan()
+    before = memory.stats()
     memory.read(region.va + PAGE, 8)
     assert len(transport.calls[-1][1]) <= 1 + MIB // 4 // PAGE
     assert memory.cache.used + memory.cache.reserved <= MIB
     for page in range(0, 600, 2):
         assert memory.read(region.va + page * PAGE, 2) == region.read(region.va + page * PAGE, 2)
-    assert memory.cache.used + memory.cache.reserved <= MIB
+        assert memory.cache.used + memory.cache.reserved <= MIB
+    scan = memory.stats().since(before)
+    assert scan.crossings <= 300 // (MIB // 4 // PAGE) + 2
+    assert scan.predicted_used >= 300 - scan.crossings  # each later crossing: one miss
 
 
 # -- only the part of each entry the last scan read -----------------------------------

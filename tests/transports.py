@@ -43,9 +43,11 @@ class StreamingTransport(CountingTransport):
         super().__init__(server)
         self.taken: list[tuple[int, ...]] = []  # the ahead walks whose answers were taken
 
-    def follow_list_later(self, walk: ListWalk) -> Callable[[], WalkedList]:
+    def follow_list_later(
+        self, walk: ListWalk, *, pages: Sequence[int] = ()
+    ) -> Callable[[], WalkedList]:
         self.calls.append(("follow_list_later", (*walk.layout, walk.limit, walk.after)))
-        found = self.server.follow_list(walk)
+        found = self.server.follow_list(walk, pages=pages)
 
         def answer() -> WalkedList:
             self.taken.append((*walk.layout, walk.limit, walk.after))

@@ -15,9 +15,11 @@ IDS never judges the guest by pages read during an earlier scan. Faults are cach
 
 What a scan will read is learned from the one before: the pages the previous scan of
 the session had to fetch one miss at a time (second-level pointers such as a task's
-``cred``) are asked for again, fresh, in the new scan's first crossing. Like the list
-prefetch this is only a hint about *which* pages to fetch: every page is read during
-the current scan, and the walk validates whatever it reads.
+``cred``) are asked for again, fresh, in the new scan's crossings, in the order that
+scan needed them: as many as a quarter of the budget holds in the first, more in each
+later one as the scan reads those. Like the list prefetch this is only a hint about
+*which* pages to fetch: every page is read during the current scan, and the walk
+validates whatever it reads.
 
 So is the part of each list entry a walk reads: a list prefetch asks for whole entries
 the first time, and from then on only for the hull of the offsets the previous scan
@@ -77,9 +79,9 @@ class PageTransport(Protocol):
     """What the enclave needs from the trusted side (one call = one crossing).
 
     A transport may also offer ``begin_scan()``, called when a scan starts, to refresh
-    its registers and translations, and ``follow_list_later(walk)``, which sends a
-    ``follow_list`` at once and returns the call that takes its answer (streamed list
-    walks, see :meth:`RemoteMemory.prefetch_list`).
+    its registers and translations, and ``follow_list_later(walk, pages=...)``, which
+    sends a ``follow_list`` at once and returns the call that takes its answer (streamed
+    list walks, see :meth:`RemoteMemory.prefetch_list`).
     """
 
     def read_pages(self, addresses: Sequence[int]) -> Sequence[bytes | PageFault]:
@@ -164,6 +166,12 @@ class PageCache:
             self.used -= _cost(old)
         self._entries[page] = value
         self.used += _cost(value)
+        self.reserve(0)
+
+    def reserve(self, size: int) -> None:
+        """Hold ``size`` more budget bytes outside the cache (less, if negative),
+        evicting to fit."""
+        self.reserved += size
         while self.used + self.reserved > self.budget and self._entries:
             _, evicted = self._entries.popitem(last=False)
             self.used -= _cost(evicted)
@@ -218,9 +226,11 @@ class RemoteMemory:
         # Pages fetched because the previous scan needed them, not read yet (their bytes
         # are charged to the cache budget as ``reserved``), and what to ask for.
         self._staged: dict[int, bytes | PageFault] = {}
+        self._staged_bytes = 0  # their cost, at most a quarter of the budget
         self._predict: list[int] = []
         self._needed: list[int] = []  # this scan's misses and staged pages it read
-        self.max_predicted = min(MAX_PAGES_PER_REQUEST, cache_budget // 4 // PAGE_SIZE)
+        # At most this many pages a scan; they are fetched a staging quarter at a time.
+        self.max_predicted = MAX_PAGES_PER_REQUEST
         # The part of each prefetched list's entries the last scan read, by list layout
         # (ListWalk.layout) -> (lo, hi) relative to the entry;
         # this scan's, and the entries prefetched in this scan (sorted starts, and the
@@ -246,6 +256,7 @@ class RemoteMemory:
         self._learning = False
         self.cache.clear()
         self._staged.clear()
+        self._staged_bytes = 0
         self._windows.clear()
         self._ahead = None  # (the transport takes in an answer still out itself)
         self.cache.reserved = 0
@@ -342,7 +353,7 @@ class RemoteMemory:
 
     def _fetch(self, pages: list[int]) -> dict[int, bytes | PageFault]:
         """Fetch ``pages`` in as few crossings as the request limit allows; cache them.
-        The first crossing of a scan also brings the predicted pages."""
+        The first crossing also brings the next predicted pages."""
         self._needed += pages
         out: dict[int, bytes | PageFault] = {}
         first, asked = pages[:MAX_PAGES_PER_REQUEST], set(pages)
@@ -366,11 +377,16 @@ class RemoteMemory:
         return out
 
     def _take_prediction(self, exclude: set[int], room: int) -> list[int]:
-        """The predicted pages still to fetch (once per scan), at most ``room``."""
+        """The next predicted pages to fetch, in the order the last scan needed them: at
+        most ``room``, and no more than the staging quarter of the budget has room for
+        now (the rest ride along with later crossings, as staged pages are read)."""
         if not self._predict or room <= 0:
             return []
-        taken = [p for p in self._predict if p not in exclude and p not in self.cache][:room]
-        self._predict = []
+        space = (self.cache.budget // 4 - self._staged_bytes) // PAGE_SIZE
+        wanted = [p for p in self._predict if p not in exclude and p not in self.cache]
+        wanted = [p for p in wanted if p not in self._staged]
+        taken = wanted[: max(0, min(room, space))]
+        self._predict = wanted[len(taken) :]
         return taken
 
     def _asked(self, walk: ListWalk) -> ListWalk:
@@ -389,14 +405,16 @@ class RemoteMemory:
         self._check(page, value)
         self.cache.predicted += 1
         cost = _cost(value)
-        if page in self._staged or self.cache.reserved + cost > self.cache.budget // 4:
+        if page in self._staged or self._staged_bytes + cost > self.cache.budget // 4:
             return
         self._staged[page] = value
-        self.cache.reserved += cost
+        self._staged_bytes += cost
+        self.cache.reserve(cost)
 
     def _unstage(self, page: int, value: bytes | PageFault) -> None:
         """A staged page is read: it moves to the cache (and is predicted next time)."""
-        self.cache.reserved -= _cost(value)
+        self._staged_bytes -= _cost(value)
+        self.cache.reserve(-_cost(value))
         self.cache.predicted_used += 1
         self._needed.append(page)
         self.cache.put(page, value)
@@ -440,9 +458,9 @@ class RemoteMemory:
         asked = self._window(walk, windows)
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
-            self.cache.reserved -= ahead.reserved
+            self.cache.reserve(-ahead.reserved)
         if ahead is not None and ahead.walk == asked:
-            found, extra = ahead.answer(), []
+            found, extra = ahead.answer(), ahead.pages
         else:  # nothing sent ahead for this window (a stale one is just dropped)
             extra = self._take_prediction(set(), MAX_PAGES_PER_REQUEST)
             found = self.transport.follow_list(asked, pages=extra)
@@ -472,8 +490,9 @@ class RemoteMemory:
         if last is not None and later is not None:
             following = self._window(replace(walk, after=last), windows + 1)
             reserved = following.limit * self._pages_per_entry(following) * PAGE_SIZE
-            self.cache.reserved += reserved
-            self._ahead = _Ahead(following, later(following), reserved)
+            self.cache.reserve(reserved)
+            extra = self._take_prediction(set(), MAX_PAGES_PER_REQUEST)
+            self._ahead = _Ahead(following, later(following, pages=extra), reserved, extra)
         return last
 
     def _window(self, walk: ListWalk, number: int) -> ListWalk:
@@ -497,11 +516,13 @@ class RemoteMemory:
 @dataclass(frozen=True)
 class _Ahead:
     """A list window asked for before the walk reached it: the request, the call that
-    takes its answer, and the budget bytes reserved for that answer meanwhile."""
+    takes its answer, the budget bytes reserved for that answer meanwhile, and the
+    predicted pages that ride along."""
 
     walk: ListWalk
     answer: Callable[[], ListPages]
     reserved: int
+    pages: list[int]  # predicted pages asked for with it
 
 
 def _first(item: tuple[int, _EntrySpan]) -> int:

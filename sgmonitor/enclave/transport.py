@@ -144,20 +144,18 @@ class SealedTransport:
         by_address = _values(index.pages, pages)
         return [by_address[a] for a in addresses]
 
-    def follow_list_later(self, walk: ListWalk) -> Callable[[], RemoteListWalk]:
-        """Send a ``follow_list`` now and take its answer when the returned call is made:
-        the hypervisor walks, and the relay carries its reply, while the enclave works
-        on what it has. Any other call first takes this answer in (one exchange is out
-        at a time), so the order of sealed requests and replies never changes."""
-        if self._begin is not None:  # the scan's first request: no need to overlap it
-            found = self.follow_list(walk)
-            return lambda: found
-        sent = self._send(FollowList(replace(walk, limit=min(walk.limit, MAX_LIST_NODES))))
+    def follow_list_later(
+        self, walk: ListWalk, *, pages: Sequence[int] = ()
+    ) -> Callable[[], RemoteListWalk]:
+        """Send a ``follow_list`` (with ``pages`` read in the same crossing) now, and
+        take its answer when the returned call is made: the hypervisor walks, and the
+        relay carries its reply, while the enclave works on what it has. Any other call
+        first takes this answer in (one exchange is out at a time), so the order of
+        sealed requests and replies never changes."""
+        sent = self._send_all(*self._list_requests(walk, pages))
 
         def answer() -> RemoteListWalk:
-            index, pages = self._receive(sent, (ListReply,))
-            assert isinstance(index, ListReply)
-            return RemoteListWalk(index.entries, index.end, _values(index.pages, pages))
+            return self._list_walk(self._receive_all(sent), pages)
 
         return answer
 
@@ -165,18 +163,27 @@ class SealedTransport:
         """Have the hypervisor walk a ``list_head`` list (at most ``MAX_LIST_NODES``
         nodes of it). ``pages`` (at most ``MAX_PAGES_PER_REQUEST``) are read in the same
         crossing and returned with the walk's."""
+        return self.follow_list_later(walk, pages=pages)()
+
+    def _list_requests(
+        self, walk: ListWalk, pages: Sequence[int]
+    ) -> tuple[list[Message], list[type[Message]]]:
         request = FollowList(replace(walk, limit=min(walk.limit, MAX_LIST_NODES)))
         if not pages:
-            ((index, found),) = self._call_all([request], [ListReply])
-            assert isinstance(index, ListReply)
-            return RemoteListWalk(index.entries, index.end, _values(index.pages, found))
+            return [request], [ListReply]
         if len(pages) > MAX_PAGES_PER_REQUEST:
             raise ValueError(f"follow_list reads at most {MAX_PAGES_PER_REQUEST} more pages")
-        (index, found), (more, extra) = self._call_all(
-            [request, ReadPages(_ranges(pages))], [ListReply, PagesReply]
-        )
+        return [request, ReadPages(_ranges(pages))], [ListReply, PagesReply]
+
+    def _list_walk(
+        self, answers: list[tuple[Message, list[bytes]]], pages: Sequence[int]
+    ) -> RemoteListWalk:
+        (index, found), *more = answers
         assert isinstance(index, ListReply)
-        values = dict(zip(pages, self._page_values(more, extra, pages), strict=True))
+        values: dict[int, bytes | PageFault] = {}
+        if more:
+            ((read, extra),) = more
+            values.update(zip(pages, self._page_values(read, extra, pages), strict=True))
         values.update(_values(index.pages, found))
         return RemoteListWalk(index.entries, index.end, values)
 
@@ -222,16 +229,27 @@ class SealedTransport:
     ) -> list[tuple[Message, list[bytes]]]:
         """``requests`` (with a pending BeginScan first) in one crossing: one Batch when
         more than one; each answer checked against its expected type; fail closed."""
+        return self._receive_all(self._send_all(requests, expect))
+
+    def _send_all(self, requests: list[Message], expect: list[type[Message]]) -> _SentAll:
+        """:meth:`_call_all`'s first half: send, and say what to expect back."""
         begin = self._begin
         if begin is not None:
             requests, expect = [begin, *requests], [Ack, *expect]
             self._begin = None
         if len(requests) == 1:
-            out = [self._call(requests[0], (expect[0],))]
+            return _SentAll(self._send(requests[0]), expect, begin is not None, batched=False)
+        return _SentAll(self._send(Batch(tuple(requests))), expect, begin is not None, True)
+
+    def _receive_all(self, sent: _SentAll) -> list[tuple[Message, list[bytes]]]:
+        """:meth:`_call_all`'s second half: the answers, checked, in request order."""
+        expect = sent.expect
+        if not sent.batched:
+            out = [self._receive(sent.sent, (expect[0],))]
         else:
-            index, pages = self._call(Batch(tuple(requests)), (BatchReply,))
+            index, pages = self._receive(sent.sent, (BatchReply,))
             assert isinstance(index, BatchReply)
-            if len(index.replies) != len(requests):
+            if len(index.replies) != len(expect):
                 self._fail(ErrorCode.BAD_REQUEST, "the batch reply has another number of answers")
             out, at = [], 0
             for reply, wanted in zip(index.replies, expect, strict=True):
@@ -242,7 +260,7 @@ class SealedTransport:
                 n = len(reply.present()) if isinstance(reply, PagesReply | ListReply) else 0
                 out.append((reply, pages[at : at + n]))
                 at += n
-        if begin is None:
+        if not sent.began:
             return out
         ack = out[0][0]
         assert isinstance(ack, Ack)
@@ -346,6 +364,17 @@ class SealedTransport:
             self._fail(exc.code, f"the untrusted host could not relay: {exc}")
         except WireError as exc:
             self._fail(ErrorCode.BAD_FRAME, f"malformed reply: {exc}")
+
+
+@dataclass(frozen=True)
+class _SentAll:
+    """What :meth:`SealedTransport._send_all` sent: the request (a Batch or not), the
+    answers expected, and whether a BeginScan went first."""
+
+    sent: _Sent
+    expect: list[type[Message]]
+    began: bool
+    batched: bool
 
 
 @dataclass
