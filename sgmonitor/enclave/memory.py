@@ -462,7 +462,7 @@ class RemoteMemory:
         if ahead is not None and ahead.walk == asked:
             found, extra = ahead.answer(), ahead.pages
         else:  # nothing sent ahead for this window (a stale one is just dropped)
-            extra = self._take_prediction(set(), MAX_PAGES_PER_REQUEST)
+            extra = self._take_prediction(set(), self._predicted_with(asked))
             found = self.transport.follow_list(asked, pages=extra)
         self._windows[key] = windows + 1
         span = self._reading.get(key)
@@ -491,7 +491,7 @@ class RemoteMemory:
             following = self._window(replace(walk, after=last), windows + 1)
             reserved = following.limit * self._pages_per_entry(following) * PAGE_SIZE
             self.cache.reserve(reserved)
-            extra = self._take_prediction(set(), MAX_PAGES_PER_REQUEST)
+            extra = self._take_prediction(set(), self._predicted_with(following))
             self._ahead = _Ahead(following, later(following, pages=extra), reserved, extra)
         return last
 
@@ -506,6 +506,14 @@ class RemoteMemory:
                 FIRST_WINDOW << min(number, 16), self.cache.budget // 4 // PAGE_SIZE // per_entry
             )
         return replace(asked, limit=max(1, min(walk.limit, window, MAX_LIST_NODES)))
+
+    def _predicted_with(self, window: ListWalk) -> int:
+        """How many predicted pages to ask for with ``window``: a streamed window takes
+        one a node (the pages the last scan needed come in the order it needed them,
+        so each window brings about its own, and the first crossing stays short)."""
+        if getattr(self.transport, "follow_list_later", None) is None:
+            return MAX_PAGES_PER_REQUEST
+        return window.limit
 
     @staticmethod
     def _pages_per_entry(walk: ListWalk) -> int:

@@ -70,6 +70,7 @@ from sgmonitor.wire.hypervisor import (
 )
 from sgmonitor.wire.sealed import (
     MAX_VMCOREINFO_NOTES,
+    PAGE_SIZE,
     Ack,
     Batch,
     BatchReply,
@@ -79,7 +80,6 @@ from sgmonitor.wire.sealed import (
     GetRegisters,
     GetVmcoreinfo,
     ListReply,
-    PageEntry,
     PagesReply,
     PageStatus,
     ReadPages,
@@ -89,6 +89,7 @@ from sgmonitor.wire.sealed import (
     RequestFailed,
     VcpuRegisters,
     VmcoreinfoReply,
+    page_entry,
 )
 
 __all__ = ["GuestHandle", "HypervisorService", "ServiceConfig"]
@@ -747,13 +748,16 @@ def _pages_reply(
 ) -> tuple[Message, list[tuple[int, bytes]]]:
     entries, pages = [], []
     for address, value in zip(addresses, found, strict=True):
+        if address & (PAGE_SIZE - 1) or not 0 <= address < 1 << 64:
+            raise ValueError(f"not a page-aligned guest-virtual address: {address:#x}")
+        # aligned u64s (checked here, once), statuses of our own: no per-entry checks
         if isinstance(value, bytes):
-            entries.append(PageEntry(address, PageStatus.PRESENT))
+            entries.append(page_entry(address, PageStatus.PRESENT))
             pages.append((address, value))
         elif isinstance(value, PageNotRam):
-            entries.append(PageEntry(address, PageStatus.NOT_RAM))
+            entries.append(page_entry(address, PageStatus.NOT_RAM))
         else:
-            entries.append(PageEntry(address, PageStatus.NOT_PRESENT))
+            entries.append(page_entry(address, PageStatus.NOT_PRESENT))
     return PagesReply(tuple(entries)), pages
 
 

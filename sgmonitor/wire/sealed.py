@@ -82,6 +82,7 @@ __all__ = [
     "RequestFailed",
     "VcpuRegisters",
     "VmcoreinfoReply",
+    "page_entry",
 ]
 
 PAGE_SIZE = 4096
@@ -319,6 +320,15 @@ _PAGE_ENTRY = struct.Struct(">QB")
 _PAGE_STATUS = {int(s): s for s in PageStatus}
 
 
+def page_entry(address: int, status: PageStatus) -> PageEntry:
+    """A PageEntry made without running its field checks: for the hot paths where the
+    values are right by construction (one object per page of a reply). The caller
+    vouches that ``address`` is a page-aligned u64 and ``status`` a PageStatus."""
+    entry = object.__new__(PageEntry)
+    object.__setattr__(entry, "__dict__", {"address": address, "status": status})
+    return entry
+
+
 class PageEntries(Seq):
     """A reply index's pages, packed and parsed in bulk; no address twice."""
 
@@ -339,18 +349,14 @@ class PageEntries(Seq):
         n = self.get_count(r, name)
         raw = r.take(n * _PAGE_ENTRY.size, name)
         out = []
-        new, setdict = object.__new__, object.__setattr__
         for address, raw_status in _PAGE_ENTRY.iter_unpack(raw):
             status = _PAGE_STATUS.get(raw_status)
             if status is None:
                 raise WireError(f"{r.what}: unknown page status {raw_status}")
             if address & _PAGE_MASK:
                 PageEntry(address, status)  # raises: not aligned
-            # checked as PageEntry's own spec would (a u64, aligned; a PageStatus): one
-            # object per page, so it is made without running the checks again
-            entry = new(PageEntry)
-            setdict(entry, "__dict__", {"address": address, "status": status})
-            out.append(entry)
+            # checked as PageEntry's own spec would (a u64, aligned; a PageStatus)
+            out.append(page_entry(address, status))
         return tuple(out)
 
 
