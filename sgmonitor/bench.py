@@ -124,12 +124,34 @@ class Reference:
 
 @dataclass(frozen=True)
 class Scan:
-    """One timed run: its wall time, its time in crossings, and whether its list agreed
-    with the reference."""
+    """One timed run: its wall time, its time in crossings, whether its list agreed with
+    the reference, and (secure modes) where its time went, each part measured where it
+    is spent (:data:`PARTS`)."""
 
     elapsed_s: float
     crossing_s: float
     matches_truth: bool
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+# The parts of a secure scan, as measured by the code that spends them. In the enclave:
+# ``enclave_s`` its whole scan, of which ``crossing_s`` waiting for OCALLs, ``opening_s``
+# opening what they brought (decrypting, decoding) and the rest the IDS over its cache;
+# ``report_s`` its JSON report's encoding and sealing. In the untrusted library:
+# ``ecall_s`` the ECALL's wall time, ``hypervisor_s`` waiting on the hypervisor link (its
+# walk, reads and sealing, and the transfer), ``relay_s`` the library's own work on the
+# OCALLs. The bench itself: the elapsed time, whose rest after the ECALL is handing the
+# sealed report to the monitor and its acknowledgement. The hypervisor and the relay run
+# while the enclave works (streamed list windows), so parts overlap and do not add up.
+PARTS = (
+    "enclave_s",
+    "crossing_s",
+    "opening_s",
+    "report_s",
+    "ecall_s",
+    "hypervisor_s",
+    "relay_s",
+)
 
 
 @dataclass(frozen=True)
@@ -157,12 +179,13 @@ class Run:
 
 class _Outcome(NamedTuple):
     """What one scan returns: its result (records, or how to get them), its crossings,
-    pages fetched and time spent in crossings."""
+    pages fetched, time spent in crossings, and its measured parts."""
 
     result: object
     crossings: int
     pages: int
     crossing_s: float
+    parts: tuple[tuple[str, float], ...] = ()
 
 
 def _timed(scan: Callable[[], _Outcome], runs: int) -> list[tuple[_Outcome, float]]:
@@ -222,7 +245,7 @@ def measure_guest(
                 records_match_truth=not any(found),
                 mismatch=next((d[0] for d in found if d), ""),
                 scans=tuple(
-                    Scan(elapsed, outcome.crossing_s, not diff)
+                    Scan(elapsed, outcome.crossing_s, not diff, dict(outcome.parts))
                     for (outcome, elapsed), diff in zip(timed, found, strict=True)
                 ),
             )
@@ -271,11 +294,14 @@ def measure_guest(
                                 if not m.link.wait_ack(result.report_seq, 30.0):
                                     raise SGMonitorError("the monitor did not take a report")
                                 stats = result.stats
+                                parts = {k: float(stats[k]) for k in PARTS if k != "enclave_s"}  # type: ignore[arg-type]
+                                parts["enclave_s"] = float(stats["elapsed_s"])  # type: ignore[arg-type]
                                 return _Outcome(
                                     result.report_seq,
                                     int(stats["crossings"]),  # type: ignore[call-overload]
                                     int(stats["pages_fetched"]),  # type: ignore[call-overload]
                                     float(stats["crossing_s"]),  # type: ignore[arg-type]
+                                    tuple(parts.items()),
                                 )
 
                             def opened(seq: object, m: SecureMonitor = monitor) -> Records:
@@ -345,6 +371,34 @@ def table(results: Sequence[Run]) -> str:
             f"| {r.processes} | {r.mode} | {cache} | {r.mean_s * 1e3:.1f} | "
             f"{r.stdev_s * 1e3:.1f} | {ratio} | {r.crossing_mean_s * 1e3:.1f} | {r.crossings} | "
             f"{r.pages_fetched} | {r.truth if r.records_match_truth else 'NOT ' + r.truth} |"
+        )
+    return "\n".join(lines)
+
+
+def breakdown(results: Sequence[Run]) -> str:
+    """Where each secure run's time went (means over its scans), as measured by the
+    code that spent it (:data:`PARTS`)."""
+    lines = [
+        "| processes | mode | cache | scan (ms) | enclave (ms) | IDS (ms) | waiting on "
+        "crossings (ms) | opening replies (ms) | report (ms) | ECALL out and report "
+        "delivery (ms) | hypervisor (ms) | relay (ms) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        if not r.scans or not r.scans[0].parts:
+            continue
+
+        def mean(part: str, r: Run = r) -> float:
+            return statistics.mean(s.parts[part] for s in r.scans) * 1e3
+
+        ids = mean("enclave_s") - mean("crossing_s") - mean("opening_s")
+        outside = r.mean_s * 1e3 - mean("enclave_s") - mean("report_s")
+        cache = f"{r.cache_budget // MIB} MiB" if r.cache_budget else "-"
+        lines.append(
+            f"| {r.processes} | {r.mode} | {cache} | {r.mean_s * 1e3:.1f} | "
+            f"{mean('enclave_s'):.1f} | {ids:.1f} | {mean('crossing_s'):.1f} | "
+            f"{mean('opening_s'):.1f} | {mean('report_s'):.1f} | {outside:.1f} | "
+            f"{mean('hypervisor_s'):.1f} | {mean('relay_s'):.1f} |"
         )
     return "\n".join(lines)
 

@@ -396,6 +396,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(json.dumps({"runs": [r.as_dict() for r in results]}, indent=2))
     else:
         print(bench.table(results))
+        print()
+        print(bench.breakdown(results))
     sys.stdout.flush()  # the numbers are out even if plotting fails
     if args.plot:
         bench.plot(results, args.plot)

@@ -17,6 +17,7 @@ from dkom import pointer as _pointer
 from dkom import tampered
 from guests import MAIN, GuestUnderTest, only
 
+from sgmonitor.bench import PARTS
 from sgmonitor.guest.qemu import QemuGuest
 from sgmonitor.guest.qmp import Qmp, held_still
 from sgmonitor.kernel.helpers.sched import for_each_process
@@ -292,6 +293,16 @@ def test_bench_json_has_every_mode_and_the_same_list() -> None:
     assert all(s["crossing_s"] == 0 for s in runs[0]["scans"])
     assert all(s["crossing_s"] > 0 for s in runs[2]["scans"])
     assert runs[2]["cache_budget"] == 32 << 20
+    # Each secure scan's time, split where it was spent: the enclave's part of the wall
+    # time, its waits, its opening of replies and the hypervisor's share all measured.
+    assert all(s["parts"] == {} for s in runs[0]["scans"])
+    for scan in runs[2]["scans"]:
+        parts = scan["parts"]
+        assert set(parts) == set(PARTS)
+        assert 0 < parts["enclave_s"] < parts["ecall_s"] < scan["elapsed_s"]
+        assert parts["crossing_s"] == scan["crossing_s"]
+        assert 0 < parts["crossing_s"] + parts["opening_s"] < parts["enclave_s"]
+        assert parts["hypervisor_s"] > 0 and parts["relay_s"] > 0 and parts["report_s"] > 0
 
 
 @only(MAIN)

@@ -357,12 +357,13 @@ class EnclaveProgram:
         if session.memory is None or session.memory.cache.budget != budget:
             session.memory, session.kernel = RemoteMemory(transport, budget), None
         memory = session.memory
-        before, crossings, opened, decrypted, waited = (
+        before, crossings, opened, decrypted, waited, opening = (
             memory.stats(),
             transport.crossings,
             transport.bytes_opened,
             transport.bytes_decrypted,
             transport.crossing_s,
+            transport.opening_s,
         )
         started = time.perf_counter()
         status, error = "ok", ""
@@ -403,6 +404,7 @@ class EnclaveProgram:
             cache_budget=budget,
             opened_kernel=opened_kernel,
             crossing_s=transport.crossing_s - waited,
+            opening_s=transport.opening_s - opening,
         )
         self.progress += 1
         clear = {
@@ -422,6 +424,7 @@ class EnclaveProgram:
             # kept by the monitor: a baseline retaken over changed text shows there
             sealed_part["text_baseline"] = hashlib.sha256(session.kernel.text_baseline).hexdigest()
         seq, sealed = link.sealer.seal(_json(sealed_part))
+        stats["report_s"] = time.perf_counter() - started - elapsed  # JSON and sealing
         return seq, sealed, _json(clear)
 
 

@@ -121,6 +121,7 @@ class SealedTransport:
         self.bytes_opened = 0  # payload bytes of opened replies and pages
         self.bytes_decrypted = 0  # the same, when the suite encrypts
         self.crossing_s = 0.0  # time spent outside the enclave waiting for OCALLs
+        self.opening_s = 0.0  # time spent opening (decrypting, decoding) what came back
         # A BeginScan not sent yet: it rides in the scan's first request (one Batch).
         self._begin: BeginScan | None = None
         self.paused = False  # the hypervisor said the guest is paused for this scan
@@ -326,7 +327,8 @@ class SealedTransport:
             try:
                 reply = sent.answer()
             finally:
-                self.crossing_s += time.perf_counter() - started
+                arrived = time.perf_counter()
+                self.crossing_s += arrived - started
             answer = decode(reply, expect=(Reply, Error))
             if isinstance(answer, Error):  # clear text: unauthenticated
                 self._fail(
@@ -343,6 +345,7 @@ class SealedTransport:
             if len(answer.sealed_pages) != len(present):
                 raise InvalidSeal()  # pages dropped or added: same as a forgery
             pages = self.channel.open_pages(rid, answer.sealed_pages, present, PAGE_SIZE)
+            self.opening_s += time.perf_counter() - arrived
         opened = len(body) + PAGE_SIZE * len(pages)
         self.bytes_opened += opened
         if self.sealed:

@@ -213,6 +213,7 @@ class EnclaveHost:
     ) -> None:
         self._ocall_handler = ocall_handler
         self.tap = tap
+        self.ocall_s = 0.0  # time serving OCALLs (relaying them included), all ECALLs
         self.backend = backend
         self._dir = Path(tempfile.mkdtemp(prefix="sgm-enclave-"))
         self._next_call = 1
@@ -299,9 +300,11 @@ class EnclaveHost:
             if isinstance(msg, CallFailed) and msg.call_id == call_id:
                 raise EnclaveCallFailed(name, msg.code, msg.message)
             if isinstance(msg, Call):
+                started = time.perf_counter()
                 reply = self._serve_ocall(msg)
                 if reply is not None:
                     self._send(reply)
+                self.ocall_s += time.perf_counter() - started
 
     def _send(self, msg: Message) -> None:
         data = encode(msg)
@@ -400,6 +403,7 @@ class SecureMonitor:
         self.tap = tap
         self.enclave: EnclaveHost | None = None
         self._hv: socket.socket | None = None
+        self.hypervisor_s = 0.0  # time waiting on the hypervisor link, all scans
         self._verifier_sock: socket.socket | None = None
         self.session_id: bytes | None = None
 
@@ -594,6 +598,7 @@ class SecureMonitor:
             "timeout_ms": int(self.timeout * 1000),
             "pause": self.pause,
         }
+        served, waited, started = self.enclave.ocall_s, self.hypervisor_s, time.perf_counter()
         try:
             out = self.enclave.ecall(
                 "ecall_run_scan",
@@ -605,11 +610,21 @@ class SecureMonitor:
         except EnclaveCallFailed as exc:
             self._session_failed()
             raise ScanError(f"{check} on {self.vm}", exc.code, exc.detail) from None
+        ecall_s = time.perf_counter() - started
+        hypervisor_s = self.hypervisor_s - waited
         seq, report, clear = out["report_seq"], out["report"], out["stats"]
         assert isinstance(seq, int) and isinstance(report, bytes) and isinstance(clear, bytes)
         self.link.send_report(seq, report)
         doc = json.loads(clear)
         stats = dict(doc["stats"], elapsed_s=doc["elapsed_s"], mode=doc["mode"])
+        # Measured here, outside the enclave: the ECALL's wall time, the hypervisor's
+        # share of the OCALLs (its walk and sealing, and the transfer to this process),
+        # and the relay's own (taking each OCALL, passing its answer on).
+        stats.update(
+            ecall_s=ecall_s,
+            hypervisor_s=hypervisor_s,
+            relay_s=self.enclave.ocall_s - served - hypervisor_s,
+        )
         if doc["status"] != "ok":
             raise CouldNotCheck(f"{check} on {self.vm}: could not check: {doc['error']}")
         return ScanResult(seq, stats)
@@ -649,12 +664,15 @@ class SecureMonitor:
         sock = self._connect()
         if self.tap is not None:
             self.tap("hypervisor", frame)
+        started = time.perf_counter()
         try:
             send_encoded(sock, frame, timeout)
             answer = recv_encoded(sock, timeout)
         except (WireError, OSError):
             self._drop_hv()  # out of step or gone: a fresh connection next time
             raise
+        finally:
+            self.hypervisor_s += time.perf_counter() - started
         if self.tap is not None:
             self.tap("hypervisor", answer)
         return answer
