@@ -229,8 +229,9 @@ class RemoteMemory:
         self._staged_bytes = 0  # their cost, at most a quarter of the budget
         self._predict: list[int] = []
         self._needed: list[int] = []  # this scan's misses and staged pages it read
-        # At most this many pages a scan; they are fetched a staging quarter at a time.
-        self.max_predicted = MAX_PAGES_PER_REQUEST
+        # At most this many pages a scan (32 MiB: the creds of some 100,000 processes);
+        # they are fetched a staging quarter at a time.
+        self.max_predicted = 8 * MAX_PAGES_PER_REQUEST
         # The part of each prefetched list's entries the last scan read, by list layout
         # (ListWalk.layout) -> (lo, hi) relative to the entry;
         # this scan's, and the entries prefetched in this scan (sorted starts, and the
