@@ -6,12 +6,13 @@ raw image. It runs the same IDS code as the enclave, over an in-process page wal
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from sgmonitor.guest.memory import PhysicalMemory
 from sgmonitor.guest.paging import PageWalker, VirtualMemory
 from sgmonitor.kernel.kernel import Kernel, open_kernel
-from sgmonitor.kernel.vmcoreinfo import find_vmcoreinfo
+from sgmonitor.kernel.vmcoreinfo import iter_vmcoreinfo
 
 
 def kernel_memory(physical: PhysicalMemory) -> VirtualMemory:
@@ -19,9 +20,11 @@ def kernel_memory(physical: PhysicalMemory) -> VirtualMemory:
     return VirtualMemory(PageWalker.for_kernel(physical, physical.registers()))
 
 
-def vmcoreinfo_notes(physical: PhysicalMemory) -> list[bytes]:
-    """Every VMCOREINFO note in guest RAM (genuine or planted; the kernel view picks)."""
-    return [candidate.note for candidate in find_vmcoreinfo(physical)]
+def vmcoreinfo_notes(physical: PhysicalMemory) -> Iterator[bytes]:
+    """The VMCOREINFO notes in guest RAM (genuine or planted; the kernel view picks), in
+    address order, scanned for as they are asked for: the kernel view stops at the
+    kernel's own, so the scan reads RAM only up to it."""
+    return (candidate.note for candidate in iter_vmcoreinfo(physical))
 
 
 def open_guest_kernel(

@@ -227,6 +227,14 @@ def test_planted_fake_is_not_chosen(guest: GuestUnderTest) -> None:
             # an exact copy is harmless: it is chosen only together with the real one
             copy = VmcoreinfoNote(spot, real.note, real.info)
             assert genuine_vmcoreinfo([copy, real], aspace)[0].note == real.note
+
+            def then_nothing() -> Iterator[VmcoreinfoNote]:
+                yield planted
+                yield real
+                raise AssertionError("candidates read past the kernel's own note")
+
+            # the first that passes is the one: nothing after it is looked at
+            assert genuine_vmcoreinfo(then_nothing(), aspace)[0].address == real.address
         finally:
             os.pwrite(fd, saved, spot)
             os.close(fd)

@@ -14,9 +14,11 @@ import pytest
 from sgmonitor.errors import GuestDataError
 from sgmonitor.guest.memory import RawImage, Registers, Segment
 from sgmonitor.kernel.vmcoreinfo import (
+    STRIDED_SPAN,
     VMCOREINFO_BYTES,
     VmcoreinfoError,
     find_vmcoreinfo,
+    iter_vmcoreinfo,
     parse_vmcoreinfo,
     parse_vmcoreinfo_note,
 )
@@ -182,3 +184,34 @@ def test_page_scan_of_a_mapped_file(tmp_path: Path) -> None:
         # across the hole: the slow path, same answer as reading each byte
         across = ram.read_strided(len(low) - 4096 + 12, (1 << 32) - len(low) + 4096, 2)
         assert across == bytes([low[len(low) - 4096 + 12], high[12]])
+
+
+class CountingImage(RawImage):
+    """A RAM image that counts the bytes its strided reads cover."""
+
+    def __init__(self, path: str, segments: list[Segment]) -> None:
+        super().__init__(path, Registers(cr0=0, cr3=0, cr4=0), segments)
+        self.covered = 0
+
+    def read_strided(self, address: int, stride: int, count: int) -> bytes:
+        self.covered += stride * count
+        return super().read_strided(address, stride, count)
+
+
+def test_the_scan_reads_ram_only_as_far_as_it_is_asked(tmp_path: Path) -> None:
+    """iter_vmcoreinfo finds notes as it is asked for them: a caller that stops at the
+    first (the kernel view stops at the kernel's own) leaves the rest of RAM unread."""
+    size = 8 * STRIDED_SPAN
+    real = note(TEXT)
+    path = tmp_path / "ram"
+    with path.open("wb") as f:  # sparse: a note near the start, another near the end
+        f.truncate(size)
+        f.seek(0x5000)
+        f.write(real)
+        f.seek(size - 0x3000)
+        f.write(real)
+    with CountingImage(str(path), [Segment(0, size, 0)]) as ram:
+        first = next(iter_vmcoreinfo(ram))
+        assert first.address == 0x5000 and ram.covered <= STRIDED_SPAN
+        assert [c.address for c in find_vmcoreinfo(ram)] == [0x5000, size - 0x3000]
+        assert ram.covered > size

@@ -33,7 +33,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from sgmonitor.errors import GuestDataError, PageFault
@@ -578,7 +578,7 @@ def load_kallsyms(aspace: AddressSpace, info: Vmcoreinfo) -> Kallsyms:
 
 
 def genuine_vmcoreinfo(
-    candidates: Sequence[VmcoreinfoNote], aspace: AddressSpace
+    candidates: Iterable[VmcoreinfoNote], aspace: AddressSpace
 ) -> tuple[VmcoreinfoNote, Kallsyms]:
     """Pick the VMCOREINFO note the running kernel itself points at.
 
@@ -588,10 +588,12 @@ def genuine_vmcoreinfo(
     note it points at must be byte-for-byte the candidate's note, and the text at
     ``vmcoreinfo_data`` must be its text. User space can copy the genuine note but not
     change what the kernel's own variables point at, so a planted note that differs in
-    any byte is rejected; one that is identical is harmless. If no candidate passes, or
-    candidates that differ pass, :class:`VmcoreinfoError` is raised (fail closed).
+    any byte is rejected; one that is identical is harmless. So the first candidate that
+    passes is the kernel's own (no note with other bytes can pass), and the candidates
+    after it are not looked at: a lazy ``candidates`` (:func:`iter_vmcoreinfo`) is not
+    even scanned for beyond it. If none passes, :class:`VmcoreinfoError` is raised (fail
+    closed).
     """
-    chosen: list[tuple[VmcoreinfoNote, Kallsyms]] = []
     reasons = []
     for cand in candidates:
         try:
@@ -600,13 +602,9 @@ def genuine_vmcoreinfo(
         except GuestDataError as exc:
             reasons.append(f"{cand.address:#x}: {exc}")
             continue
-        chosen.append((cand, syms))
-    if not chosen:
-        why = "; ".join(reasons) or "no candidates"
-        raise VmcoreinfoError(f"no VMCOREINFO note is the kernel's own ({why})")
-    if len({c.note for c, _ in chosen}) != 1:
-        raise VmcoreinfoError("different VMCOREINFO notes all claim to be the kernel's")
-    return chosen[0]
+        return cand, syms
+    why = "; ".join(reasons) or "no candidates"
+    raise VmcoreinfoError(f"no VMCOREINFO note is the kernel's own ({why})")
 
 
 def _referenced(aspace: AddressSpace, syms: Kallsyms, cand: VmcoreinfoNote) -> None:

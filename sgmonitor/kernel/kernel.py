@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -155,7 +155,7 @@ class SystemMap:
 
 def open_kernel(
     memory: AddressSpace,
-    vmcoreinfo_notes: Sequence[bytes],
+    vmcoreinfo_notes: Iterable[bytes],
     *,
     vendor_vmlinux: Path | None = None,
     system_map: Path | None = None,
@@ -170,11 +170,7 @@ def open_kernel(
     whose BTF the guest's must equal, a BTF hash to pin, a ``System.map`` whose
     symbols must agree with kallsyms on the vmcoreinfo symbols and are then used.
     """
-    candidates = []
-    for note in vmcoreinfo_notes:
-        with contextlib.suppress(GuestDataError):  # a malformed candidate is just not it
-            candidates.append(VmcoreinfoNote(0, note, parse_vmcoreinfo_note(note)))
-    chosen, kallsyms = genuine_vmcoreinfo(candidates, memory)
+    chosen, kallsyms = genuine_vmcoreinfo(_candidates(vmcoreinfo_notes), memory)
     symbols: SymbolTable = kallsyms
     if system_map is not None:
         symbols = _checked_system_map(system_map, chosen.info, kallsyms)
@@ -182,6 +178,13 @@ def open_kernel(
     check_btf(raw, vendor_vmlinux=vendor_vmlinux, pinned_sha256=btf_sha256)
     image = VmlinuxFile(str(vendor_vmlinux)) if vendor_vmlinux is not None else None
     return Kernel(memory, Btf(raw), symbols, chosen.info, image)
+
+
+def _candidates(notes: Iterable[bytes]) -> Iterator[VmcoreinfoNote]:
+    """The notes that parse, as they come (a malformed candidate is just not it)."""
+    for note in notes:
+        with contextlib.suppress(GuestDataError):
+            yield VmcoreinfoNote(0, note, parse_vmcoreinfo_note(note))
 
 
 def _checked_system_map(path: Path, info: Vmcoreinfo, kallsyms: SymbolTable) -> SystemMap:
