@@ -60,7 +60,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypedDict
 
-from sgmonitor.bench import Reference, Run, measure_guest
+from sgmonitor.bench import Reference, Run, breakdown, measure_guest
 from sgmonitor.guest.qmp import held_still
 from sgmonitor.lab import machine
 from sgmonitor.lab.initramfs import Workload
@@ -452,6 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"commit {setup['commit']}, {version}, kernel {release}, {args.runs} runs each")
         print(table(rows))
+        print()
+        print("Where each secure scan's time went (measured where it is spent):")
+        print(breakdown([run for row in rows for run in row.sgmonitor]))
     return 0 if doc["all_lists_match_guest"] else 1
 
 
