@@ -12,17 +12,21 @@ For each size it boots a lab guest (1 GiB RAM for the large one), then measures
 - warm: one traditional scan (``list_processes`` in this process) with the kernel
   already open and the translation cache cleared each time, guest paused, mean and
   spread of --runs runs.
-Nothing but the QMP socket is given to ps. The table names the modes it measured.
+Nothing but the QMP socket is given to ps. The table names the modes it measured. The
+package's bytecode is compiled first, as an installed package's is (see
+benchmarks/vs_drgn.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from sgmonitor.guest.qemu import QemuGuest
 from sgmonitor.ids.pslist import list_processes
@@ -68,6 +72,7 @@ def main() -> None:
         help="the mode of the cold 'sgmonitor ps' runs (default: traditional)",
     )
     args = parser.parse_args()
+    compileall.compile_dir(Path(__file__).resolve().parent.parent / "sgmonitor", quiet=1)
     print(
         f"| extra procs | processes | cold {args.mode} best (s) | cold {args.mode} mean (s) "
         "| warm traditional mean (ms) | warm stdev (ms) | warm per process (µs) |"
