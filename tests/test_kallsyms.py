@@ -19,6 +19,7 @@ from sgmonitor.guest.paging import PageWalker, VirtualMemory
 from sgmonitor.guest.qemu import QemuGuest
 from sgmonitor.kernel.kallsyms import (
     MAX_IMAGE_SIZE,
+    MAX_VMCOREINFO_CANDIDATES,
     Kallsyms,
     KallsymsError,
     KallsymsTables,
@@ -235,6 +236,12 @@ def test_planted_fake_is_not_chosen(guest: GuestUnderTest) -> None:
 
             # the first that passes is the one: nothing after it is looked at
             assert genuine_vmcoreinfo(then_nothing(), aspace)[0].address == real.address
+            # a guest that plants many notes buys bounded work: after so many failures
+            # the rest (the kernel's own among them) is not tried
+            many = [planted] * MAX_VMCOREINFO_CANDIDATES + [real]
+            with pytest.raises(VmcoreinfoError, match="more follow"):
+                genuine_vmcoreinfo(iter(many), aspace)
+            assert genuine_vmcoreinfo(many[1:], aspace)[0].address == real.address
         finally:
             os.pwrite(fd, saved, spot)
             os.close(fd)

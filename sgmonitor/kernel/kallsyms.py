@@ -577,6 +577,11 @@ def load_kallsyms(aspace: AddressSpace, info: Vmcoreinfo) -> Kallsyms:
     return syms
 
 
+# The most VMCOREINFO candidates genuine_vmcoreinfo tries (as many as the hypervisor
+# service hands the enclave: sgmonitor.wire.sealed.MAX_VMCOREINFO_NOTES).
+MAX_VMCOREINFO_CANDIDATES = 16
+
+
 def genuine_vmcoreinfo(
     candidates: Iterable[VmcoreinfoNote], aspace: AddressSpace
 ) -> tuple[VmcoreinfoNote, Kallsyms]:
@@ -591,11 +596,18 @@ def genuine_vmcoreinfo(
     any byte is rejected; one that is identical is harmless. So the first candidate that
     passes is the kernel's own (no note with other bytes can pass), and the candidates
     after it are not looked at: a lazy ``candidates`` (:func:`iter_vmcoreinfo`) is not
-    even scanned for beyond it. If none passes, :class:`VmcoreinfoError` is raised (fail
+    even scanned for beyond it. If none passes, or ``MAX_VMCOREINFO_CANDIDATES`` fail
+    and more follow (each try may decode kallsyms: a guest that plants thousands of
+    notes must not buy that much work), :class:`VmcoreinfoError` is raised (fail
     closed).
     """
-    reasons = []
-    for cand in candidates:
+    reasons: list[str] = []
+    for tried, cand in enumerate(candidates):
+        if tried == MAX_VMCOREINFO_CANDIDATES:  # each costs a kallsyms decode: bounded
+            raise VmcoreinfoError(
+                f"{tried} VMCOREINFO notes are not the kernel's own, and more follow: "
+                f"planted notes? ({'; '.join(reasons)[:2000]})"
+            )
         try:
             syms = load_kallsyms(aspace, cand.info)
             _referenced(aspace, syms, cand)
@@ -676,6 +688,7 @@ class VmlinuxFile:
 
 
 __all__ = [
+    "MAX_VMCOREINFO_CANDIDATES",
     "Kallsyms",
     "KallsymsError",
     "KallsymsTables",
