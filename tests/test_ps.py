@@ -18,8 +18,10 @@ from dkom import tampered
 from guests import MAIN, GuestUnderTest, only
 
 from sgmonitor.bench import PARTS
+from sgmonitor.enclave.memory import FIRST_WINDOW
 from sgmonitor.guest.qemu import QemuGuest
 from sgmonitor.guest.qmp import Qmp, held_still
+from sgmonitor.ids.pslist import list_processes
 from sgmonitor.kernel.helpers.sched import for_each_process
 from sgmonitor.kernel.kallsyms import (
     MAX_IMAGE_SIZE,
@@ -29,7 +31,9 @@ from sgmonitor.kernel.kallsyms import (
 )
 from sgmonitor.lab import machine
 from sgmonitor.lab.kernel import fetch_kernel
+from sgmonitor.local import local_deployment
 from sgmonitor.traditional import open_guest_kernel
+from sgmonitor.untrusted.library import CouldNotCheck, SecureMonitor
 
 pytestmark = pytest.mark.guest
 
@@ -225,6 +229,32 @@ def test_hostile_task_list_is_a_bounded_error(guest: GuestUnderTest, how: str, m
                 guest.info.qmp, mode, "cycle", "seen twice", "broken", "unreadable"
             )
     assert ps("--qemu", guest.info.qmp).returncode == 0  # restored: the guest is fine
+
+
+@only(MAIN)
+def test_a_scan_broken_off_mid_stream_leaves_the_session_sound(guest: GuestUnderTest) -> None:
+    """A broken link far down the task list stops the walk while the next list window
+    is still out (streamed). The enclave must take that answer in before its ECALL
+    returns, or the next scan of the same session would read it as its own: after the
+    guest is restored, the next scan must list exactly what the traditional path does."""
+    with held_still(guest.info.qmp), QemuGuest(guest.info.qmp) as live:
+        kernel = open_guest_kernel(live)
+        expected = [r.as_dict() for r in list_processes(kernel)]
+        tasks = list(for_each_process(kernel))
+        assert len(tasks) > 3 * FIRST_WINDOW  # the break lies beyond the first windows
+        broken = tasks[3 * FIRST_WINDOW].tasks  # its prev no longer names the task before
+        patch = {kernel.memory.translate(broken.prev.address_): _pointer(tasks[0].address_)}
+        live.qmp.close()  # let the hypervisor service have the monitor
+        with (
+            local_deployment({"main": guest.info.qmp}) as local,
+            SecureMonitor(local.hypervisor_socket, "main", local.verifier, local.monitor) as ids,
+        ):
+            local.records(ids)  # learn the windows and predictions, as a running IDS has
+            with tampered(live, patch), pytest.raises(CouldNotCheck, match="broken"):
+                ids.scan()
+            records, stats = local.records(ids)
+    assert records == expected
+    assert stats["crossings"] > 2  # streamed: several windows
 
 
 @only(MAIN)

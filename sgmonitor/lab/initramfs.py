@@ -83,7 +83,6 @@ truth() {
   echo "SGM-END $1"
 }
 truth 0
-echo SGM-READY
 run() {
   case "$1$2" in *[!0-9a-f]*|'') echo "SGM-WARN bad exec request"; return;; esac
   echo "$3" | base64 -d > /tmp/.sgm-cmd 2>/dev/null
@@ -95,7 +94,12 @@ run() {
   rm -f /tmp/.sgm-cmd /tmp/.sgm-out
 }
 n=1
+# The command port is opened before the guest says it is ready: a serial port nobody
+# holds open drops what arrives, so a request sent right after SGM-READY (the bench asks
+# for a fresh listing at once) would be lost while a busy guest reached the loop.
+exec 3< /dev/ttyS1
 stty -F /dev/ttyS1 -echo 2>/dev/null
+echo SGM-READY
 while read -r kind a b c; do
   if [ "$kind" = exec ]; then
     run "$a" "$b" "$c"
@@ -103,7 +107,7 @@ while read -r kind a b c; do
     truth $n
     n=$((n + 1))
   fi
-done < /dev/ttyS1 &
+done <&3 &
 wait
 while :; do sleep @FOREVER@; done
 """
