@@ -77,8 +77,7 @@ def test_a_scan_after_a_reboot_lists_the_new_boot(
         while boots(rebootable) == first:
             assert time.monotonic() < deadline, "the guest did not come back after its reboot"
             time.sleep(0.5)
-        new_boot = machine.truth(rebootable)
-        assert new_boot.symbols["init_task"] != old_boot.symbols["init_task"]  # new KASLR
+        new_boot = machine.truth(rebootable)  # (KASLR may even pick the same slide)
         try:
             after, _ = local.records(ids)
         except CouldNotCheck:  # the enclave's kernel view was the old boot's: reopened
