@@ -1,7 +1,7 @@
 """The enclave process, started by the untrusted library through the measured launch.
 
     python -I -B -S -c <boot.STUB> <root>/sgmonitor/tee/boot.py --root <root> [--site DIR]...
-        --fd 3 --config enclave.json --sigstruct enclave.sig [--backend sim]
+        --fd 3 [--shared-fd 4] --config enclave.json --sigstruct enclave.sig [--backend sim]
         [--platform-key platform.pem]
 
 (``sgmonitor.tee.boot.enclave_argv`` builds it.) The boot measures every byte the process
@@ -18,6 +18,8 @@ SIGSTRUCT is made for, so the backend refuses to start it.
 from __future__ import annotations
 
 import argparse
+import mmap
+import os
 import socket
 import sys
 from pathlib import Path
@@ -34,6 +36,9 @@ def main(argv: list[str], *, mrenclave: bytes) -> int:
     """Run the enclave whose code measured ``mrenclave`` at launch (``sgmonitor.tee.boot``)."""
     p = argparse.ArgumentParser(prog="sgmonitor enclave (measured boot)", description=__doc__)
     p.add_argument("--fd", type=int, required=True, help="inherited host socket")
+    p.add_argument(
+        "--shared-fd", type=int, help="inherited untrusted memory the host puts answers in"
+    )
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--sigstruct", type=Path, required=True)
     p.add_argument("--backend", default="sim", choices=tee.backend_names())
@@ -61,7 +66,11 @@ def main(argv: list[str], *, mrenclave: bytes) -> int:
             file=sys.stderr,
             flush=True,
         )
-    port = HostPort(sock)
+    shared = None
+    if args.shared_fd is not None:  # read only: the enclave never writes untrusted memory
+        shared = mmap.mmap(args.shared_fd, 0, prot=mmap.PROT_READ)
+        os.close(args.shared_fd)
+    port = HostPort(sock, shared)
     try:
         port.serve(EnclaveProgram(backend, config, port).handle)
     finally:

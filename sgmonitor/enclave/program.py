@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import re
 import select
@@ -100,10 +101,18 @@ class HostPort:
     """The enclave's end of the host connection: receive ECALLs, make OCALLs (one at a
     time: a second is sent only once the first's answer is taken)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, shared: mmap.mmap | None = None) -> None:
         self.sock = sock
+        self.shared = shared  # untrusted memory the host may put OCALL answers in
         self._next_ocall = _OCALL_IDS
         self.send_timeout = 30.0
+
+    def take_shared(self, size: int) -> bytes:
+        """The first ``size`` bytes of the shared buffer, copied out once (the host can
+        change them at any time: nothing is read twice from there)."""
+        if self.shared is None or not 0 < size <= len(self.shared):
+            raise ExchangeFailed(ErrorCode.TOO_LARGE, f"no {size} bytes in the shared buffer")
+        return self.shared[:size]
 
     def serve(
         self, handle: Callable[[edl.CallSpec, Mapping[str, Value]], tuple[Value, ...]]
@@ -220,8 +229,11 @@ class EnclaveProgram:
         sent = self.port.ocall_send("ocall_hv_exchange", frame=frame, timeout_ms=timeout_ms)
 
         def answer() -> bytes:
-            got = self.port.ocall_wait(sent, timeout + 1.0)["frame"]
-            assert isinstance(got, bytes)
+            out = self.port.ocall_wait(sent, timeout + 1.0)
+            got, shared = out["frame"], out["shared"]
+            assert isinstance(got, bytes) and isinstance(shared, int)
+            if shared:
+                got = self.port.take_shared(shared)
             if len(got) > MAX_FRAME:
                 raise ExchangeFailed(ErrorCode.TOO_LARGE, "reply frame too large")
             return got

@@ -159,9 +159,12 @@ CALLS: tuple[CallSpec, ...] = (
         "ocall_hv_exchange",
         OCALL,
         _p(frame=blob(MAX_CALL_VALUE), timeout_ms=u64()),
-        _p(frame=blob(MAX_CALL_VALUE)),
+        _p(frame=blob(MAX_CALL_VALUE), shared=u64()),
         "Send one opaque, encoded wire message to the hypervisor service and return its "
-        "answer. The host relays it without understanding the sealed contents.",
+        "answer. The host relays it without understanding the sealed contents. The "
+        "answer comes in ``frame``, or (``shared`` > 0) as the first ``shared`` bytes of "
+        "the untrusted buffer the host shares with the enclave, which the enclave copies "
+        "out once before reading it.",
     ),
     CallSpec(
         "ocall_log",

@@ -31,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import mmap
+import os
 import shutil
 import socket
 import subprocess
@@ -60,7 +62,7 @@ from sgmonitor.untrusted.monitor_link import (
     Tap,
 )
 from sgmonitor.wire.attestation import AttestSession, Challenge, ChallengeRequest, StatementIssued
-from sgmonitor.wire.calls import Call, CallDirection, CallFailed, Return, Value
+from sgmonitor.wire.calls import MAX_CALL_VALUE, Call, CallDirection, CallFailed, Return, Value
 from sgmonitor.wire.core import (
     ConnectionClosed,
     Error,
@@ -225,7 +227,13 @@ class EnclaveHost:
         (self._dir / "enclave.json").write_bytes(config)
         (self._dir / "enclave.sig").write_bytes(sigstruct)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        args = ["--fd", str(theirs.fileno()), "--backend", backend]
+        # Untrusted memory the enclave reads the hypervisor's answers from (as an SGX
+        # enclave reads the host's memory): the answer is not copied through the socket.
+        shared_fd = os.memfd_create("sgmonitor-ocall-answers", os.MFD_CLOEXEC)
+        os.ftruncate(shared_fd, MAX_CALL_VALUE)
+        self.shared = mmap.mmap(shared_fd, MAX_CALL_VALUE)
+        args = ["--fd", str(theirs.fileno()), "--shared-fd", str(shared_fd)]
+        args += ["--backend", backend]
         args += ["--config", str(self._dir / "enclave.json")]
         args += ["--sigstruct", str(self._dir / "enclave.sig")]
         args += ["--platform-key", str(platform_key)]
@@ -233,7 +241,7 @@ class EnclaveHost:
         try:
             self.process = subprocess.Popen(
                 boot.enclave_argv(root=_ROOT, extra=args),
-                pass_fds=(theirs.fileno(),),
+                pass_fds=(theirs.fileno(), shared_fd),
                 stdin=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 env=boot.clean_env(),
@@ -241,10 +249,12 @@ class EnclaveHost:
             )
         except BaseException:
             ours.close()
+            self.shared.close()
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
         finally:
             theirs.close()
+            os.close(shared_fd)
         self.sock = ours
         self._stderr = threading.Thread(target=self._forward_stderr, daemon=True)
         self._stderr.start()
@@ -332,11 +342,17 @@ class EnclaveHost:
         except _OcallFailed as exc:
             return CallFailed(call.call_id, exc.code, str(exc)[:1000])
 
+    def share(self, data: bytes) -> int:
+        """Put an OCALL's answer where the enclave reads it; its length."""
+        self.shared[: len(data)] = data
+        return len(data)
+
     def close(self) -> None:
         """Close the connection (the enclave exits on EOF), reap the process."""
         with contextlib.suppress(OSError):
             self.sock.close()
         reap(self.process, 5.0)
+        self.shared.close()
         self._stderr.join(2.0)
         shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -705,4 +721,8 @@ class SecureMonitor:
             raise _OcallFailed(ErrorCode.TIMEOUT, "hypervisor did not answer in time") from None
         except (WireError, OSError, HypervisorUnavailable) as exc:
             raise _OcallFailed(ErrorCode.GUEST_UNAVAILABLE, f"hypervisor link: {exc}") from None
-        return None if answer is None else (answer,)
+        if answer is None:
+            return None
+        if self.enclave is None or not answer:
+            return (answer, 0)
+        return (b"", self.enclave.share(answer))
