@@ -17,6 +17,7 @@ RAM mapping are shared by every session on that guest).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import select
@@ -43,7 +44,7 @@ from sgmonitor.errors import GuestDataError, PageFault, SGMonitorError
 from sgmonitor.guest.memory import PhysicalMemory
 from sgmonitor.guest.qemu import QemuGuest
 from sgmonitor.hypervisor.pages import PageNotRam, PageServer
-from sgmonitor.kernel.vmcoreinfo import find_vmcoreinfo
+from sgmonitor.kernel.vmcoreinfo import iter_vmcoreinfo
 from sgmonitor.keywrap import InvalidWrappedKey, fingerprint, raw_public_key, unwrap_session_key
 from sgmonitor.statement import InvalidToken, SessionBinding, Statement
 from sgmonitor.wire.admin import Revoke, Revoked, RevokeKind
@@ -732,7 +733,7 @@ class HypervisorService:
             with contextlib.suppress(SGMonitorError):
                 if all(memory.read_physical(a, len(n)) == n for a, n in guest.vmcoreinfo):
                     return tuple(n for _, n in guest.vmcoreinfo)
-        found = find_vmcoreinfo(memory)[:MAX_VMCOREINFO_NOTES]
+        found = list(itertools.islice(iter_vmcoreinfo(memory), MAX_VMCOREINFO_NOTES))
         if not found:
             raise _NoVmcoreinfo("no VMCOREINFO note in guest RAM (QEMU -device vmcoreinfo?)")
         guest.vmcoreinfo = [(c.address, c.note) for c in found]
