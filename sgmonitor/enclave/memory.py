@@ -222,6 +222,8 @@ class RemoteMemory:
 
     def __init__(self, transport: PageTransport, cache_budget: int = DEFAULT_BUDGET) -> None:
         self.transport = transport
+        # The sealed channel's split exchange, which streams list walks; None in-process.
+        self._follow_list_later = getattr(transport, "follow_list_later", None)
         self.cache = PageCache(cache_budget)
         # Pages fetched because the previous scan needed them, not read yet (their bytes
         # are charged to the cache budget as ``reserved``), and what to ask for.
@@ -487,7 +489,7 @@ class RemoteMemory:
                 self._store(page, value)
         more = found.end in (ListEnd.LIMIT, ListEnd.REPLY_FULL) and len(found.nodes) < walk.limit
         last = found.nodes[-1] if more and found.nodes else None
-        later = getattr(self.transport, "follow_list_later", None)
+        later = self._follow_list_later
         if last is not None and later is not None:
             following = self._window(replace(walk, after=last), windows + 1)
             reserved = following.limit * self._pages_per_entry(following) * PAGE_SIZE
@@ -500,7 +502,7 @@ class RemoteMemory:
         """What to ask for as window ``number`` (from 0) of ``walk`` in this scan."""
         asked = self._asked(walk)
         per_entry = self._pages_per_entry(asked)
-        if getattr(self.transport, "follow_list_later", None) is None:
+        if self._follow_list_later is None:
             window = self.cache.budget // 2 // PAGE_SIZE // per_entry
         else:
             window = min(
@@ -512,7 +514,7 @@ class RemoteMemory:
         """How many predicted pages to ask for with ``window``: a streamed window takes
         one a node (the pages the last scan needed come in the order it needed them,
         so each window brings about its own, and the first crossing stays short)."""
-        if getattr(self.transport, "follow_list_later", None) is None:
+        if self._follow_list_later is None:
             return MAX_PAGES_PER_REQUEST
         return window.limit
 
