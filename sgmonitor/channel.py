@@ -22,7 +22,7 @@ from __future__ import annotations
 import hmac
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
@@ -123,7 +123,9 @@ class Kind(IntEnum):
 
     REQUEST = 1  # enclave -> hypervisor: ReadPages, FollowList, ...
     REPLY = 2  # hypervisor -> enclave: the reply index (statuses, list nodes, blobs)
-    PAGE = 3  # hypervisor -> enclave: one 4 KiB guest page, address in the AD
+    # hypervisor -> enclave: a reply's present pages, concatenated in index order, sealed
+    # as one message; the AD's address is the first page's, its length their total
+    PAGE = 3
 
 
 @dataclass(frozen=True, repr=False)
@@ -212,7 +214,7 @@ class _Framing:
 
     ``ad(kind, request_id, sequence, address, length)`` and ``nonce(sequence)`` are
     closures over what the session and direction fix, packed once (they run once per
-    page). ``struct`` rejects out-of-range integers (``struct.error``); ``kind`` is
+    message). ``struct`` rejects out-of-range integers (``struct.error``); ``kind`` is
     checked against the enum.
     """
 
@@ -298,20 +300,6 @@ class SealingChannel(Protocol):
         length: int | None = None,
         now: float | None = None,
     ) -> bytes: ...
-
-    def seal_pages(
-        self, request_id: int, pages: Sequence[tuple[int, bytes]], *, now: float | None = None
-    ) -> list[bytes]: ...
-
-    def open_pages(
-        self,
-        request_id: int,
-        sealed: Sequence[bytes | memoryview],
-        addresses: Sequence[int],
-        length: int,
-        *,
-        now: float | None = None,
-    ) -> list[bytes]: ...
 
     def close(self) -> None: ...
 
@@ -475,62 +463,6 @@ class Channel(_ChannelBase):
         st.received = seq + 1
         return plaintext
 
-    def seal_pages(
-        self, request_id: int, pages: Sequence[tuple[int, bytes]], *, now: float | None = None
-    ) -> list[bytes]:
-        """``seal(Kind.PAGE, request_id, page, address=address)`` for each ``(address,
-        page)`` in order: same bytes, each with its own sequence number and associated
-        data; what does not change per page is checked and built once."""
-        st = self._state
-        st.check_usable(now)
-        if st.sent + len(pages) > st.limit:  # let seal raise at the right message
-            return [self.seal(Kind.PAGE, request_id, p, address=a, now=now) for a, p in pages]
-        assert self._send is not None
-        encrypt, ad, nonce_of = self._send.encrypt, st.send.ad, st.send.nonce
-        seq, out = st.sent, []
-        try:
-            for address, page in pages:
-                aad = ad(Kind.PAGE, request_id, seq, address, len(page))
-                out.append(encrypt(nonce_of(seq), page, aad))
-                seq += 1
-        except struct.error as exc:
-            raise ValueError(f"associated data field out of range: {exc}") from None
-        finally:
-            st.sent = seq  # every page sealed used its sequence number
-        return out
-
-    def open_pages(
-        self,
-        request_id: int,
-        sealed: Sequence[bytes | memoryview],
-        addresses: Sequence[int],
-        length: int,
-        *,
-        now: float | None = None,
-    ) -> list[bytes]:
-        """``open(Kind.PAGE, request_id, s, address=a, length=length)`` for each sealed
-        page and its expected address, in order; any failure fails the channel."""
-        st = self._state
-        st.check_openable(now)
-        seq, out = st.received, []
-        try:
-            if len(sealed) != len(addresses) or seq + len(sealed) > st.limit:
-                raise InvalidSeal()
-            assert self._recv is not None
-            decrypt, ad, nonce_of = self._recv.decrypt, st.recv.ad, st.recv.nonce
-            want = length + TAG_LEN
-            for address, message in zip(addresses, sealed, strict=True):
-                if len(message) != want:
-                    raise InvalidSeal()
-                aad = ad(Kind.PAGE, request_id, seq, address, length)
-                out.append(decrypt(nonce_of(seq), message, aad))
-                seq += 1
-        except _FORGERY:
-            st.failed = True
-            raise InvalidSeal() from None
-        st.received = seq
-        return out
-
     def close(self) -> None:
         """Drop the keys; later calls raise :class:`ChannelClosed`."""
         super().close()
@@ -605,30 +537,6 @@ class UnsealedChannelForExperimentsOnly(_ChannelBase):
             raise InvalidSeal() from None
         st.received = seq + 1
         return bytes(sealed[ad_len:])
-
-    def seal_pages(
-        self, request_id: int, pages: Sequence[tuple[int, bytes]], *, now: float | None = None
-    ) -> list[bytes]:
-        """:meth:`seal` of each ``(address, page)`` as ``Kind.PAGE``, in order."""
-        return [self.seal(Kind.PAGE, request_id, p, address=a, now=now) for a, p in pages]
-
-    def open_pages(
-        self,
-        request_id: int,
-        sealed: Sequence[bytes | memoryview],
-        addresses: Sequence[int],
-        length: int,
-        *,
-        now: float | None = None,
-    ) -> list[bytes]:
-        """:meth:`open` of each sealed page at its expected address, in order."""
-        if len(sealed) != len(addresses):
-            self._state.failed = True
-            raise InvalidSeal()
-        return [
-            self.open(Kind.PAGE, request_id, bytes(s), address=a, length=length, now=now)
-            for a, s in zip(addresses, sealed, strict=True)
-        ]
 
 
 def make_channel(

@@ -78,8 +78,7 @@ class HeldSession:
             return answer
         assert isinstance(answer, Reply)
         index = decode(self.channel.open(Kind.REPLY, rid, answer.sealed_reply), expect=(expect,))
-        present = len(answer.sealed_pages)
-        assert present == 0, "held sessions ask for no pages"
+        assert not answer.sealed_pages, "held sessions ask for no pages"
         return index
 
 

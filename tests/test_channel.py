@@ -386,56 +386,39 @@ def test_make_channel_refuses_unsealed_unless_allowed() -> None:
         )
 
 
-@pytest.mark.parametrize("make", [pair, unsealed_pair], ids=["sealed", "unsealed"])
-def test_page_batches_are_page_by_page_seals_and_opens(make) -> None:  # type: ignore[no-untyped-def]
-    """seal_pages / open_pages give and accept exactly what seal / open do, per page."""
-    (enc, hv), (enc2, hv2) = make(), make()  # same keys: the same bytes
-    pages = [(0x1000 * (i + 1), bytes([i]) * 4096) for i in range(5)]
-    addresses = [a for a, _ in pages]
-    index, index2 = hv.seal(Kind.REPLY, 7, b"index"), hv2.seal(Kind.REPLY, 7, b"index")
-    batch = hv.seal_pages(7, pages)
-    assert batch == [hv2.seal(Kind.PAGE, 7, p, address=a) for a, p in pages]
-    assert hv.sent == hv2.sent == 6
-    assert enc.open(Kind.REPLY, 7, index) == b"index"
-    assert enc.open_pages(7, batch, addresses, 4096) == [p for _, p in pages]
-    assert enc2.open(Kind.REPLY, 7, index2) == b"index"
-    for a, s in zip(addresses, batch, strict=True):
-        enc2.open(Kind.PAGE, 7, s, address=a, length=4096)
-    assert enc.received == enc2.received == 6
-
-
 @pytest.mark.parametrize(
-    "attack", ["swap", "address", "request", "length", "drop", "flip", "count"]
+    "attack", ["none", "reorder", "address", "request", "short", "drop", "flip", "splice"]
 )
-def test_a_bad_page_in_a_batch_fails_the_channel(attack: str) -> None:
+def test_a_reply_block_of_pages_opens_whole_or_not_at_all(attack: str) -> None:
+    """A reply's pages travel as one PAGE message (the first page's address, their total
+    length): a relay that cuts, reorders or splices pages inside it, or a receiver that
+    expects another first address, request or length, gets InvalidSeal."""
     enc, hv = pair()
-    pages = [(0x1000 * (i + 1), bytes([i]) * 4096) for i in range(4)]
-    sealed, addresses, rid, length = hv.seal_pages(9, pages), [a for a, _ in pages], 9, 4096
-    if attack == "swap":
-        sealed[1], sealed[2] = sealed[2], sealed[1]
+    pages = [bytes([i]) * 4096 for i in range(4)]
+    sealed = hv.seal(Kind.PAGE, 9, b"".join(pages), address=0x1000)
+    other = hv.seal(Kind.PAGE, 10, bytes(4096 * 4), address=0x1000)
+    rid, address, length = 9, 0x1000, 4 * 4096
+    if attack == "reorder":
+        sealed = sealed[4096:8192] + sealed[:4096] + sealed[8192:]
     elif attack == "address":
-        addresses[3] += 0x1000
+        address = 0x2000
     elif attack == "request":
         rid = 10
-    elif attack == "length":
-        length = 4095
+    elif attack == "short":
+        length = 3 * 4096
     elif attack == "drop":
-        del sealed[0], addresses[0]
+        sealed = sealed[4096:]
     elif attack == "flip":
-        sealed[3] = sealed[3][:-1] + bytes([sealed[3][-1] ^ 1])
+        sealed = sealed[:5000] + bytes([sealed[5000] ^ 1]) + sealed[5001:]
+    elif attack == "splice":  # a genuine page of another reply spliced in
+        sealed = sealed[:4096] + other[4096:8192] + sealed[8192:]
     else:
-        del sealed[-1]
+        assert enc.open(Kind.PAGE, rid, sealed, address=address, length=length) == b"".join(pages)
+        return
     with pytest.raises(InvalidSeal):
-        enc.open_pages(rid, sealed, addresses, length)
+        enc.open(Kind.PAGE, rid, sealed, address=address, length=length)
     with pytest.raises(InvalidSeal):  # the channel is dead
-        enc.open_pages(9, hv.seal_pages(9, pages[:1]), addresses[:1], 4096)
-
-
-def test_seal_pages_stops_at_the_message_budget() -> None:
-    _, hv = pair(limit=3)
-    with pytest.raises(ChannelExhausted):
-        hv.seal_pages(1, [(0, b"a"), (0x1000, b"b"), (0x2000, b"c"), (0x3000, b"d")])
-    assert hv.sent == 3
+        enc.open(Kind.PAGE, 9, hv.seal(Kind.PAGE, 9, pages[0], address=0x1000))
 
 
 def test_hypervisor_nonce_makes_the_keys_new() -> None:

@@ -21,6 +21,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from guests import MAIN, GuestUnderTest, only
 
+from sgmonitor.channel import Kind
 from sgmonitor.hypervisor.service import HypervisorService, ServiceConfig
 from sgmonitor.keyfiles import load_or_create
 from sgmonitor.lab import machine
@@ -193,8 +194,9 @@ def test_hypervisor_refuses_a_replayed_session(hv: LocalDeployment) -> None:
 class ForgingHypervisor(HypervisorService):
     """The worst relay: it holds the hypervisor service's private key (stolen from its
     file), so it can seal whatever it likes with the session's right key and sequence
-    number. It reseals one reply's second page under the wrong address, or the wrong
-    VM, in the associated data; nothing else differs from the genuine reply."""
+    number. It seals one reply's pages under the wrong first address (the second
+    page's), or the wrong VM, in the associated data; nothing else differs from the
+    genuine reply."""
 
     attack = ""
     done = False
@@ -204,22 +206,24 @@ class ForgingHypervisor(HypervisorService):
         if self.done or len(pages) < 2:
             return index, pages
         self.done = True
-        if self.attack == "address":  # page 2's bytes, sealed as if read at page 1's address
-            return index, [pages[0], (pages[0][0], pages[1][1]), *pages[2:]]
+        if self.attack == "address":  # the pages, sealed as if the first were the second
+            return index, [(pages[1][0], pages[0][1]), *pages[1:]]
         channel = session.channel
         state = channel._state
-        honest = channel.seal_pages
+        honest = channel.seal
 
-        def as_other_vm(request_id: int, items: Any, *, now: float | None = None) -> Any:
+        def as_other_vm(kind: Kind, request_id: int, plaintext: bytes, **kw: Any) -> bytes:
+            if kind is not Kind.PAGE:
+                return honest(kind, request_id, plaintext, **kw)
             saved = state.send  # the AD names guest "b"
             state.send = type(saved)(state.suite, state.session_id, saved.direction, "b")
             try:
-                return honest(request_id, items, now=now)
+                return honest(kind, request_id, plaintext, **kw)
             finally:
                 state.send = saved
-                channel.seal_pages = honest
+                channel.seal = honest
 
-        channel.seal_pages = as_other_vm
+        channel.seal = as_other_vm
         return index, pages
 
 

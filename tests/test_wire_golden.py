@@ -49,7 +49,7 @@ def _instances() -> list[tuple[str, wire.Message]]:
         ("CloseSession", w.CloseSession(SID)),
         ("SessionClosed", w.SessionClosed(SID)),
         ("Request", w.Request(SID, 0x0102030405060708, b"\xaa" * 40)),
-        ("Reply", w.Reply(SID, 9, b"index-bytes", (b"p1" * 10, b"", b"p3"))),
+        ("Reply", w.Reply(SID, 9, b"index-bytes", b"p1" * 10 + b"p3")),
         ("Reply-nopages", w.Reply(SID, 2**64 - 1, b"")),
         ("Error", w.Error(w.ErrorCode.ATTESTATION_REFUSED, "no statement ✗", SID, 77)),
         ("Error-bare", w.Error(w.ErrorCode.BAD_FRAME)),
@@ -141,10 +141,11 @@ GOLDEN = {
         "0107000102030405060708090a0b0c0d0e0f010203040506070800000028aaaaaaaaaaaa"
         "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
     ),
+    # the pages as one sealed blob since the block seal (issue 10); before, a count and
+    # a blob per page
     "Reply": (
         "0108000102030405060708090a0b0c0d0e0f00000000000000090000000b696e6465782d"
-        "627974657300000003000000147031703170317031703170317031703170317031000000"
-        "00000000027033"
+        "62797465730000001670317031703170317031703170317031703170317033"
     ),
     "Reply-nopages": ("0108000102030405060708090a0b0c0d0e0fffffffffffffffff0000000000000000"),
     "Error": (
@@ -242,7 +243,7 @@ REFUSED_FLIPS = {
     "CloseSession": 0x3,
     "SessionClosed": 0x3,
     "Request": 0x3C000003,
-    "Reply": 0x1FE00001FE003C000003,
+    "Reply": 0x1E003C000003,
     "Reply-nopages": 0x3FC000003,
     "Error": 0x1FFFFFF,
     "Error-bare": 0x1FF,

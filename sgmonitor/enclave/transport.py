@@ -2,11 +2,12 @@
 
 Each call seals one request (kind REQUEST), hands the encoded hypervisor-link frame to
 the untrusted host (``ocall_hv_exchange``), and opens what comes back: the sealed index
-first (kind REPLY), then each PRESENT page with the address the index names and a
-length of exactly one page. The untrusted host sees only ciphertext, and anything it
-does to the answer (flip, replay, reorder, move between addresses, sessions or guests,
-drop, truncate) ends in :class:`SessionFailed`: an ``InvalidSeal`` from the channel, a
-count that does not match the index, or a deadline. Nothing from a failed reply is
+first (kind REPLY), then the PRESENT pages, sealed together in the index's order
+(kind PAGE: the first page's address and their total length in the associated data).
+The untrusted host sees only ciphertext, and anything it does to the answer (flip,
+replay, reorder, move between addresses, sessions or guests, drop, truncate) ends in
+:class:`SessionFailed`: an ``InvalidSeal`` from the channel, a block whose length does
+not match the index, or a deadline. Nothing from a failed reply is
 returned, and once failed the transport refuses every later call, so no code above it
 can go on with guest data from a session that saw a forgery.
 
@@ -342,15 +343,24 @@ class SealedTransport:
             present = (
                 index.present() if isinstance(index, PagesReply | ListReply | BatchReply) else []
             )
-            if len(answer.sealed_pages) != len(present):
-                raise InvalidSeal()  # pages dropped or added: same as a forgery
-            pages = self.channel.open_pages(rid, answer.sealed_pages, present, PAGE_SIZE)
+            pages = self._open_pages(rid, answer.sealed_pages, present)
             self.opening_s += time.perf_counter() - arrived
         opened = len(body) + PAGE_SIZE * len(pages)
         self.bytes_opened += opened
         if self.sealed:
             self.bytes_decrypted += opened
         return index, pages
+
+    def _open_pages(self, rid: int, sealed: bytes, present: list[int]) -> list[bytes]:
+        """The pages of one sealed block, in the index's order; a block where the index
+        names no page, or none where it names some, is a forgery."""
+        if not present:
+            if sealed:
+                raise InvalidSeal()
+            return []
+        size = PAGE_SIZE * len(present)
+        block = self.channel.open(Kind.PAGE, rid, sealed, address=present[0], length=size)
+        return [block[at : at + PAGE_SIZE] for at in range(0, size, PAGE_SIZE)]
 
     @contextlib.contextmanager
     def _failing_closed(self) -> Iterator[None]:

@@ -4,7 +4,7 @@ It listens on a unix socket for untrusted libraries. Each connection may open se
 (one per enclave key, :class:`sgmonitor.wire.hypervisor.OpenSession`); a session's requests arrive
 sealed, are opened with the session's channel, served by the guest's
 :class:`~sgmonitor.hypervisor.pages.PageServer` and answered with a sealed index
-followed by one sealed page per present entry. Everything a library sends is hostile
+followed by the present pages, sealed together. Everything a library sends is hostile
 input: frames are bounded by the wire module, every connection has receive deadlines,
 work per request is bounded by the wire limits, and a failure on one connection (a
 malformed frame, a forged seal, a dropped peer) ends at most that session or that
@@ -655,9 +655,12 @@ class HypervisorService:
             pages: list[tuple[int, bytes]] = []
         else:
             index, pages = self._serve(session, request)
-        seal = session.channel.seal
-        sealed_index = seal(Kind.REPLY, msg.request_id, encode(index))
-        sealed_pages = tuple(session.channel.seal_pages(msg.request_id, pages))
+        channel = session.channel
+        sealed_index = channel.seal(Kind.REPLY, msg.request_id, encode(index))
+        sealed_pages = b""
+        if pages:  # one seal for all of them: the index says which is where
+            block = b"".join(page for _, page in pages)
+            sealed_pages = channel.seal(Kind.PAGE, msg.request_id, block, address=pages[0][0])
         return Reply(msg.session_id, msg.request_id, sealed_index, sealed_pages)
 
     def _serve(

@@ -4,16 +4,17 @@ The real library (:class:`~sgmonitor.untrusted.library.SecureMonitor`) forwards 
 enclave's sealed requests and the hypervisor's sealed replies unchanged. This one holds
 the same position (it sees and can rewrite every byte between the two) and attacks one
 reply per session, chosen so the attack bites (a reply that carries at least two pages,
-after the scan has started):
+after the scan has started). A reply's pages travel as one sealed block, each page's
+ciphertext at its place in the index's order, so the relay can cut and splice them:
 
-- ``flip``: one bit of a sealed page is flipped;
+- ``flip``: one bit of the sealed pages is flipped;
 - ``replay``: the previous reply of the session is delivered again instead;
-- ``reorder``: the sealed pages of a reply arrive in reverse order;
-- ``swap-address``: a page is replaced by a genuine sealed page of another address
-  (taken from an earlier reply of the same session);
-- ``swap-guest``: pages are replaced by genuine sealed pages of another guest's session
-  (recorded by another ``MaliciousMonitor`` sharing the same :class:`Recording`),
-  same request number and position, session id rewritten to look right;
+- ``reorder``: the pages' ciphertexts arrive in reverse order (the tag stays last);
+- ``swap-address``: the first page's ciphertext is replaced by a genuine one of another
+  address (the first page of an earlier reply of the same session);
+- ``swap-guest``: the sealed pages are replaced by genuine ones of another guest's
+  session (recorded by another ``MaliciousMonitor`` sharing the same
+  :class:`Recording`), same request number, session id rewritten to look right;
 - ``drop``: the reply is swallowed: the enclave's OCALL never returns;
 - ``replay-session``: every reply of a new session is answered from a recording of an
   earlier, complete session, without asking the hypervisor at all.
@@ -32,7 +33,7 @@ from typing import Any
 
 from sgmonitor.untrusted.library import SecureMonitor
 from sgmonitor.wire.core import decode, encode
-from sgmonitor.wire.sealed import Reply, Request
+from sgmonitor.wire.sealed import PAGE_SIZE, Reply, Request
 
 __all__ = ["Attack", "MaliciousMonitor", "Recording"]
 
@@ -109,7 +110,7 @@ class MaliciousMonitor(SecureMonitor):
         reply = decode(answer, expect=(Reply,))
         earlier = list(self._own)
         self._own.append(reply)
-        if self.attack is None or self.attacked or len(reply.sealed_pages) < 2:
+        if self.attack is None or self.attacked or _page_count(reply) < 2:
             return answer
         forged = self._forge(reply, earlier)
         if forged is _NOT_YET:
@@ -120,37 +121,36 @@ class MaliciousMonitor(SecureMonitor):
 
     def _forge(self, reply: Reply, earlier: list[Reply]) -> Reply | object | None:
         """The attacked reply (None: drop it), or ``_NOT_YET`` to wait for a better one."""
-        pages = list(reply.sealed_pages)
+        block = bytearray(reply.sealed_pages)
         if self.attack is Attack.FLIP:
-            page = bytearray(pages[0])
-            page[100] ^= 0x04
-            pages[0] = bytes(page)
+            block[100] ^= 0x04
         elif self.attack is Attack.REPLAY:
             if not earlier:
                 return _NOT_YET
             return earlier[-1]
         elif self.attack is Attack.REORDER:
-            pages.reverse()
+            n = _page_count(reply)
+            pages = [block[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(n)]
+            block[: n * PAGE_SIZE] = b"".join(reversed(pages))
         elif self.attack is Attack.SWAP_ADDRESS:
-            donor = next((r for r in reversed(earlier) if r.sealed_pages), None)
+            donor = next((r for r in reversed(earlier) if _page_count(r)), None)
             if donor is None:
                 return _NOT_YET
-            pages[0] = donor.sealed_pages[0]
+            block[:PAGE_SIZE] = donor.sealed_pages[:PAGE_SIZE]
         elif self.attack is Attack.SWAP_GUEST:
             other = self._other_guest_reply(reply.request_id)
             if other is None:
                 return _NOT_YET
-            n = min(len(pages), len(other.sealed_pages))
-            pages[:n] = other.sealed_pages[:n]
+            block = bytearray(other.sealed_pages)
         elif self.attack is Attack.DROP:
             return None
-        return replace(reply, sealed_pages=tuple(pages))
+        return replace(reply, sealed_pages=bytes(block))
 
     def _other_guest_reply(self, request_id: int) -> Reply | None:
         """A genuine reply with pages from another session (another guest), preferably
         to the same request number."""
         own = {id(r) for r in self._own}
-        others = [r for r in self.recording.all_replies() if id(r) not in own and r.sealed_pages]
+        others = [r for r in self.recording.all_replies() if id(r) not in own and _page_count(r)]
         same = [r for r in others if r.request_id == request_id]
         found = same or others
         return found[0] if found else None
@@ -168,3 +168,8 @@ class MaliciousMonitor(SecureMonitor):
 
 
 _NOT_YET = object()
+
+
+def _page_count(reply: Reply) -> int:
+    """How many pages a reply's sealed block carries (its tag or AD is under a page)."""
+    return len(reply.sealed_pages) // PAGE_SIZE

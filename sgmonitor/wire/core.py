@@ -56,7 +56,6 @@ __all__ = [
     "U64_END",
     "WIRE_VERSION",
     "Blob",
-    "Blobs",
     "Codec",
     "ConnectionClosed",
     "EnumOf",
@@ -191,8 +190,7 @@ class Writer:
 
 class Reader:
     def __init__(self, data: bytes, what: str, pos: int = 0) -> None:
-        # No copy: fields are copied out one by one, or are views of ``data`` (sealed
-        # pages), which must therefore be immutable bytes.
+        # No copy: fields are copied out one by one.
         self.data = memoryview(data)
         self.pos = pos
         self.what = what
@@ -225,28 +223,6 @@ class Reader:
         if n > limit:
             raise WireError(f"{self.what}: {field} is {n} bytes, limit {limit}")
         return self.take(n, field)
-
-    def blobs(self, n: int, field: str, limit: int) -> tuple[memoryview, ...]:
-        """``n`` blobs in a row (as ``n`` calls of :meth:`blob`, one page each), as views
-        of the message: a reply's sealed pages are opened straight from it, not copied
-        out first (the message is immutable bytes, so the views cannot change)."""
-        data, pos, size, out = self.data, self.pos, len(self.data), []
-        unpack = U32.unpack_from
-        for _ in range(n):
-            if pos + 4 > size:
-                self.pos = pos
-                self.u32(field)  # raises: truncated
-            (length,) = unpack(data, pos)
-            if length > limit:
-                raise WireError(f"{self.what}: {field} is {length} bytes, limit {limit}")
-            end = pos + 4 + length
-            if end > size:
-                self.pos = pos + 4
-                self.take(length, field)  # raises: truncated
-            out.append(data[pos + 4 : end])
-            pos = end
-        self.pos = pos
-        return tuple(out)
 
     def text(self, field: str, limit: int) -> str:
         raw = self.blob(field, limit)
@@ -532,31 +508,6 @@ class Seq(Codec):
         n = self.get_count(r, name)
         get, item_name = self.item.get, self.item_name or name
         return tuple(get(r, item_name) for _ in range(n))
-
-
-class Blobs(Seq):
-    """A tuple of blobs, packed and parsed in bulk (a reply's sealed pages); decoded,
-    they are views of the message (:meth:`Reader.blobs`)."""
-
-    def __init__(self, limit: int, item_limit: int, item_name: str) -> None:
-        super().__init__(Blob(item_limit), limit, item_name=item_name)
-
-    def check(self, msg: str, name: str, v: Any) -> None:
-        check_tuple(msg, name, v, self.limit, (bytes, memoryview))
-        limit = self.item.limit  # type: ignore[attr-defined]
-        for x in v:
-            if len(x) > limit:
-                raise WireError(f"{msg}: {self.item_name or name} is {len(x)} bytes, limit {limit}")
-
-    def put(self, w: Writer, v: tuple[bytes | memoryview, ...]) -> None:
-        w.u32(len(v))
-        pack = U32.pack
-        for x in v:
-            w.parts += (pack(len(x)), x)
-
-    def get(self, r: Reader, name: str) -> tuple[memoryview, ...]:
-        n = self.get_count(r, name)
-        return r.blobs(n, self.item_name or name, self.item.limit)  # type: ignore[attr-defined]
 
 
 class U64s(Seq):

@@ -21,7 +21,6 @@ from sgmonitor.wire.core import (
     TAG_LEN,
     U64_END,
     Blob,
-    Blobs,
     ErrorCode,
     Message,
     Messages,
@@ -53,7 +52,7 @@ __all__ = [
     "MAX_PAGES_PER_REQUEST",
     "MAX_RANGES",
     "MAX_REPLY_PAGES",
-    "MAX_SEALED_PAGE",
+    "MAX_SEALED_PAGES",
     "MAX_SEALED_REPLY",
     "MAX_SEALED_REQUEST",
     "MAX_VCPUS",
@@ -88,19 +87,20 @@ __all__ = [
 PAGE_SIZE = 4096
 MAX_PAGES_PER_REQUEST = 1024  # pages one ReadPages may ask for
 MAX_RANGES = MAX_PAGES_PER_REQUEST  # ranges in one ReadPages: scattered pages, one each
-MAX_REPLY_PAGES = 2048  # page entries (and sealed pages) in one reply: ~8.4 MiB
+MAX_REPLY_PAGES = 2048  # page entries (and pages in the sealed block) of one reply: 8 MiB
 MAX_LIST_NODES = 4096  # entries one FollowList may visit
 MAX_ENTRY_SIZE = 64 * 1024  # bytes of one list entry (struct task_struct is ~10 KiB)
 MAX_VCPUS = 1024
 MAX_SEALED_REQUEST = 64 * 1024
 MAX_SEALED_REPLY = 1024 * 1024
-MAX_SEALED_PAGE = PAGE_SIZE + 256  # tag (16) or, unsealed, the clear-text AD
+# A reply's sealed pages: at most MAX_REPLY_PAGES, plus the tag (16) or, unsealed, the AD
+MAX_SEALED_PAGES = MAX_REPLY_PAGES * PAGE_SIZE + 256
 MAX_BATCH = 4  # requests in one Batch (BeginScan, FollowList, ReadPages, EndScan)
 MAX_VMCOREINFO_NOTES = 16  # candidates (genuine and planted) in one reply
 MAX_VMCOREINFO_NOTE = 8192  # header, name and a one-page text
 _PAGE_MASK = PAGE_SIZE - 1
 
-assert TAG_LEN <= MAX_SEALED_PAGE - PAGE_SIZE
+assert TAG_LEN <= MAX_SEALED_PAGES - MAX_REPLY_PAGES * PAGE_SIZE
 
 
 class PageStatus(IntEnum):
@@ -139,15 +139,16 @@ class Request(Message):
 
 @message(0x08)
 class Reply(Message):
-    """Hypervisor -> library: a sealed reply index (kind REPLY), then one sealed page
-    (kind PAGE) per PRESENT entry of the index, in index order."""
+    """Hypervisor -> library: a sealed reply index (kind REPLY), then the bytes of the
+    index's PRESENT pages, in index order, sealed as one message (kind PAGE; empty when
+    no page is present). One seal for all of them: the index names each page's address,
+    and nothing inside the block can be moved, dropped or reordered without breaking
+    its tag."""
 
     session_id: bytes = fixed(SESSION_ID_LEN)
     request_id: int = u64()
     sealed_reply: bytes = blob(MAX_SEALED_REPLY)
-    sealed_pages: tuple[bytes | memoryview, ...] = spec(
-        Blobs(MAX_REPLY_PAGES, MAX_SEALED_PAGE, "sealed page"), default=()
-    )
+    sealed_pages: bytes = blob(MAX_SEALED_PAGES, default=b"")
 
 
 # --- sealed request bodies ----------------------------------------------------------
