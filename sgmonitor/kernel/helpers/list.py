@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 DEFAULT_LIMIT = 1 << 20
+_U64_MASK = (1 << 64) - 1
 
 
 class WalkGuard:
@@ -119,8 +120,15 @@ def list_for_each(head: Object, limit: int = DEFAULT_LIMIT) -> Iterator[Object]:
     :raises ValidationError: a broken ``prev`` link, a cycle, too many nodes, a wild pointer
     """
     tm = head.memory_
-    layout = _links(tm, "list_head", "next", "prev")
     node_type: CType = tm.type("struct list_head *")
+    for pos in _list_nodes(head, limit):
+        yield tm.value(node_type, pos)
+
+
+def _list_nodes(head: Object, limit: int) -> Iterator[int]:
+    """:func:`list_for_each`'s walk, yielding each node's address (no object a node)."""
+    tm = head.memory_
+    layout = _links(tm, "list_head", "next", "prev")
     head_addr = _address(head, "list_head")
     guard = WalkGuard(f"list at {head_addr:#x}", limit)
     what = guard.what
@@ -135,7 +143,7 @@ def list_for_each(head: Object, limit: int = DEFAULT_LIMIT) -> Iterator[Object]:
         if pos == head_addr:
             return
         guard.step(pos)
-        yield tm.value(node_type, pos)
+        yield pos
         prev, pos = pos, nxt
 
 
@@ -188,12 +196,15 @@ def list_for_each_entry(
     :raises ValidationError: as :func:`list_for_each`
     """
     tm = head.memory_
-    prefetch = _prefetcher(tm, type, head, member, limit)
+    entry_type = tm.type(type)
+    offset = tm.offsetof(entry_type, member)  # container_of's, resolved once a walk
+    pointer = entry_type.pointer()
+    prefetch = _prefetcher(tm, entry_type, head, member, limit)
     resume = prefetch(None) if prefetch is not None else None
-    for node in list_for_each(head, limit):
-        if prefetch is not None and resume is not None and int(node) == resume:
+    for node in _list_nodes(head, limit):
+        if prefetch is not None and resume is not None and node == resume:
             resume = prefetch(resume)  # reached the end of the window: fetch the next
-        yield tm.container_of(node, type, member)
+        yield Object(tm, pointer, None, (node - offset) & _U64_MASK)
 
 
 def _checked_first(head: Object) -> tuple[int, int]:
