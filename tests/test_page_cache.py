@@ -158,6 +158,23 @@ def test_reads_outside_the_address_space_never_cross(tmp_path: Path) -> None:
     assert transport.calls == []
 
 
+def test_cached_pages_do_not_widen_the_address_space(tmp_path: Path) -> None:
+    """The one-page fast path serves only reads inside one page of the 64-bit space: with
+    the first and last pages cached, a read that wraps, starts below 0 or above 2**64,
+    or has a negative size still fails as it would with nothing cached."""
+    memory, transport = remote(patterned(1), tmp_path)
+    top = (1 << 64) - PAGE
+    memory.cache.put(top, bytes(range(256)) * 16)
+    memory.cache.put(0, bytes(PAGE))
+    assert memory.read(top + PAGE - 8, 8) == bytes(range(248, 256))
+    for address, size in [(top + PAGE - 4, 8), (-8, 8), (1 << 64, 8), ((1 << 64) + 16, 4)]:
+        with pytest.raises(PageFault, match="64-bit"):
+            memory.read(address, size)
+    with pytest.raises(ValueError):
+        memory.read(16, -1)
+    assert transport.calls == []
+
+
 def test_stats_since_gives_per_scan_counters(tmp_path: Path) -> None:
     region = patterned(8)
     memory, _ = remote(region, tmp_path)

@@ -52,6 +52,7 @@ __all__ = [
 PAGE_SIZE = 4096
 _PAGE_MASK = PAGE_SIZE - 1
 _U64 = 1 << 64
+_PAGE_BASE = _U64 - PAGE_SIZE  # address & _PAGE_BASE: its page, for 0 <= address < 2**64
 DEFAULT_BUDGET = 32 << 20  # the EPC of the paper's machine
 NEGATIVE_ENTRY_COST = 64  # budget bytes charged for a cached fault
 FIRST_WINDOW = 32  # list nodes in a streamed walk's first window (see prefetch_list)
@@ -154,6 +155,17 @@ class PageCache:
         found = self._entries.get(page)
         if found is None:
             self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(page)
+        return found
+
+    def hit(self, page: int) -> bytes | None:
+        """The cached bytes of ``page``, now the most recently used; None if it is not
+        cached or is a cached fault (:meth:`get` then tells which, and counts it).
+        The one-page read's fast path: a hit and nothing else."""
+        found = self._entries.get(page)
+        if found.__class__ is not bytes:
             return None
         self.hits += 1
         self._entries.move_to_end(page)
@@ -283,6 +295,16 @@ class RemoteMemory:
         :raises PageFault: a page of the range is not present (authenticated by the
             trusted side) or the range leaves the 64-bit address space
         """
+        first = address & _PAGE_BASE
+        offset = address - first  # outside 0..PAGE_SIZE - size for a bad address or size
+        if 0 <= offset <= PAGE_SIZE - size and size >= 0 and not self._learning:
+            data = self.cache.hit(first)  # the common case: one cached page
+            if data is not None:
+                return data[offset : offset + size]
+        return self._read(address, size)
+
+    def _read(self, address: int, size: int) -> bytes:
+        """:meth:`read`, every case."""
         if size < 0:
             raise ValueError("negative size")
         if not 0 <= address <= _U64 - max(size, 1):
