@@ -501,23 +501,28 @@ class RemoteMemory:
         self._unsorted += [(walk.span_start(node), span) for node in found.nodes]
         self.cache.crossings += 1
         self.cache.prefetches += 1
-        staged = set(extra)
-        for page, value in found.pages.items():
-            if page & _PAGE_MASK or not 0 <= page < _U64:
-                raise TransportError(f"follow_list returned unaligned page {page:#x}")
-            if page in staged:
-                self._stage(page, value)
-            else:
-                self._store(page, value)
+        pages = found.pages
+        for page in extra:  # staged before the next request, whose prediction counts them
+            value = pages.get(page)
+            if value is None:
+                raise TransportError(f"follow_list did not return predicted page {page:#x}")
+            self._stage(page, value)
         more = found.end in (ListEnd.LIMIT, ListEnd.REPLY_FULL) and len(found.nodes) < walk.limit
         last = found.nodes[-1] if more and found.nodes else None
         later = self._follow_list_later
-        if last is not None and later is not None:
+        if last is not None and later is not None:  # ask for the next window first...
             following = self._window(replace(walk, after=last), windows + 1)
             reserved = following.limit * self._pages_per_entry(following) * PAGE_SIZE
             self.cache.reserve(reserved)
-            extra = self._take_prediction(set(), self._predicted_with(following))
-            self._ahead = _Ahead(following, later(following, pages=extra), reserved, extra)
+            predicted = self._take_prediction(set(), self._predicted_with(following))
+            answer = later(following, pages=predicted)
+            self._ahead = _Ahead(following, answer, reserved, predicted)
+        staged = set(extra)
+        for page, value in pages.items():  # ... then cache this one's pages
+            if page & _PAGE_MASK or not 0 <= page < _U64:
+                raise TransportError(f"follow_list returned unaligned page {page:#x}")
+            if page not in staged:
+                self._store(page, value)
         return last
 
     def _window(self, walk: ListWalk, number: int) -> ListWalk:
