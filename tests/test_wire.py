@@ -505,3 +505,18 @@ def test_every_family_registers_distinct_types() -> None:
     for m in declared:  # each message named once, by the family that declares it
         owners = [f for f in FAMILIES if m.__name__ in f.__all__]
         assert owners == [sys.modules[m.__module__]], m
+
+
+def test_a_replys_sealed_pages_are_a_view_of_an_immutable_frame_only() -> None:
+    """Decoded, the sealed pages are a view of the frame (no copy of the megabytes); of
+    a private copy when the frame is a mutable buffer, so later writes change nothing."""
+    frame = wire.encode(wire.Reply(bytes(16), 1, b"i", b"sealed pages"))
+    viewed = wire.decode(frame)
+    assert isinstance(viewed.sealed_pages, memoryview) and viewed.sealed_pages.obj is frame
+    assert viewed == wire.Reply(bytes(16), 1, b"i", b"sealed pages")
+    buffer = bytearray(frame)
+    copied = wire.decode(buffer)
+    buffer[-1] ^= 0xFF
+    assert copied.sealed_pages == b"sealed pages" and copied.sealed_pages.obj is not buffer
+    with pytest.raises(wire.WireError, match="truncated in sealed_pages"):
+        wire.decode(frame[:-1])

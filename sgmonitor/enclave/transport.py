@@ -351,7 +351,7 @@ class SealedTransport:
             self.bytes_decrypted += opened
         return index, pages
 
-    def _open_pages(self, rid: int, sealed: bytes, present: list[int]) -> list[bytes]:
+    def _open_pages(self, rid: int, sealed: bytes | memoryview, present: list[int]) -> list[bytes]:
         """The pages of one sealed block, in the index's order; a block where the index
         names no page, or none where it names some, is a forgery."""
         if not present:

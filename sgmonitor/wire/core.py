@@ -56,6 +56,7 @@ __all__ = [
     "U64_END",
     "WIRE_VERSION",
     "Blob",
+    "BlobView",
     "Codec",
     "ConnectionClosed",
     "EnumOf",
@@ -190,7 +191,8 @@ class Writer:
 
 class Reader:
     def __init__(self, data: bytes, what: str, pos: int = 0) -> None:
-        # No copy: fields are copied out one by one.
+        # No copy: fields are copied out one by one, or are views (BlobView) of
+        # ``data``, which must therefore be immutable bytes (decode sees to it).
         self.data = memoryview(data)
         self.pos = pos
         self.what = what
@@ -223,6 +225,20 @@ class Reader:
         if n > limit:
             raise WireError(f"{self.what}: {field} is {n} bytes, limit {limit}")
         return self.take(n, field)
+
+    def blob_view(self, field: str, limit: int) -> memoryview:
+        """:meth:`blob` as a view of the message (megabytes of sealed pages are opened
+        where they are, not copied out first): :func:`decode` parses immutable bytes
+        only, copying a mutable buffer first, so the view cannot change."""
+        n = self.u32(field)
+        if n > limit:
+            raise WireError(f"{self.what}: {field} is {n} bytes, limit {limit}")
+        end = self.pos + n
+        if end > len(self.data):
+            self.take(n, field)  # raises: truncated
+        out = self.data[self.pos : end]
+        self.pos = end
+        return out
 
     def text(self, field: str, limit: int) -> str:
         raw = self.blob(field, limit)
@@ -423,6 +439,22 @@ class Blob(Codec):
 
     def get(self, r: Reader, name: str) -> bytes:
         return r.blob(name, self.limit)
+
+
+class BlobView(Blob):
+    """A :class:`Blob` decoded as a view of the message (:meth:`Reader.blob_view`)."""
+
+    types = (bytes, memoryview)  # type: ignore[assignment]
+
+    def check(self, msg: str, name: str, v: Any) -> None:
+        if isinstance(v, memoryview):  # a view of a decoded message: bytes by construction
+            if len(v) > self.limit:
+                raise WireError(f"{msg}: {name} is {len(v)} bytes, limit {self.limit}")
+            return
+        check_bytes(msg, name, v, self.limit)
+
+    def get(self, r: Reader, name: str) -> memoryview:  # type: ignore[override]
+        return r.blob_view(name, self.limit)
 
 
 class ShortFixed(Codec):

@@ -21,6 +21,7 @@ from sgmonitor.wire.core import (
     TAG_LEN,
     U64_END,
     Blob,
+    BlobView,
     ErrorCode,
     Message,
     Messages,
@@ -148,7 +149,8 @@ class Reply(Message):
     session_id: bytes = fixed(SESSION_ID_LEN)
     request_id: int = u64()
     sealed_reply: bytes = blob(MAX_SEALED_REPLY)
-    sealed_pages: bytes = blob(MAX_SEALED_PAGES, default=b"")
+    # decoded as a view of the frame: opened where it is, not copied out first
+    sealed_pages: bytes | memoryview = spec(BlobView(MAX_SEALED_PAGES), default=b"")
 
 
 # --- sealed request bodies ----------------------------------------------------------
