@@ -54,7 +54,9 @@ page_addr = st.integers(0, 2**52 - 1).map(lambda p: p * PAGE_SIZE)
 range_addr = st.integers(0, 2**52 - 8).map(lambda p: p * PAGE_SIZE)  # + 8 pages never wraps
 small_blob = st.binary(max_size=64)
 page_entry = st.builds(PageEntry, page_addr, st.sampled_from(PageStatus))
-page_entries = st.lists(page_entry, max_size=8, unique_by=lambda p: p.address).map(tuple)
+page_entries = st.lists(page_entry, max_size=8, unique_by=lambda p: p.address).map(
+    wire.PageIndex.of
+)
 vcpu = st.builds(wire.VcpuRegisters, st.integers(0, 65535), u64, u64, u64, u64)
 value = st.one_of(u64, small_blob, st.text(max_size=16))
 
@@ -281,7 +283,11 @@ def test_request_limits() -> None:
     with pytest.raises(WireError, match="limit"):
         FollowList(wire.ListWalk(0x1000, 0, 0, 100, wire.MAX_LIST_NODES + 1))
     with pytest.raises(WireError, match="twice"):
-        wire.PagesReply((PageEntry(0, PageStatus.PRESENT), PageEntry(0, PageStatus.NOT_PRESENT)))
+        wire.PagesReply(
+            wire.PageIndex.of(
+                (PageEntry(0, PageStatus.PRESENT), PageEntry(0, PageStatus.NOT_PRESENT))
+            )
+        )
     with pytest.raises(WireError, match="unsigned"):
         wire.Request(SID, -1, b"")
     with pytest.raises(WireError, match="unsigned"):
@@ -303,7 +309,9 @@ def test_read_pages_helpers() -> None:
     req = ReadPages((PageRange(0x1000, 2), PageRange(0x8000, 1)))
     assert req.pages() == [0x1000, 0x2000, 0x8000]
     reply = wire.PagesReply(
-        (PageEntry(0x1000, PageStatus.PRESENT), PageEntry(0x2000, PageStatus.NOT_PRESENT))
+        wire.PageIndex.of(
+            (PageEntry(0x1000, PageStatus.PRESENT), PageEntry(0x2000, PageStatus.NOT_PRESENT))
+        )
     )
     assert reply.present() == [0x1000]
 
@@ -434,7 +442,7 @@ def test_batch_limits() -> None:
     with pytest.raises(WireError, match="unexpected Batch"):  # no batch in a batch
         body = encode(wire.Batch((wire.EndScan(),)))
         decode(encode(wire.Batch((wire.EndScan(),)))[:2] + struct.pack(">II", 1, len(body)) + body)
-    many = tuple(PageEntry(i * PAGE_SIZE, PageStatus.PRESENT) for i in range(1025))
+    many = wire.PageIndex.of(PageEntry(i * PAGE_SIZE, PageStatus.PRESENT) for i in range(1025))
     with pytest.raises(WireError, match="page entries"):  # 2,050 entries in all
         wire.BatchReply((wire.PagesReply(many), wire.PagesReply(many)))
     with pytest.raises(WireError, match="holds a VmcoreinfoReply"):
@@ -453,13 +461,18 @@ def test_bulk_parsed_pages_fail_as_before() -> None:
     big = wire.encode(wire.Reply(sid, 1, b"i", b"a"))[:-5] + struct.pack(">I", limit + 1) + b"a"
     with pytest.raises(wire.WireError, match=f"sealed_pages is {limit + 1} bytes"):
         wire.decode(big)
-    index = wire.encode(wire.PagesReply((wire.PageEntry(0x1000, wire.PageStatus.PRESENT),)))
+    entry = wire.PageEntry(0x1000, wire.PageStatus.PRESENT)
+    index = wire.encode(wire.PagesReply(wire.PageIndex.of((entry,))))
     with pytest.raises(wire.WireError, match="unknown page status 9"):
         wire.decode(index[:-1] + b"\x09")
     with pytest.raises(wire.WireError, match="truncated in pages"):
         wire.decode(index[:-1])
-    listed = wire.ListReply((8, 16), wire.ListEnd.LIMIT, ())
+    listed = wire.ListReply((8, 16), wire.ListEnd.LIMIT)
     assert wire.decode(wire.encode(listed)) == listed
+    with pytest.raises(wire.WireError, match="not page-aligned"):
+        wire.decode(index[:-9] + struct.pack(">QB", 0x1008, 1))
+    with pytest.raises(wire.WireError, match="twice"):
+        wire.decode(index[:-13] + struct.pack(">IQBQB", 2, 0x1000, 1, 0x1000, 2))
 
 
 def test_pop_frame_takes_whole_frames_only_and_refuses_bad_lengths() -> None:
@@ -520,3 +533,29 @@ def test_a_replys_sealed_pages_are_a_view_of_an_immutable_frame_only() -> None:
     assert copied.sealed_pages == b"sealed pages" and copied.sealed_pages.obj is not buffer
     with pytest.raises(wire.WireError, match="truncated in sealed_pages"):
         wire.decode(frame[:-1])
+
+
+def test_a_page_index_is_checked_when_a_reply_holds_it() -> None:
+    """PageIndex is built unchecked (the hypervisor's hot path); the reply checks it."""
+    bad = [
+        (wire.PageIndex((0x1000,), b""), "1 addresses and 0 statuses"),
+        (wire.PageIndex((0x1000,), b"\x07"), "unknown page status 7"),
+        (wire.PageIndex((0x1001,), b"\x00"), "not page-aligned"),
+        (wire.PageIndex((-4096,), b"\x00"), "outside the u64 range"),
+        (wire.PageIndex((1 << 64,), b"\x00"), "outside the u64 range"),
+        (wire.PageIndex((True,), b"\x00"), "not an int"),  # type: ignore[arg-type]
+        (wire.PageIndex([0x1000], b"\x00"), "tuple of addresses"),  # type: ignore[arg-type]
+        (wire.PageIndex((0x1000, 0x1000), b"\x00\x00"), "twice"),
+    ]
+    for index, why in bad:
+        with pytest.raises(WireError, match=why):
+            wire.PagesReply(index)
+    good = wire.PageIndex((0x2000, 0x1000, 0x3000), b"\x00\x01\x00")
+    assert list(good) == [
+        PageEntry(0x2000, PageStatus.PRESENT),
+        PageEntry(0x1000, PageStatus.NOT_PRESENT),
+        PageEntry(0x3000, PageStatus.PRESENT),
+    ]
+    assert good[1:] == wire.PageIndex((0x1000, 0x3000), b"\x01\x00")
+    assert wire.PagesReply(good).present() == [0x2000, 0x3000]
+    assert wire.PageIndex.of(good) == good

@@ -26,10 +26,12 @@ def _instances() -> list[tuple[str, wire.Message]]:
     PE = w.PageEntry
     S = w.PageStatus
     walk = w.ListWalk(0xFFFF888000123400, 8, 0x4F8, 0x2580, 300, 0xFFFF888000999900)
-    pages = (
-        PE(0xFFFF888000001000, S.PRESENT),
-        PE(0xFFFF888000002000, S.NOT_PRESENT),
-        PE(0x3000, S.NOT_RAM),
+    pages = w.PageIndex.of(
+        (
+            PE(0xFFFF888000001000, S.PRESENT),
+            PE(0xFFFF888000002000, S.NOT_PRESENT),
+            PE(0x3000, S.NOT_RAM),
+        )
     )
     return [
         ("Hello", w.Hello("guest-é")),
@@ -106,7 +108,7 @@ def _instances() -> list[tuple[str, wire.Message]]:
             w.BatchReply(
                 (
                     w.Ack(True),
-                    w.ListReply((8,), w.ListEnd.HEAD_REACHED, ()),
+                    w.ListReply((8,), w.ListEnd.HEAD_REACHED),
                     w.PagesReply(pages),
                     w.RegistersReply(()),
                 )

@@ -48,7 +48,7 @@ from sgmonitor.wire.sealed import (
     ListEnd,
     ListReply,
     ListWalk,
-    PageEntry,
+    PageIndex,
     PageRange,
     PagesReply,
     PageStatus,
@@ -141,7 +141,7 @@ class SealedTransport:
         self, index: Message, pages: list[bytes], addresses: Sequence[int]
     ) -> list[bytes | PageFault]:
         assert isinstance(index, PagesReply)
-        if [p.address for p in index.pages] != list(addresses):
+        if list(index.pages.addresses) != list(addresses):
             self._fail(ErrorCode.BAD_REQUEST, "the reply index names other pages than asked")
         by_address = _values(index.pages, pages)
         return [by_address[a] for a in addresses]
@@ -422,15 +422,17 @@ def _ranges(addresses: Sequence[int]) -> tuple[PageRange, ...]:
     return tuple(PageRange(a, n) for a, n in out)
 
 
-def _values(entries: Sequence[PageEntry], pages: Sequence[bytes]) -> dict[int, bytes | PageFault]:
+def _values(index: PageIndex, pages: Sequence[bytes]) -> dict[int, bytes | PageFault]:
     """Address -> page bytes, or the fault the authenticated index reports."""
+    if len(pages) == len(index):  # every page present: the common case
+        return dict(zip(index.addresses, pages, strict=True))
     it = iter(pages)
     out: dict[int, bytes | PageFault] = {}
-    for e in entries:
-        if e.status is PageStatus.PRESENT:
-            out[e.address] = next(it)
-        elif e.status is PageStatus.NOT_RAM:
-            out[e.address] = PageFault(e.address, 0, None, "translates outside guest RAM")
+    for address, status in zip(index.addresses, index.statuses, strict=True):
+        if status == PageStatus.PRESENT:
+            out[address] = next(it)
+        elif status == PageStatus.NOT_RAM:
+            out[address] = PageFault(address, 0, None, "translates outside guest RAM")
         else:
-            out[e.address] = PageFault(e.address, 0, None, "not present (hypervisor page walk)")
+            out[address] = PageFault(address, 0, None, "not present (hypervisor page walk)")
     return out

@@ -71,7 +71,6 @@ from sgmonitor.wire.hypervisor import (
 )
 from sgmonitor.wire.sealed import (
     MAX_VMCOREINFO_NOTES,
-    PAGE_SIZE,
     Ack,
     Batch,
     BatchReply,
@@ -81,6 +80,7 @@ from sgmonitor.wire.sealed import (
     GetRegisters,
     GetVmcoreinfo,
     ListReply,
+    PageIndex,
     PagesReply,
     PageStatus,
     ReadPages,
@@ -90,7 +90,6 @@ from sgmonitor.wire.sealed import (
     RequestFailed,
     VcpuRegisters,
     VmcoreinfoReply,
-    page_entry,
 )
 
 __all__ = ["GuestHandle", "HypervisorService", "ServiceConfig"]
@@ -750,19 +749,16 @@ class _NoVmcoreinfo(SGMonitorError):
 def _pages_reply(
     addresses: list[int], found: list[bytes | PageFault]
 ) -> tuple[Message, list[tuple[int, bytes]]]:
-    entries, pages = [], []
+    statuses, pages = bytearray(), []
     for address, value in zip(addresses, found, strict=True):
-        if address & (PAGE_SIZE - 1) or not 0 <= address < 1 << 64:
-            raise ValueError(f"not a page-aligned guest-virtual address: {address:#x}")
-        # aligned u64s (checked here, once), statuses of our own: no per-entry checks
         if isinstance(value, bytes):
-            entries.append(page_entry(address, PageStatus.PRESENT))
+            statuses.append(PageStatus.PRESENT)
             pages.append((address, value))
         elif isinstance(value, PageNotRam):
-            entries.append(page_entry(address, PageStatus.NOT_RAM))
+            statuses.append(PageStatus.NOT_RAM)
         else:
-            entries.append(page_entry(address, PageStatus.NOT_PRESENT))
-    return PagesReply(tuple(entries)), pages
+            statuses.append(PageStatus.NOT_PRESENT)
+    return PagesReply(PageIndex(tuple(addresses), bytes(statuses))), pages
 
 
 def _bind_unix(path: str) -> socket.socket:

@@ -12,8 +12,9 @@ The hypervisor service serves them; opening and closing its sessions is
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable, Sequence
 from enum import IntEnum
-from typing import Any
+from typing import Any, overload
 
 from sgmonitor.wire.core import (
     MAX_ERROR_TEXT,
@@ -22,6 +23,7 @@ from sgmonitor.wire.core import (
     U64_END,
     Blob,
     BlobView,
+    Codec,
     ErrorCode,
     Message,
     Messages,
@@ -33,7 +35,6 @@ from sgmonitor.wire.core import (
     WireError,
     Writer,
     blob,
-    check_tuple,
     enum,
     fixed,
     flag,
@@ -72,6 +73,7 @@ __all__ = [
     "ListReply",
     "ListWalk",
     "PageEntry",
+    "PageIndex",
     "PageRange",
     "PageStatus",
     "PagesReply",
@@ -82,7 +84,6 @@ __all__ = [
     "RequestFailed",
     "VcpuRegisters",
     "VmcoreinfoReply",
-    "page_entry",
 ]
 
 PAGE_SIZE = 4096
@@ -320,62 +321,112 @@ class PageEntry(Record):
 
 
 _PAGE_ENTRY = struct.Struct(">QB")
-_PAGE_STATUS = {int(s): s for s in PageStatus}
+_STATUS_BYTES = bytes(sorted(int(s) for s in PageStatus))
+_PRESENT = int(PageStatus.PRESENT)
 
 
-def page_entry(address: int, status: PageStatus) -> PageEntry:
-    """A PageEntry made without running its field checks: for the hot paths where the
-    values are right by construction (one object per page of a reply). The caller
-    vouches that ``address`` is a page-aligned u64 and ``status`` a PageStatus."""
-    entry = object.__new__(PageEntry)
-    object.__setattr__(entry, "__dict__", {"address": address, "status": status})
-    return entry
+class PageIndex(Sequence[PageEntry]):
+    """A reply index's pages, packed: their addresses and their statuses (one byte
+    each), so that a 1,000-page reply is parsed, checked and answered without making a
+    thousand objects. Indexing or iterating gives :class:`PageEntry` values.
+
+    Built unchecked; the wire checks it (:class:`PageEntries`) when a message holding
+    it is made or decoded: aligned u64 addresses, no address twice, known statuses.
+    """
+
+    __slots__ = ("addresses", "statuses")
+
+    def __init__(self, addresses: tuple[int, ...] = (), statuses: bytes = b"") -> None:
+        self.addresses = addresses
+        self.statuses = statuses
+
+    @classmethod
+    def of(cls, entries: Iterable[PageEntry]) -> PageIndex:
+        """The index of these entries, in order."""
+        items = tuple(entries)
+        return cls(tuple(e.address for e in items), bytes(e.status for e in items))
+
+    def present(self) -> list[int]:
+        """The addresses whose pages the reply carries (status PRESENT), in order."""
+        if self.statuses.count(_PRESENT) == len(self.statuses):
+            return list(self.addresses)
+        return [a for a, s in zip(self.addresses, self.statuses, strict=True) if s == _PRESENT]
+
+    def __len__(self) -> int:
+        return len(self.addresses)
+
+    @overload
+    def __getitem__(self, i: int) -> PageEntry: ...
+    @overload
+    def __getitem__(self, i: slice) -> PageIndex: ...
+    def __getitem__(self, i: int | slice) -> PageEntry | PageIndex:
+        if isinstance(i, slice):
+            return PageIndex(self.addresses[i], self.statuses[i])
+        return PageEntry(self.addresses[i], PageStatus(self.statuses[i]))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PageIndex):
+            return NotImplemented
+        return (self.addresses, self.statuses) == (other.addresses, other.statuses)
+
+    def __hash__(self) -> int:
+        return hash((self.addresses, self.statuses))
+
+    def __repr__(self) -> str:
+        return f"PageIndex.of({list(self)!r})"
 
 
-class PageEntries(Seq):
-    """A reply index's pages, packed and parsed in bulk; no address twice."""
+class PageEntries(Codec):
+    """A :class:`PageIndex` on the wire: ``u32 count | (u64 address, u8 status) * count``,
+    packed, parsed and checked in bulk; no address twice."""
 
-    def __init__(self) -> None:
-        super().__init__(Nested(PageEntry), MAX_REPLY_PAGES)
+    size, types = 4, PageIndex
 
     def check(self, msg: str, name: str, v: Any) -> None:
-        check_tuple(msg, name, v, MAX_REPLY_PAGES, PageEntry)
-        if len({p.address for p in v}) != len(v):
+        if not isinstance(v, PageIndex):
+            raise WireError(f"{msg}: {name} must be a PageIndex")
+        addresses, statuses = v.addresses, v.statuses
+        if not isinstance(addresses, tuple) or not isinstance(statuses, bytes):
+            raise WireError(f"{msg}: {name} must hold a tuple of addresses and status bytes")
+        n = len(addresses)
+        if n > MAX_REPLY_PAGES:
+            raise WireError(f"{msg}: {n} {name}, limit {MAX_REPLY_PAGES}")
+        if len(statuses) != n:
+            raise WireError(f"{msg}: {name} has {n} addresses and {len(statuses)} statuses")
+        unknown = statuses.translate(None, _STATUS_BYTES)
+        if unknown:
+            raise WireError(f"{msg}: unknown page status {unknown[0]}")
+        if not all(type(a) is int for a in addresses):
+            raise WireError(f"{msg}: {name} holds an address that is not an int")
+        if n and (min(addresses) < 0 or max(addresses) >= U64_END):
+            raise WireError(f"{msg}: {name} holds an address outside the u64 range")
+        misaligned = next((a for a in addresses if a & _PAGE_MASK), None)
+        if misaligned is not None:
+            raise WireError(f"{msg}: {name} address {misaligned:#x} is not page-aligned")
+        if len(set(addresses)) != n:
             raise WireError(f"{msg}: a page address appears twice")
 
-    def put(self, w: Writer, v: tuple[PageEntry, ...]) -> None:
-        w.u32(len(v))
-        pack = _PAGE_ENTRY.pack
-        w.parts += [pack(p.address, p.status) for p in v]
+    def put(self, w: Writer, v: PageIndex) -> None:
+        n = len(v.addresses)
+        w.u32(n)
+        interleaved = [x for pair in zip(v.addresses, v.statuses, strict=True) for x in pair]
+        w.parts.append(struct.pack(">" + "QB" * n, *interleaved))
 
-    def get(self, r: Reader, name: str) -> tuple[PageEntry, ...]:
-        n = self.get_count(r, name)
+    def get(self, r: Reader, name: str) -> PageIndex:
+        n = r.count(name, MAX_REPLY_PAGES, _PAGE_ENTRY.size)
         raw = r.take(n * _PAGE_ENTRY.size, name)
-        out = []
-        for address, raw_status in _PAGE_ENTRY.iter_unpack(raw):
-            status = _PAGE_STATUS.get(raw_status)
-            if status is None:
-                raise WireError(f"{r.what}: unknown page status {raw_status}")
-            if address & _PAGE_MASK:
-                PageEntry(address, status)  # raises: not aligned
-            # checked as PageEntry's own spec would (a u64, aligned; a PageStatus)
-            out.append(page_entry(address, status))
-        return tuple(out)
-
-
-def _present(pages: tuple[PageEntry, ...]) -> list[int]:
-    return [p.address for p in pages if p.status is PageStatus.PRESENT]
+        return PageIndex(struct.unpack(">" + "Qx" * n, raw), raw[8 :: _PAGE_ENTRY.size])
 
 
 @message(0x31)
 class PagesReply(Message):
     """Hypervisor -> enclave (sealed index) for ReadPages."""
 
-    pages: tuple[PageEntry, ...] = spec(PageEntries())
+    pages: PageIndex = spec(PageEntries())
 
     def present(self) -> list[int]:
         """Addresses of the sealed pages that follow, in their order."""
-        return _present(self.pages)
+        return self.pages.present()
 
 
 @message(0x32)
@@ -384,11 +435,11 @@ class ListReply(Message):
 
     entries: tuple[int, ...] = spec(U64s(MAX_LIST_NODES, "entry"))
     end: ListEnd = enum(ListEnd, label="list end")
-    pages: tuple[PageEntry, ...] = spec(PageEntries())
+    pages: PageIndex = spec(PageEntries(), default=PageIndex())
 
     def present(self) -> list[int]:
         """Addresses of the sealed pages that follow, in their order."""
-        return _present(self.pages)
+        return self.pages.present()
 
 
 @message(0x33)
