@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from synthetic import CR0_PG, CR4_PAE, MEMBER, RAM_SIZE, Region, Ring, Tables
+from synthetic import CR0_PG, CR4_PAE, ENTRY, MEMBER, RAM_SIZE, Region, Ring, Tables
 
 from sgmonitor.errors import PageFault
 from sgmonitor.guest.memory import RawImage, Registers
@@ -20,6 +20,13 @@ from sgmonitor.wire.sealed import MAX_LIST_NODES, ListWalk
 
 PAGE = 0x1000
 NONCANONICAL = 0x4141_4141_4141_4141
+
+
+@pytest.fixture(params=[ENTRY, 0xA00], ids=["multi-page-entries", "one-page-entries"])
+def entry(request: pytest.FixtureRequest) -> int:
+    """List entries spanning 3 or 4 pages (the walk's general way), or inside one page
+    with their links (its inlined usual case): every list test runs with both."""
+    return int(request.param)
 
 
 def test_read_pages_returns_page_bytes_and_faults(tmp_path: Path) -> None:
@@ -49,8 +56,8 @@ def test_read_pages_bounds_its_requests(tmp_path: Path) -> None:
         server.read_pages([1 << 64])
 
 
-def test_follow_list_returns_every_entry_page(tmp_path: Path) -> None:
-    ring = Ring(8)
+def test_follow_list_returns_every_entry_page(tmp_path: Path, entry: int) -> None:
+    ring = Ring(8, entry=entry)
     walk = ring.follow(ring.server(tmp_path))
     assert walk.end is ListEnd.HEAD_REACHED and walk.fault is None
     assert walk.nodes == tuple(ring.nodes)
@@ -60,31 +67,31 @@ def test_follow_list_returns_every_entry_page(tmp_path: Path) -> None:
         assert data == ring.region.read(page, PAGE)
 
 
-def test_follow_list_of_an_empty_list(tmp_path: Path) -> None:
-    ring = Ring(0)
+def test_follow_list_of_an_empty_list(tmp_path: Path, entry: int) -> None:
+    ring = Ring(0, entry=entry)
     walk = ring.follow(ring.server(tmp_path))
     assert walk.end is ListEnd.HEAD_REACHED
     assert walk.nodes == () and set(walk.pages) == {ring.head & ~0xFFF}
 
 
-def test_cycle_that_skips_the_head(tmp_path: Path) -> None:
-    ring = Ring(6)
+def test_cycle_that_skips_the_head(tmp_path: Path, entry: int) -> None:
+    ring = Ring(6, entry=entry)
     ring.link(ring.nodes[5], ring.nodes[2], ring.nodes[4])
     walk = ring.follow(ring.server(tmp_path))
     assert walk.end is ListEnd.LOOP
     assert walk.nodes == tuple(ring.nodes)
 
 
-def test_self_loop_ends_at_once(tmp_path: Path) -> None:
-    ring = Ring(3)
+def test_self_loop_ends_at_once(tmp_path: Path, entry: int) -> None:
+    ring = Ring(3, entry=entry)
     ring.link(ring.nodes[0], ring.nodes[0], ring.nodes[0])
     walk = ring.follow(ring.server(tmp_path), limit=4096)
     assert walk.end is ListEnd.LOOP and walk.nodes == (ring.nodes[0],)
 
 
 @pytest.mark.parametrize("wild", ["unmapped", "noncanonical", "null", "top"])
-def test_wild_pointer_ends_in_a_fault(tmp_path: Path, wild: str) -> None:
-    ring = Ring(5)
+def test_wild_pointer_ends_in_a_fault(tmp_path: Path, wild: str, entry: int) -> None:
+    ring = Ring(5, entry=entry)
     target = {
         "unmapped": ring.region.end + 0x20_0000,
         "noncanonical": NONCANONICAL,
@@ -100,8 +107,8 @@ def test_wild_pointer_ends_in_a_fault(tmp_path: Path, wild: str) -> None:
         assert isinstance(walk.pages[(target - MEMBER) & ~0xFFF], PageFault)
 
 
-def test_an_unmapped_page_inside_an_entry(tmp_path: Path) -> None:
-    ring = Ring(5)
+def test_an_unmapped_page_inside_an_entry(tmp_path: Path, entry: int) -> None:
+    ring = Ring(5, entry=entry)
     hole = max(ring.span(ring.nodes[3]))  # the entry's last page; its list_head is earlier
     ring.region.unmap(hole)
     walk = ring.follow(ring.server(tmp_path))
@@ -110,15 +117,15 @@ def test_an_unmapped_page_inside_an_entry(tmp_path: Path) -> None:
     assert isinstance(walk.pages[hole], PageFault)
 
 
-def test_unreadable_head(tmp_path: Path) -> None:
-    ring = Ring(2)
+def test_unreadable_head(tmp_path: Path, entry: int) -> None:
+    ring = Ring(2, entry=entry)
     ring.region.unmap(ring.head & ~0xFFF)
     walk = ring.follow(ring.server(tmp_path))
     assert walk.end is ListEnd.FAULT and walk.nodes == ()
 
 
-def test_limit_then_continue_after_the_last_node(tmp_path: Path) -> None:
-    ring = Ring(8)
+def test_limit_then_continue_after_the_last_node(tmp_path: Path, entry: int) -> None:
+    ring = Ring(8, entry=entry)
     server = ring.server(tmp_path)
     first = ring.follow(server, limit=3)
     assert first.end is ListEnd.LIMIT and first.nodes == tuple(ring.nodes[:3])
@@ -126,13 +133,14 @@ def test_limit_then_continue_after_the_last_node(tmp_path: Path) -> None:
     assert rest.end is ListEnd.HEAD_REACHED and rest.nodes == tuple(ring.nodes[3:])
 
 
-def test_reply_full_bounds_the_pages_of_one_reply(tmp_path: Path) -> None:
-    ring = Ring(12)
+def test_reply_full_bounds_the_pages_of_one_reply(tmp_path: Path, entry: int) -> None:
+    ring = Ring(12 if entry == ENTRY else 50, entry=entry)  # 40+ pages either way
     server = ring.server(tmp_path, max_list_pages=21)
     nodes: list[int] = []
     pages: set[int] = set()
-    after = 0
+    after, replies = 0, 0
     for _ in range(12):
+        replies += 1
         walk = ring.follow(server, after=after)
         assert len(walk.pages) <= 21 and walk.nodes
         nodes += walk.nodes
@@ -140,7 +148,7 @@ def test_reply_full_bounds_the_pages_of_one_reply(tmp_path: Path) -> None:
         if walk.end is not ListEnd.REPLY_FULL:
             break
         after = walk.nodes[-1]
-    assert walk.end is ListEnd.HEAD_REACHED
+    assert walk.end is ListEnd.HEAD_REACHED and replies >= 2
     assert nodes == ring.nodes
     assert pages >= set().union(*(ring.span(n) for n in ring.nodes))
     with pytest.raises(ValueError, match="one full entry"):
