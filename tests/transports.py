@@ -7,7 +7,7 @@ checked independently of ``RemoteMemory``'s own counters.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sgmonitor.enclave.memory import RemoteMemory
 from sgmonitor.errors import PageFault
@@ -42,28 +42,18 @@ class StreamingTransport(CountingTransport):
     def __init__(self, server: PageServer) -> None:
         super().__init__(server)
         self.taken: list[tuple[int, ...]] = []  # the ahead walks whose answers were taken
-        self.arrive = True  # whether answers asked for from now on say they are ready
 
-    def follow_list_later(self, walk: ListWalk, *, pages: Sequence[int] = ()) -> Walked:
+    def follow_list_later(
+        self, walk: ListWalk, *, pages: Sequence[int] = ()
+    ) -> Callable[[], WalkedList]:
         self.calls.append(("follow_list_later", (*walk.layout, walk.limit, walk.after)))
-        return Walked(self, walk, self.server.follow_list(walk, pages=pages))
+        found = self.server.follow_list(walk, pages=pages)
 
+        def answer() -> WalkedList:
+            self.taken.append((*walk.layout, walk.limit, walk.after))
+            return found
 
-class Walked:
-    """A StreamingTransport's pending answer: walked when asked for, so always ready
-    (``arrived`` False holds it back, as a slow hypervisor would)."""
-
-    def __init__(self, transport: StreamingTransport, walk: ListWalk, found: WalkedList):
-        self.transport, self.walk, self.found = transport, walk, found
-        self.arrived = transport.arrive
-
-    def ready(self) -> bool:
-        return self.arrived
-
-    def __call__(self) -> WalkedList:
-        walk = self.walk
-        self.transport.taken.append((*walk.layout, walk.limit, walk.after))
-        return self.found
+        return answer
 
 
 class NoPrefetch:

@@ -31,8 +31,8 @@ next scan (so a hull only grows, until a scan reads nothing inside the list's en
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
@@ -45,7 +45,6 @@ __all__ = [
     "ListPages",
     "PageCache",
     "PageTransport",
-    "Pending",
     "RemoteMemory",
     "TransportError",
 ]
@@ -57,7 +56,6 @@ _PAGE_BASE = _U64 - PAGE_SIZE  # address & _PAGE_BASE: its page, for 0 <= addres
 DEFAULT_BUDGET = 32 << 20  # the EPC of the paper's machine
 NEGATIVE_ENTRY_COST = 64  # budget bytes charged for a cached fault
 FIRST_WINDOW = 32  # list nodes in a streamed walk's first window (see prefetch_list)
-CHECK_EVERY = 16  # list nodes between two looks for the next window (see prefetch_list)
 
 
 class TransportError(SGMonitorError):
@@ -78,21 +76,12 @@ class ListPages(Protocol):
     def pages(self) -> Mapping[int, bytes | PageFault]: ...
 
 
-class Pending(Protocol):
-    """An answer asked for and not taken yet: ``ready()`` says, without waiting, whether
-    it has arrived; calling it takes it (waiting if need be)."""
-
-    def __call__(self) -> ListPages: ...
-
-    def ready(self) -> bool: ...
-
-
 class PageTransport(Protocol):
     """What the enclave needs from the trusted side (one call = one crossing).
 
     A transport may also offer ``begin_scan()``, called when a scan starts, to refresh
     its registers and translations, and ``follow_list_later(walk, pages=...)``, which
-    sends a ``follow_list`` at once and returns its :class:`Pending` answer (streamed
+    sends a ``follow_list`` at once and returns the call that takes its answer (streamed
     list walks, see :meth:`RemoteMemory.prefetch_list`).
     """
 
@@ -269,10 +258,6 @@ class RemoteMemory:
         self._learning = False  # some list's entries came whole this scan: note every read
         self._windows: dict[tuple[int, int, int, int], int] = {}  # list windows this scan
         self._ahead: _Ahead | None = None  # the next window, asked for already
-        # Where each list's walk calls prefetch_list next: looks for the next window
-        # every CHECK_EVERY nodes of the windows taken, then the last node taken.
-        self._marks: dict[tuple[int, int, int, int], deque[int]] = {}
-        self._ends: dict[tuple[int, int, int, int], int | None] = {}  # last node taken
 
     def begin_scan(self) -> None:
         """Start a scan: drop every cached page and fault, let the transport refresh."""
@@ -288,8 +273,6 @@ class RemoteMemory:
         self._staged.clear()
         self._staged_bytes = 0
         self._windows.clear()
-        self._marks.clear()
-        self._ends.clear()
         self._ahead = None  # (the transport takes in an answer still out itself)
         self.cache.reserved = 0
         self._predict = list(dict.fromkeys(self._needed))[: self.max_predicted]
@@ -485,36 +468,19 @@ class RemoteMemory:
         fetched, and widen it.
 
         A transport with ``follow_list_later`` (the sealed channel) streams the walk:
-        the next window is always asked for, and every ``CHECK_EVERY`` nodes the walk
-        looks, without waiting, whether it has arrived; if so it is taken in and the one
-        after it asked for at once. So the trusted side walks and the relay carries
-        while the IDS works, with one exchange out at a time, and the IDS waits only
-        when it catches up. Windows start at ``FIRST_WINDOW`` nodes (the IDS starts
-        soon) and double, up to a quarter of the cache budget each (the window walked
-        and the one taken early cached, the one asked for reserved in the budget,
-        predicted pages in the last quarter). Without streaming one window holds half
-        the budget. Either way prefetched pages are not evicted before the walk
-        reaches them.
+        as each window arrives the next is asked for at once, so the trusted side walks
+        and the relay carries it while the IDS works through this one. Windows start at
+        ``FIRST_WINDOW`` nodes (the IDS starts soon) and double, up to a quarter of the
+        cache budget each (this window cached, the next held outside the cache and
+        reserved in its budget). Without streaming one window holds half the budget.
+        Either way prefetched pages are not evicted before the walk reaches them.
 
-        :return: the node at which to call again (with ``after=`` that node) when the
-            walk gets there, or None when nothing more will be fetched
+        :return: the last node prefetched when more may follow (call again with
+            ``after=`` that node when the walk gets there), else None
         """
         key = walk.layout
-        marks = self._marks.setdefault(key, deque())
-        if marks and walk.after == marks[0]:
-            marks.popleft()
-            if marks:  # a look inside what was taken: take the next window if it is here
-                ahead = self._ahead
-                if ahead is not None and ahead.walk.layout == key and ahead.answer.ready():
-                    self._ahead = None
-                    self.cache.reserve(-ahead.reserved)
-                    self._took(walk, ahead.answer(), ahead.pages)
-                return marks[0]
-            if self._ends.get(key) != walk.after:  # the list ended in a window taken early
-                return None
-        else:  # the start, or the walk left the nodes the trusted side found
-            marks.clear()
-        asked = self._window(walk, self._windows.get(key, 0))
+        windows = self._windows.get(key, 0)
+        asked = self._window(walk, windows)
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             self.cache.reserve(-ahead.reserved)
@@ -523,14 +489,6 @@ class RemoteMemory:
         else:  # nothing sent ahead for this window (a stale one is just dropped)
             extra = self._take_prediction(set(), self._predicted_with(asked))
             found = self.transport.follow_list(asked, pages=extra)
-        self._took(walk, found, extra)
-        return marks[0] if marks else None
-
-    def _took(self, walk: ListWalk, found: ListPages, extra: list[int]) -> None:
-        """A window of ``walk`` came (``extra``: the predicted pages asked with it): ask
-        for the next one, if any, then cache its pages and mark where to look again."""
-        key = walk.layout
-        windows = self._windows.get(key, 0)
         self._windows[key] = windows + 1
         span = self._reading.get(key)
         if span is None:
@@ -565,12 +523,7 @@ class RemoteMemory:
                 raise TransportError(f"follow_list returned unaligned page {page:#x}")
             if page not in staged:
                 self._store(page, value)
-        self._ends[key] = last
-        marks = self._marks[key]
-        if later is not None and last is not None:
-            marks += found.nodes[CHECK_EVERY - 1 : -1 : CHECK_EVERY]
-        if last is not None:
-            marks.append(last)
+        return last
 
     def _window(self, walk: ListWalk, number: int) -> ListWalk:
         """What to ask for as window ``number`` (from 0) of ``walk`` in this scan."""
@@ -600,12 +553,12 @@ class RemoteMemory:
 
 @dataclass(frozen=True)
 class _Ahead:
-    """A list window asked for before the walk reached it: the request, its pending
-    answer, the budget bytes reserved for that answer meanwhile, and the predicted
-    pages that ride along."""
+    """A list window asked for before the walk reached it: the request, the call that
+    takes its answer, the budget bytes reserved for that answer meanwhile, and the
+    predicted pages that ride along."""
 
     walk: ListWalk
-    answer: Pending
+    answer: Callable[[], ListPages]
     reserved: int
     pages: list[int]  # predicted pages asked for with it
 

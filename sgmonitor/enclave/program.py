@@ -162,13 +162,6 @@ class HostPort:
         send_frame(self.sock, call, self.send_timeout)
         return _Outstanding(call_id, found, time.monotonic())
 
-    def ocall_ready(self) -> bool:
-        """Whether the host has sent something (the answer to the OCALL out, as a rule):
-        looked at without waiting, so the enclave can take an answer as soon as it is
-        there and go on working while it is not."""
-        readable, _, _ = select.select([self.sock], [], [], 0)
-        return bool(readable)
-
     def ocall_wait(self, out: _Outstanding, timeout: float) -> Mapping[str, Value]:
         """The result of OCALL ``out``, at most ``timeout`` seconds after it was sent."""
         name = out.spec.name
@@ -190,26 +183,6 @@ class HostPort:
     def _log(self, message: str) -> None:
         with contextlib.suppress(SGMonitorError, OSError):
             self.ocall("ocall_log", 5.0, level=30, message=message[:4000])
-
-
-class _HostAnswer:
-    """An ``ocall_hv_exchange`` on its way (``sgmonitor.enclave.transport.Answer``)."""
-
-    def __init__(self, port: HostPort, sent: _Outstanding, timeout: float) -> None:
-        self._port, self._sent, self._timeout = port, sent, timeout
-
-    def ready(self) -> bool:
-        return self._port.ocall_ready()
-
-    def __call__(self) -> bytes:
-        out = self._port.ocall_wait(self._sent, self._timeout)
-        got, shared = out["frame"], out["shared"]
-        assert isinstance(got, bytes) and isinstance(shared, int)
-        if shared:
-            got = self._port.take_shared(shared)
-        if len(got) > MAX_FRAME:
-            raise ExchangeFailed(ErrorCode.TOO_LARGE, "reply frame too large")
-        return got
 
 
 @dataclass
@@ -248,13 +221,24 @@ class EnclaveProgram:
             raise EnclaveCallError(ErrorCode.NO_SUCH_CALL, f"{found.name} is not implemented")
         return handler(**args)  # type: ignore[no-any-return]
 
-    def _exchange(self, frame: bytes, timeout: float) -> _HostAnswer:
-        """Send ``frame`` to the hypervisor now and return its answer on the way (the
-        transport's ``Exchange``)."""
+    def _exchange(self, frame: bytes, timeout: float) -> Callable[[], bytes]:
+        """Send ``frame`` to the hypervisor now; the returned call waits for its answer
+        (the transport's ``Exchange``)."""
         timeout_ms = max(1, min(int(timeout * 1000), _MAX_TIMEOUT_MS))
         # The host is asked to give up at the deadline; the enclave doesn't rely on it.
         sent = self.port.ocall_send("ocall_hv_exchange", frame=frame, timeout_ms=timeout_ms)
-        return _HostAnswer(self.port, sent, timeout + 1.0)
+
+        def answer() -> bytes:
+            out = self.port.ocall_wait(sent, timeout + 1.0)
+            got, shared = out["frame"], out["shared"]
+            assert isinstance(got, bytes) and isinstance(shared, int)
+            if shared:
+                got = self.port.take_shared(shared)
+            if len(got) > MAX_FRAME:
+                raise ExchangeFailed(ErrorCode.TOO_LARGE, "reply frame too large")
+            return got
+
+        return answer
 
     # --- ECALLs --------------------------------------------------------------------------
 

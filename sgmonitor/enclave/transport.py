@@ -21,7 +21,6 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 from sgmonitor.channel import (
     ChannelClosed,
@@ -61,28 +60,11 @@ from sgmonitor.wire.sealed import (
     VmcoreinfoReply,
 )
 
-__all__ = [
-    "Answer",
-    "Exchange",
-    "ExchangeFailed",
-    "RemoteListWalk",
-    "SealedTransport",
-    "SessionFailed",
-]
+__all__ = ["Exchange", "ExchangeFailed", "RemoteListWalk", "SealedTransport", "SessionFailed"]
 
-
-class Answer(Protocol):
-    """An exchange's answer on its way: ``ready()`` says, without waiting, whether it
-    has arrived; calling it takes the encoded answer (waiting if need be)."""
-
-    def __call__(self) -> bytes: ...
-
-    def ready(self) -> bool: ...
-
-
-# Send an encoded hypervisor-link frame (timeout in seconds) now and return its Answer.
-# One exchange is out at a time.
-Exchange = Callable[[bytes, float], Answer]
+# Send an encoded hypervisor-link frame (timeout in seconds) now; the call it returns
+# waits for the encoded answer. One exchange is out at a time.
+Exchange = Callable[[bytes, float], Callable[[], bytes]]
 
 
 class SessionFailed(SGMonitorError):
@@ -164,13 +146,20 @@ class SealedTransport:
         by_address = _values(index.pages, pages)
         return [by_address[a] for a in addresses]
 
-    def follow_list_later(self, walk: ListWalk, *, pages: Sequence[int] = ()) -> _PendingList:
+    def follow_list_later(
+        self, walk: ListWalk, *, pages: Sequence[int] = ()
+    ) -> Callable[[], RemoteListWalk]:
         """Send a ``follow_list`` (with ``pages`` read in the same crossing) now, and
-        take its answer when the returned pending answer is called: the hypervisor
-        walks, and the relay carries its reply, while the enclave works on what it has.
-        Any other call first takes this answer in (one exchange is out at a time), so
-        the order of sealed requests and replies never changes."""
-        return _PendingList(self, self._send_all(*self._list_requests(walk, pages)), pages)
+        take its answer when the returned call is made: the hypervisor walks, and the
+        relay carries its reply, while the enclave works on what it has. Any other call
+        first takes this answer in (one exchange is out at a time), so the order of
+        sealed requests and replies never changes."""
+        sent = self._send_all(*self._list_requests(walk, pages))
+
+        def answer() -> RemoteListWalk:
+            return self._list_walk(self._receive_all(sent), pages)
+
+        return answer
 
     def follow_list(self, walk: ListWalk, *, pages: Sequence[int] = ()) -> RemoteListWalk:
         """Have the hypervisor walk a ``list_head`` list (at most ``MAX_LIST_NODES``
@@ -390,22 +379,6 @@ class SealedTransport:
             self._fail(ErrorCode.BAD_FRAME, f"malformed reply: {exc}")
 
 
-class _PendingList:
-    """A ``follow_list_later`` answer (``sgmonitor.enclave.memory.Pending``)."""
-
-    def __init__(self, transport: SealedTransport, sent: _SentAll, pages: Sequence[int]):
-        self._transport, self._sent, self._pages = transport, sent, pages
-
-    def ready(self) -> bool:
-        """Taken in already, or arrived (looked at without waiting)."""
-        sent = self._sent.sent
-        return sent.opened is not None or sent.answer.ready()
-
-    def __call__(self) -> RemoteListWalk:
-        transport = self._transport
-        return transport._list_walk(transport._receive_all(self._sent), self._pages)
-
-
 @dataclass(frozen=True)
 class _SentAll:
     """What :meth:`SealedTransport._send_all` sent: the request (a Batch or not), the
@@ -423,7 +396,7 @@ class _Sent:
     the opened answer once taken in."""
 
     request_id: int
-    answer: Answer
+    answer: Callable[[], bytes]
     opened: tuple[Message, list[bytes]] | None = None
 
 
