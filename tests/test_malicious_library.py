@@ -45,7 +45,7 @@ from sgmonitor.wire.sealed import Request
 pytestmark = [pytest.mark.guest, only(MAIN)]
 
 SHORT = 3.0  # seconds per exchange: a dropped reply must fail about this fast
-FORGED = [Attack.FLIP, Attack.REPLAY, Attack.REORDER, Attack.SWAP_ADDRESS]
+FORGED = [Attack.FLIP, Attack.REPLAY, Attack.REORDER, Attack.SWAP_ADDRESS, Attack.INJECT]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ ciphertext at its place in the index's order, so the relay can cut and splice th
 - ``swap-guest``: the sealed pages are replaced by genuine ones of another guest's
   session (recorded by another ``MaliciousMonitor`` sharing the same
   :class:`Recording`), same request number, session id rewritten to look right;
+- ``inject``: a reply whose index names no page gets the genuine sealed pages of an
+  earlier reply of the session (the one attack on a reply without pages);
 - ``drop``: the reply is swallowed: the enclave's OCALL never returns;
 - ``replay-session``: every reply of a new session is answered from a recording of an
   earlier, complete session, without asking the hypervisor at all.
@@ -46,6 +48,7 @@ class Attack(StrEnum):
     REORDER = "reorder"
     SWAP_ADDRESS = "swap-address"
     SWAP_GUEST = "swap-guest"
+    INJECT = "inject"
     DROP = "drop"
     REPLAY_SESSION = "replay-session"
 
@@ -110,7 +113,9 @@ class MaliciousMonitor(SecureMonitor):
         reply = decode(answer, expect=(Reply,))
         earlier = list(self._own)
         self._own.append(reply)
-        if self.attack is None or self.attacked or _page_count(reply) < 2:
+        if self.attack is None or self.attacked:
+            return answer
+        if (_page_count(reply) > 0) if self.attack is Attack.INJECT else _page_count(reply) < 2:
             return answer
         forged = self._forge(reply, earlier)
         if forged is _NOT_YET:
@@ -137,6 +142,11 @@ class MaliciousMonitor(SecureMonitor):
             if donor is None:
                 return _NOT_YET
             block[:PAGE_SIZE] = donor.sealed_pages[:PAGE_SIZE]
+        elif self.attack is Attack.INJECT:
+            donor = next((r for r in reversed(earlier) if _page_count(r)), None)
+            if donor is None:
+                return _NOT_YET
+            block = bytearray(donor.sealed_pages)
         elif self.attack is Attack.SWAP_GUEST:
             other = self._other_guest_reply(reply.request_id)
             if other is None:
