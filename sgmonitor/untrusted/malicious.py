@@ -4,8 +4,9 @@ The real library (:class:`~sgmonitor.untrusted.library.SecureMonitor`) forwards 
 enclave's sealed requests and the hypervisor's sealed replies unchanged. This one holds
 the same position (it sees and can rewrite every byte between the two) and attacks one
 reply per session, chosen so the attack bites (a reply that carries at least two pages,
-after the scan has started). A reply's pages travel as one sealed block, each page's
-ciphertext at its place in the index's order, so the relay can cut and splice them:
+or for ``inject`` none, after the scan has started). A reply's pages travel as one
+sealed block, each page's ciphertext at its place in the index's order, so the relay
+can cut and splice them:
 
 - ``flip``: one bit of the sealed pages is flipped;
 - ``replay``: the previous reply of the session is delivered again instead;
@@ -113,9 +114,7 @@ class MaliciousMonitor(SecureMonitor):
         reply = decode(answer, expect=(Reply,))
         earlier = list(self._own)
         self._own.append(reply)
-        if self.attack is None or self.attacked:
-            return answer
-        if (_page_count(reply) > 0) if self.attack is Attack.INJECT else _page_count(reply) < 2:
+        if self.attack is None or self.attacked or not self._bites(reply):
             return answer
         forged = self._forge(reply, earlier)
         if forged is _NOT_YET:
@@ -123,6 +122,13 @@ class MaliciousMonitor(SecureMonitor):
         self.attacked = True
         assert forged is None or isinstance(forged, Reply)
         return None if forged is None else encode(forged)
+
+    def _bites(self, reply: Reply) -> bool:
+        """Whether the attack is for this reply: ``inject`` takes one without pages,
+        every other attack one with at least two."""
+        if self.attack is Attack.INJECT:
+            return _page_count(reply) == 0
+        return _page_count(reply) >= 2
 
     def _forge(self, reply: Reply, earlier: list[Reply]) -> Reply | object | None:
         """The attacked reply (None: drop it), or ``_NOT_YET`` to wait for a better one."""
@@ -137,16 +143,14 @@ class MaliciousMonitor(SecureMonitor):
             n = _page_count(reply)
             pages = [block[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i in range(n)]
             block[: n * PAGE_SIZE] = b"".join(reversed(pages))
-        elif self.attack is Attack.SWAP_ADDRESS:
+        elif self.attack in (Attack.SWAP_ADDRESS, Attack.INJECT):
             donor = next((r for r in reversed(earlier) if _page_count(r)), None)
             if donor is None:
                 return _NOT_YET
-            block[:PAGE_SIZE] = donor.sealed_pages[:PAGE_SIZE]
-        elif self.attack is Attack.INJECT:
-            donor = next((r for r in reversed(earlier) if _page_count(r)), None)
-            if donor is None:
-                return _NOT_YET
-            block = bytearray(donor.sealed_pages)
+            if self.attack is Attack.INJECT:
+                block = bytearray(donor.sealed_pages)
+            else:
+                block[:PAGE_SIZE] = donor.sealed_pages[:PAGE_SIZE]
         elif self.attack is Attack.SWAP_GUEST:
             other = self._other_guest_reply(reply.request_id)
             if other is None:
