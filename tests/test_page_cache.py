@@ -254,24 +254,31 @@ def test_a_streamed_walk_asks_each_next_window_ahead(tmp_path: Path) -> None:
 
 
 def test_streamed_windows_fit_a_quarter_of_the_budget(tmp_path: Path) -> None:
-    ring = Ring(60, pages=200)  # 60 entries of up to 4 pages; 1 MiB holds 256 pages
+    """A streamed window asks for a quarter of the budget in pages and holds the entries
+    that fit: 21 of these 3-page entries in 64 pages, where windows sized for the worst
+    case (4 pages an entry) held 16 and took a fourth crossing."""
+    ring = Ring(60, pages=200)  # 60 entries of 3 pages (4 at worst); 1 MiB holds 256 pages
+    assert {len(ring.span(node)) for node in ring.nodes} == {3}
     transport = StreamingTransport(ring.server(tmp_path))
     memory = RemoteMemory(transport, MIB)
-    assert prefetch_all(memory, ring) == 4  # windows of 256 // 4 // 4 = 16 entries
-    assert [call[1][4] for call in transport.calls] == [16, 16, 16, 16]
-    assert transport.taken and len(transport.taken) == 3
-    assert memory.stats().evictions == 0
+    assert prefetch_all(memory, ring) == 3
+    assert [call[1][-1] for call in transport.calls] == [64, 64, 64]  # max_pages
+    assert [call[1][5] for call in transport.calls[1:]] == [ring.nodes[20], ring.nodes[41]]
+    assert transport.taken and len(transport.taken) == 2
+    assert memory.stats().evictions == 0 and memory.cache.reserved == 0
     for node in ring.nodes:
         start = node - ring.member
         assert memory.read(start, ring.entry) == ring.region.read(start, ring.entry)
 
 
 def test_prefetch_windows_fit_half_the_budget(tmp_path: Path) -> None:
-    ring = Ring(60, pages=200)  # 60 entries of up to 4 pages; 1 MiB holds 256 pages
+    ring = Ring(60, pages=200)  # 60 entries of 3 pages; 1 MiB holds 256 pages
     memory, transport = remote(ring.region, tmp_path, budget=MIB)
-    assert prefetch_all(memory, ring) == 2  # windows of 128 // 4 = 32 entries
-    assert [call[1][-1] for call in transport.calls] == [32, 32]
-    assert memory.stats().evictions == 0  # 60 entries of 3 or 4 pages all fit
+    assert prefetch_all(memory, ring) == 2  # windows of 128 pages: 42 entries, then 18
+    assert [call[1][-1] for call in transport.calls] == [128, 128]
+    assert memory.stats().evictions == 0  # 60 entries of 3 pages all fit
+    # every entry's 3 pages, the head's, and again the page of the node window 2 went on from
+    assert memory.stats().pages_fetched == 180 + 1 + 1
 
 
 def test_prefetch_past_a_wild_pointer_stops_quietly(tmp_path: Path) -> None:
@@ -336,7 +343,7 @@ def test_prefetch_never_changes_what_the_walk_finds(
         assert walk(memory, ring.head, limit) == walk(plain, ring.head, limit)
 
 
-@pytest.mark.parametrize(("budget", "crossings"), [(32 * MIB, 1), (MIB, 2)])
+@pytest.mark.parametrize(("budget", "crossings"), [(32 * MIB, 1), (MIB, 1), (MIB // 2, 2)])
 def test_a_good_list_walk_costs_one_crossing_per_window(
     tmp_path: Path, budget: int, crossings: int
 ) -> None:
@@ -475,7 +482,7 @@ def test_later_scans_ask_only_for_the_part_of_each_entry_read(tmp_path: Path) ->
     memory.begin_scan()
     assert walk_fields(memory, ring.head) == expected
     second = memory.stats().since(first)
-    _, _, member, size, _ = list_calls(transport)[-1]
+    _, _, member, size, *_ = list_calls(transport)[-1]
     tm = TypedMemory(vendor_btf(), None)  # type: ignore[arg-type]
     pid = tm.offsetof("struct task_struct", "pid")
     start = ring.member - member  # the span's start in the entry

@@ -7,6 +7,7 @@ a bounded answer that says how it ended, never an exception or a hang.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -133,15 +134,19 @@ def test_limit_then_continue_after_the_last_node(tmp_path: Path, entry: int) -> 
     assert rest.end is ListEnd.HEAD_REACHED and rest.nodes == tuple(ring.nodes[3:])
 
 
-def test_reply_full_bounds_the_pages_of_one_reply(tmp_path: Path, entry: int) -> None:
+@pytest.mark.parametrize("bound", ["server", "walk"])
+def test_reply_full_bounds_the_pages_of_one_reply(tmp_path: Path, entry: int, bound: str) -> None:
+    """21 pages a reply, as the server's most (``max_list_pages``) or as the walk asks
+    (``ListWalk.max_pages``, under a server that would allow 2,048)."""
     ring = Ring(12 if entry == ENTRY else 50, entry=entry)  # 40+ pages either way
-    server = ring.server(tmp_path, max_list_pages=21)
+    server = ring.server(tmp_path, **({"max_list_pages": 21} if bound == "server" else {}))
     nodes: list[int] = []
     pages: set[int] = set()
     after, replies = 0, 0
     for _ in range(12):
         replies += 1
-        walk = ring.follow(server, after=after)
+        asked = ring.walk(100, after)
+        walk = server.follow_list(asked if bound == "server" else replace(asked, max_pages=21))
         assert len(walk.pages) <= 21 and walk.nodes
         nodes += walk.nodes
         pages |= set(walk.pages)

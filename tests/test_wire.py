@@ -282,6 +282,8 @@ def test_request_limits() -> None:
         wire.ListWalk(0x1000, 0, 100, 100, 10)
     with pytest.raises(WireError, match="limit"):
         FollowList(wire.ListWalk(0x1000, 0, 0, 100, wire.MAX_LIST_NODES + 1))
+    with pytest.raises(WireError, match="max_pages"):
+        wire.ListWalk(0x1000, 0, 0, 100, 10, max_pages=wire.MAX_REPLY_PAGES + 1)
     with pytest.raises(WireError, match="twice"):
         wire.PagesReply(
             wire.PageIndex.of(

@@ -27,7 +27,7 @@ class CountingTransport:
         return self.server.read_pages(addresses)
 
     def follow_list(self, walk: ListWalk, *, pages: Sequence[int] = ()) -> WalkedList:
-        self.calls.append(("follow_list", (*walk.layout, walk.limit)))
+        self.calls.append(("follow_list", (*walk.layout, walk.limit, walk.max_pages)))
         return self.server.follow_list(walk, pages=pages)
 
     def begin_scan(self) -> None:
@@ -46,7 +46,9 @@ class StreamingTransport(CountingTransport):
     def follow_list_later(
         self, walk: ListWalk, *, pages: Sequence[int] = ()
     ) -> Callable[[], WalkedList]:
-        self.calls.append(("follow_list_later", (*walk.layout, walk.limit, walk.after)))
+        self.calls.append(
+            ("follow_list_later", (*walk.layout, walk.limit, walk.after, walk.max_pages))
+        )
         found = self.server.follow_list(walk, pages=pages)
 
         def answer() -> WalkedList:

@@ -37,7 +37,13 @@ from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
 from sgmonitor.errors import PageFault, SGMonitorError
-from sgmonitor.wire.sealed import MAX_LIST_NODES, MAX_PAGES_PER_REQUEST, ListEnd, ListWalk
+from sgmonitor.wire.sealed import (
+    MAX_LIST_NODES,
+    MAX_PAGES_PER_REQUEST,
+    MAX_REPLY_PAGES,
+    ListEnd,
+    ListWalk,
+)
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -512,7 +518,8 @@ class RemoteMemory:
         later = self._follow_list_later
         if last is not None and later is not None:  # ask for the next window first...
             following = self._window(replace(walk, after=last), windows + 1)
-            reserved = following.limit * self._pages_per_entry(following) * PAGE_SIZE
+            most = following.limit * self._pages_per_entry(following)
+            reserved = min(most, following.max_pages) * PAGE_SIZE
             self.cache.reserve(reserved)
             predicted = self._take_prediction(set(), self._predicted_with(following))
             answer = later(following, pages=predicted)
@@ -526,16 +533,18 @@ class RemoteMemory:
         return last
 
     def _window(self, walk: ListWalk, number: int) -> ListWalk:
-        """What to ask for as window ``number`` (from 0) of ``walk`` in this scan."""
+        """What to ask for as window ``number`` (from 0) of ``walk`` in this scan: its
+        nodes (streamed: ``FIRST_WINDOW`` doubling) and its share of the budget in pages
+        (``max_pages``: the reply ends at the entry that would exceed it, so a window
+        holds the entries that fit, not the worst case of two pages each)."""
         asked = self._asked(walk)
-        per_entry = self._pages_per_entry(asked)
         if self._follow_list_later is None:
-            window = self.cache.budget // 2 // PAGE_SIZE // per_entry
+            nodes, share = walk.limit, self.cache.budget // 2
         else:
-            window = min(
-                FIRST_WINDOW << min(number, 16), self.cache.budget // 4 // PAGE_SIZE // per_entry
-            )
-        return replace(asked, limit=max(1, min(walk.limit, window, MAX_LIST_NODES)))
+            nodes, share = FIRST_WINDOW << min(number, 16), self.cache.budget // 4
+        pages = min(max(share // PAGE_SIZE, self._pages_per_entry(asked)), MAX_REPLY_PAGES)
+        limit = max(1, min(walk.limit, nodes, MAX_LIST_NODES))
+        return replace(asked, limit=limit, max_pages=pages)
 
     def _predicted_with(self, window: ListWalk) -> int:
         """How many predicted pages to ask for with ``window``: a streamed window takes
@@ -543,7 +552,7 @@ class RemoteMemory:
         so each window brings about its own, and the first crossing stays short)."""
         if self._follow_list_later is None:
             return MAX_PAGES_PER_REQUEST
-        return window.limit
+        return min(window.limit, window.max_pages)
 
     @staticmethod
     def _pages_per_entry(walk: ListWalk) -> int:

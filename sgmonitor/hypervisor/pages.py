@@ -175,7 +175,8 @@ class PageServer:
         Ends on reaching ``head`` (``HEAD_REACHED``), after ``min(limit,
         MAX_LIST_NODES)`` nodes (``LIMIT``), on a node seen before (``LOOP``), on a
         pointer or entry that does not read (``FAULT``), or when the next entry would
-        exceed ``max_pages`` (default and at most ``max_list_pages``: ``REPLY_FULL``).
+        exceed ``max_pages`` or the walk's own ``max_pages`` (default and at most
+        ``max_list_pages``: ``REPLY_FULL``).
         Nothing here is validated beyond that: the enclave re-checks every link it reads.
 
         ``pages`` (the in-process form of a ``Batch``'s ReadPages) are read too, first,
@@ -185,7 +186,8 @@ class PageServer:
         """
         if not isinstance(walk, ListWalk):
             raise ValueError("follow_list takes a ListWalk")
-        budget = self.max_list_pages if max_pages is None else min(max_pages, self.max_list_pages)
+        budget = min(max_pages or self.max_list_pages, walk.max_pages or self.max_list_pages)
+        budget = min(budget, self.max_list_pages)
         extra = {p: v for p, v in zip(pages, self.read_pages(pages), strict=True)}
         walker = _ListWalker(self, walk)
         try:

@@ -190,7 +190,9 @@ class ReadPages(Message):
 
 
 # on the wire: head, member_offset, span_size, limit, next_offset, after
-@record(wire_order=("head", "member_offset", "span_size", "limit", "next_offset", "after"))
+@record(
+    wire_order=("head", "member_offset", "span_size", "limit", "next_offset", "after", "max_pages")
+)
 class ListWalk(Record):
     """A kernel list for the trusted side to walk: the one shape of that request, from
     ``list_for_each_entry`` through ``RemoteMemory.prefetch_list``, the transport and
@@ -207,6 +209,11 @@ class ListWalk(Record):
 
     One sign convention: ``member_offset`` is where the node lies in its span, never
     negative (the kernel's ``container_of``). Validated here and only here.
+
+    ``max_pages`` bounds the pages of one reply (0: as many as the trusted side
+    allows): the walk stops before the entry that would exceed it, so a window asked
+    for in pages holds as many entries as fit, not as many as would if each spanned
+    the most pages it can.
     """
 
     head: int = u64(align=8)
@@ -215,6 +222,7 @@ class ListWalk(Record):
     span_size: int = u32()
     limit: int = u32()
     after: int = u64(default=0)
+    max_pages: int = u32(default=0)
 
     def _check(self) -> None:
         if not 0 < self.span_size <= MAX_ENTRY_SIZE:
@@ -225,6 +233,8 @@ class ListWalk(Record):
             self._fail("next_offset must lie inside the list_head")
         if self.limit < 1:
             self._fail("limit must be at least 1")
+        if self.max_pages > MAX_REPLY_PAGES:
+            self._fail(f"max_pages must be 0..{MAX_REPLY_PAGES}")
 
     @property
     def layout(self) -> tuple[int, int, int, int]:
