@@ -90,6 +90,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from sgmonitor.attestation.policy import Policy
 from sgmonitor.channel import Suite
 from sgmonitor.keywrap import wrap_session_key
+from sgmonitor.local import read_json_lines
 from sgmonitor.monitorlink import LinkKeys, heartbeat_mac
 from sgmonitor.statement import Purpose, SessionBinding, Statement
 from sgmonitor.tee.backend import EnclaveIdentity
@@ -199,11 +200,7 @@ class Monitor:
         return math.nan
 
     def alerts(self) -> list[dict[str, Any]]:
-        try:
-            lines = (self.home / "alerts.jsonl").read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in lines if line.strip()]
+        return read_json_lines(self.home / "alerts.jsonl")
 
     def stop(self) -> int | None:
         """SIGTERM by PID, then SIGKILL if it does not exit in time. Its exit code."""

@@ -21,7 +21,6 @@ Progress goes to stderr, one line per step; ``--json`` prints one document on st
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -33,7 +32,7 @@ from typing import Any
 from sgmonitor.attestation.policy import Policy
 from sgmonitor.errors import SGMonitorError
 from sgmonitor.lab import attacks
-from sgmonitor.local import LocalDeployment, local_deployment, running_ids
+from sgmonitor.local import LocalDeployment, local_deployment, read_json_lines, running_ids
 
 __all__ = ["run_demo"]
 
@@ -60,9 +59,7 @@ def _guest(qmp: str | None, say: Callable[[str], None]) -> Iterator[tuple[str, s
 
 
 def _alerts(local: LocalDeployment) -> list[dict[str, Any]]:
-    with contextlib.suppress(FileNotFoundError):
-        return [json.loads(line) for line in local.alerts.read_text().splitlines()]
-    return []
+    return read_json_lines(local.alerts)
 
 
 def _wait(what: str, timeout: float, found: Callable[[], Any]) -> Any:

@@ -103,15 +103,25 @@ class LocalDeployment:
         restarted IDS of the same name (whose reports count from 0 again) apart."""
         deadline = time.monotonic() + timeout
         while True:
-            with contextlib.suppress(FileNotFoundError):
-                for line in self.reports.read_text().splitlines():
-                    entry = json.loads(line)
-                    same_link = not link or entry["link"] == link.hex()
-                    if entry["ids"] == ids and entry["seq"] == seq and same_link:
-                        return _records_as_dicts(entry["report"])
+            for entry in read_json_lines(self.reports):
+                same_link = not link or entry["link"] == link.hex()
+                if entry["ids"] == ids and entry["seq"] == seq and same_link:
+                    return _records_as_dicts(entry["report"])
             if time.monotonic() > deadline:
                 raise SGMonitorError(f"the monitor opened no report {seq} from {ids!r}")
             time.sleep(0.02)
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSON-lines file that another process appends to (the
+    monitor's alerts and reports), none if there is no file yet. A line is complete once
+    its newline is written: a report of a few hundred processes takes more than one
+    write, so the last line may be read half written; it is left for the next read."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
 
 
 def _records_as_dicts(report: dict[str, Any]) -> dict[str, Any]:

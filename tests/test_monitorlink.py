@@ -1,12 +1,16 @@
-"""The monitor link's crypto: sealed reports in order, heartbeat MACs, the key schedule."""
+"""The monitor link's crypto: sealed reports in order, heartbeat MACs, the key schedule;
+and reading the JSON lines the monitor writes while it appends to them."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 
 from sgmonitor.channel import InvalidSeal
+from sgmonitor.local import read_json_lines
 from sgmonitor.monitorlink import (
     LinkKeys,
     ReportOpener,
@@ -79,3 +83,19 @@ def test_heartbeat_mac_binds_challenge_sequence_and_progress() -> None:
             check_heartbeat(keys, *args, mac)
     with pytest.raises(InvalidSeal):
         check_heartbeat(LinkKeys.derive(os.urandom(32), LINK, NONCE), challenge, 3, 7, mac)
+
+
+def test_a_half_written_json_line_is_left_for_the_next_read(tmp_path: Path) -> None:
+    """The monitor appends a report of a few hundred processes in more than one write: a
+    reader must not parse the line before its newline is there."""
+    path = tmp_path / "reports.jsonl"
+    assert read_json_lines(path) == []
+    whole = json.dumps({"seq": 0, "report": {"records": [[1, "init"]] * 2000}})
+    with path.open("w") as stream:
+        stream.write(whole + "\n")
+        stream.write(whole[:8192])
+        stream.flush()
+        assert read_json_lines(path) == [json.loads(whole)]
+        stream.write(whole[8192:] + "\n")
+        stream.flush()
+        assert read_json_lines(path) == [json.loads(whole)] * 2

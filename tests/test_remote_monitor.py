@@ -7,7 +7,6 @@ Every claim is checked in the monitor's own alert log, and each attack is really
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from prometheus import ALERT_RULES, running_prometheus, wait_for_alert, wait_for
 
 from sgmonitor.guest.qemu import QemuGuest
 from sgmonitor.ids.pslist import list_processes
-from sgmonitor.local import LocalDeployment, local_deployment, running_ids
+from sgmonitor.local import LocalDeployment, local_deployment, read_json_lines, running_ids
 from sgmonitor.traditional import open_guest_kernel
 from sgmonitor.untrusted.library import SecureMonitor
 from sgmonitor.wire.core import decode
@@ -52,11 +51,7 @@ def local(guest: GuestUnderTest, truth: dict[str, object]) -> Iterator[LocalDepl
 
 
 def alerts(local: LocalDeployment, ids: str) -> list[dict[str, object]]:
-    try:
-        lines = local.alerts.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    return [a for a in map(json.loads, lines) if a.get("ids") == ids]
+    return [a for a in read_json_lines(local.alerts) if a.get("ids") == ids]
 
 
 def wait_alert(

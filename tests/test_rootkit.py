@@ -25,7 +25,7 @@ from sgmonitor.cli import main
 from sgmonitor.lab import LabError, machine
 from sgmonitor.lab.initramfs import Workload, build_initramfs
 from sgmonitor.lab.kernel import fetch_kernel, resolve_release
-from sgmonitor.local import local_deployment
+from sgmonitor.local import local_deployment, read_json_lines
 from sgmonitor.untrusted.library import SecureMonitor
 
 KO = "/root/sgm_rootkit.ko"
@@ -191,7 +191,7 @@ def test_text_patches_differ_from_the_vendor_image_and_from_the_baseline(name: s
         with second:  # the same IDS, restarted: its baseline is the patched text
             again = local.report(second, "kernel_text")
         assert again["findings"] == [] and again["text_baseline"] != attach["text_baseline"]
-        alerts = [json.loads(line) for line in local.alerts.read_text().splitlines()]
+        alerts = read_json_lines(local.alerts)
         assert [a["kind"] for a in alerts if a["kind"] == "text_baseline"] == ["text_baseline"]
     done = sgmonitor("check", "--qemu", qmp, "--mode", "traditional", "--json", *image)
     assert done.returncode == 1, done.stderr
