@@ -516,15 +516,21 @@ class MonitorService:
                     "details": f"{dropped} report(s) before {msg.seq} never came",
                 }
             )
-        report = json.loads(plain)
+        text = plain.decode("utf-8")
+        report = json.loads(text)
         self.metrics.scan(link.ids, float(report.get("elapsed_s", 0.0)))
         self._text_baseline(link, report)
         for finding in report.get("findings", []):
             self.metrics.finding(link.ids, str(finding["check"]), str(finding["severity"]))
             self._alert({"kind": "finding", "ids": link.ids, **finding})
         if self._reports is not None:
-            entry = {"ids": link.ids, "link": link.link_id.hex(), "seq": msg.seq, "report": report}
-            self._write(self._reports, entry)
+            # The report as the enclave wrote it, not dumped again (at 1,000 processes
+            # that was ~0.8 ms before the ack). JSON allows a raw line break only
+            # between tokens, where a space means the same: the line stays one line.
+            head = json.dumps({"ids": link.ids, "link": link.link_id.hex(), "seq": msg.seq})
+            body = text.replace("\n", " ").replace("\r", " ")
+            self._reports.write(f'{head[:-1]}, "report": {body}}}\n')
+            self._reports.flush()
         self._send(link, ReportAck(msg.seq))
 
     def _text_baseline(self, link: _Link, report: Mapping[str, object]) -> None:
