@@ -1,16 +1,22 @@
 """The monitor link's crypto: sealed reports in order, heartbeat MACs, the key schedule;
-and reading the JSON lines the monitor writes while it appends to them."""
+and the JSON lines the monitor writes reports to, and reading them while it appends."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from sgmonitor.attestation.policy import Policy
 from sgmonitor.channel import InvalidSeal
 from sgmonitor.local import read_json_lines
+from sgmonitor.monitor.service import MonitorConfig, MonitorService, _Link
 from sgmonitor.monitorlink import (
     LinkKeys,
     ReportOpener,
@@ -20,6 +26,8 @@ from sgmonitor.monitorlink import (
     check_heartbeat,
     heartbeat_mac,
 )
+from sgmonitor.wire.core import decode
+from sgmonitor.wire.monitor import ReportAck, SealedReport
 
 KEY, LINK, NONCE = bytes(range(32)), bytes(range(16)), bytes(range(32, 64))
 
@@ -99,3 +107,30 @@ def test_a_half_written_json_line_is_left_for_the_next_read(tmp_path: Path) -> N
         stream.write(whole[8192:] + "\n")
         stream.flush()
         assert read_json_lines(path) == [json.loads(whole)] * 2
+
+
+def test_the_monitor_stores_each_report_on_one_line_and_acknowledges_it(tmp_path: Path) -> None:
+    """The monitor stores the report's own text (it no longer dumps it again): still one
+    line when that JSON has line breaks between its tokens; then it acknowledges it."""
+    config = MonitorConfig(
+        listen="127.0.0.1:0",
+        key=tmp_path / "monitor.pem",
+        verifier_key=Ed25519PrivateKey.generate().public_key(),
+        policy=Policy(frozenset({bytes(32)}), frozenset()),
+    )
+    stored = io.StringIO()
+    service = MonitorService(config, X25519PrivateKey.generate(), out=io.StringIO(), reports=stored)
+    ours, theirs = socket.socketpair()
+    keys = LinkKeys.derive(KEY, LINK, NONCE)
+    link = _Link(ours, "test", ids="web", link_id=LINK, keys=keys, opener=ReportOpener(keys, "web"))
+    sealer = ReportSealer(keys, "web")
+    report = {"vm": "guest", "records": [[1, "init\nname"], [2, "kthreadd"]], "findings": []}
+    text = json.dumps(report, indent=1)  # line breaks between tokens, one escaped in a string
+    assert "\n" in text and text.count("\n") > 3
+    service._report(link, SealedReport(*sealer.seal(text.encode())))
+    lines = stored.getvalue().split("\n")
+    assert len(lines) == 2 and lines[1] == ""
+    assert json.loads(lines[0]) == {"ids": "web", "link": LINK.hex(), "seq": 0, "report": report}
+    assert decode(theirs.recv(1024)[4:]) == ReportAck(0)
+    ours.close()
+    theirs.close()
