@@ -186,8 +186,9 @@ class PageServer:
         """
         if not isinstance(walk, ListWalk):
             raise ValueError("follow_list takes a ListWalk")
-        budget = min(max_pages or self.max_list_pages, walk.max_pages or self.max_list_pages)
-        budget = min(budget, self.max_list_pages)
+        budget = self.max_list_pages if max_pages is None else min(max_pages, self.max_list_pages)
+        if walk.max_pages:
+            budget = min(budget, walk.max_pages)
         extra = {p: v for p, v in zip(pages, self.read_pages(pages), strict=True)}
         walker = _ListWalker(self, walk)
         try:
