@@ -30,7 +30,7 @@ from sgmonitor.tee.sim import SimBackend, SimPlatform
 from sgmonitor.wire.attestation import AttestSession, Challenge, ChallengeRequest, StatementIssued
 from sgmonitor.wire.core import Error, Message, connect, decode, encode, recv_frame, send_frame
 from sgmonitor.wire.hypervisor import Hello, HelloReply, OpenSession
-from sgmonitor.wire.sealed import Reply, Request
+from sgmonitor.wire.sealed import PAGE_SIZE, ListReply, PagesReply, Reply, Request
 
 
 def call(sock: socket.socket, msg: Message) -> Message:
@@ -70,16 +70,31 @@ class HeldSession:
     next_request: int = 1
 
     def sealed(self, request: Message, expect: type[Message]) -> Message:
-        """Seal ``request``, send it, open the reply index."""
+        """Seal ``request``, send it, open the reply index (of a reply without pages)."""
+        index, pages = self.sealed_with_pages(request, expect)
+        assert not pages, "this request was to bring no pages"
+        return index
+
+    def sealed_with_pages(
+        self, request: Message, expect: type[Message]
+    ) -> tuple[Message, dict[int, bytes]]:
+        """Seal ``request``, send it, open the reply index and its pages (by address)."""
         rid, self.next_request = self.next_request, self.next_request + 1
         body = self.channel.seal(Kind.REQUEST, rid, encode(request))
         answer = call(self.sock, Request(self.session_id, rid, body))
         if isinstance(answer, Error):
-            return answer
+            return answer, {}
         assert isinstance(answer, Reply)
         index = decode(self.channel.open(Kind.REPLY, rid, answer.sealed_reply), expect=(expect,))
-        assert not answer.sealed_pages, "held sessions ask for no pages"
-        return index
+        present = index.present() if isinstance(index, PagesReply | ListReply) else []
+        if not present:
+            assert not answer.sealed_pages
+            return index, {}
+        size = PAGE_SIZE * len(present)
+        block = self.channel.open(
+            Kind.PAGE, rid, answer.sealed_pages, address=present[0], length=size
+        )
+        return index, {a: block[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] for i, a in enumerate(present)}
 
 
 def prepare_session(

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from importlib._bootstrap_external import _code_to_timestamp_pyc  # type: ignore[attr-defined]
 from pathlib import Path
 
@@ -24,12 +25,14 @@ import pytest
 from attested_client import call, hold_session, prepare_session
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from dkom import file_offset
 from guests import MAIN, GuestUnderTest, only
 
 import sgmonitor
 from sgmonitor.channel import Suite
 from sgmonitor.daemon import read_ready_line, reap
 from sgmonitor.guest.qemu import QemuGuest
+from sgmonitor.hypervisor.pages import PageServer
 from sgmonitor.keywrap import wrap_session_key
 from sgmonitor.local import LocalDeployment, local_deployment
 from sgmonitor.statement import (
@@ -60,7 +63,18 @@ from sgmonitor.wire.core import (
     send_encoded,
 )
 from sgmonitor.wire.hypervisor import Hello, HelloReply, OpenSession
-from sgmonitor.wire.sealed import Ack, BeginScan, EndScan, Request
+from sgmonitor.wire.sealed import (
+    PAGE_SIZE,
+    Ack,
+    BeginScan,
+    EndScan,
+    FollowList,
+    GetRegisters,
+    ListReply,
+    ListWalk,
+    RegistersReply,
+    Request,
+)
 
 pytestmark = [pytest.mark.guest, only(MAIN)]
 
@@ -485,3 +499,67 @@ def test_alternating_pauses_cannot_hold_the_guest_past_its_budget(guest: GuestUn
     late = [j for t, j in samples if t > 3.0]
     assert early[-1] - early[0] < 0.3 * hz  # the pauses are real while the budget lasts
     assert late[-1] - late[0] > 0.5 * hz * (samples[-1][0] - 3.0 - 0.6)  # then it runs
+
+
+# --- a list window walked ahead ---------------------------------------------------------
+
+
+def test_a_window_walked_ahead_serves_its_own_scan_only(
+    guest: GuestUnderTest, local: LocalDeployment
+) -> None:
+    """A FollowList announcing the next window (``then``) has the hypervisor walk that
+    window once the reply is out, and the next FollowList of the scan is answered from
+    that walk; one of a new scan never is. Shown by changing a task's ``comm`` in the
+    RAM file (as the host can) after the walk ahead: the scan that announced it gets
+    the old bytes, a scan begun since gets the new ones (the old ones, were a walk made
+    ahead to outlive its scan)."""
+    with QemuGuest(guest.info.qmp) as live, live.paused():
+        kernel = open_guest_kernel(live)
+        types = kernel.types
+        first = ListWalk(
+            kernel.symbols["init_task"] + types.offsetof("struct task_struct", "tasks"),
+            types.offsetof("struct list_head", "next"),
+            types.offsetof("struct task_struct", "tasks"),
+            types.sizeof("struct task_struct"),
+            limit=8,
+            max_pages=64,
+        )
+        server = PageServer(live)
+        window = server.follow_list(first)
+        second = replace(first, after=window.nodes[-1])
+        expected = server.follow_list(second).nodes
+        comm = expected[1] - first.member_offset + types.offsetof("struct task_struct", "comm")
+        where = file_offset(live, kernel_memory(live).translate(comm))
+    page, at = comm & ~(PAGE_SIZE - 1), comm % PAGE_SIZE
+    assert at + 16 <= PAGE_SIZE  # comm lies in one page: one page shows it
+    held = hold_session(local, "main")
+
+    def walk_ahead_then_change() -> None:
+        """Begin a scan, take the first window announcing the second, wait until the
+        second is walked ahead, then change the task's comm."""
+        assert isinstance(held.sealed(BeginScan(True), Ack), Ack)
+        reply, _ = held.sealed_with_pages(FollowList(first, then=8), ListReply)
+        assert isinstance(reply, ListReply) and reply.entries == window.nodes
+        # answered after the walk ahead: a connection's requests are served in turn
+        assert isinstance(held.sealed(GetRegisters(), RegistersReply), RegistersReply)
+        os.pwrite(ram.fileno(), changed, where)
+
+    def second_window_comm() -> bytes:
+        reply, pages = held.sealed_with_pages(FollowList(second), ListReply)
+        assert isinstance(reply, ListReply) and reply.entries == expected
+        return pages[page][at : at + 16]
+
+    with open(guest.info.ram, "r+b") as ram:
+        original = os.pread(ram.fileno(), 16, where)
+        changed = b"walked-ahead\0\0\0\0"
+        try:
+            walk_ahead_then_change()
+            assert second_window_comm() == original  # the walk made ahead
+            os.pwrite(ram.fileno(), original, where)
+            walk_ahead_then_change()
+            assert isinstance(held.sealed(BeginScan(True), Ack), Ack)  # a new scan
+            assert second_window_comm() == changed  # walked now
+        finally:
+            os.pwrite(ram.fileno(), original, where)
+            held.sealed(EndScan(), Ack)
+            held.sock.close()

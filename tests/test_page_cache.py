@@ -227,7 +227,9 @@ def test_prefetch_caches_every_entry_page(tmp_path: Path) -> None:
 def test_a_streamed_walk_asks_each_next_window_ahead(tmp_path: Path) -> None:
     """With a transport that can take a walk ahead, each window's arrival sends the
     next, whose answer is taken when the walk gets there; windows start at
-    FIRST_WINDOW nodes and double, up to a quarter of the budget each."""
+    FIRST_WINDOW nodes and double, up to a quarter of the budget each, and each
+    announces the length of the one after it (``then``), which the trusted side walks
+    ahead."""
     ring = Ring(300, pages=1000)  # entries of 3 or 4 pages
     transport = StreamingTransport(ring.server(tmp_path))
     memory = RemoteMemory(transport, 16 * MIB)  # a quarter: 1024 pages, 256 entries
@@ -239,9 +241,10 @@ def test_a_streamed_walk_asks_each_next_window_ahead(tmp_path: Path) -> None:
         if after is None:
             break
     limits = [args[4] for _, args in transport.calls]
-    assert [name for name, _ in transport.calls] == ["follow_list", *["follow_list_later"] * 3]
+    assert [name for name, _ in transport.calls] == ["follow_list_later"] * 4
     assert limits == [FIRST_WINDOW, 2 * FIRST_WINDOW, 4 * FIRST_WINDOW, 8 * FIRST_WINDOW]
-    assert len(transport.taken) == 3 and calls == 4
+    assert [args[-1] for _, args in transport.calls] == [*limits[1:], 16 * FIRST_WINDOW]
+    assert len(transport.taken) == 4 and calls == 4
     for node in ring.nodes:
         start = node - ring.member
         assert memory.read(start, ring.entry) == ring.region.read(start, ring.entry)
@@ -250,7 +253,20 @@ def test_a_streamed_walk_asks_each_next_window_ahead(tmp_path: Path) -> None:
     assert memory.prefetch_list(ring.walk(1000)) == ring.nodes[FIRST_WINDOW - 1]
     memory.begin_scan()
     assert memory.prefetch_list(ring.walk(1000)) == ring.nodes[FIRST_WINDOW - 1]
-    assert len(transport.taken) == 3 and memory.cache.reserved > 0
+    assert len(transport.taken) == 4 + 2 and memory.cache.reserved > 0  # two first windows
+
+
+def test_a_window_that_takes_the_walks_whole_limit_announces_none(tmp_path: Path) -> None:
+    """``then`` is the next window's length, bounded by the walk's ``limit`` like the
+    window itself, and 0 once a window takes the whole limit (none follows it)."""
+    ring = Ring(60, pages=200)
+    transport = StreamingTransport(ring.server(tmp_path))
+    memory = RemoteMemory(transport, 16 * MIB)
+    memory.begin_scan()
+    last = memory.prefetch_list(ring.walk(40))
+    assert last == ring.nodes[FIRST_WINDOW - 1]
+    assert memory.prefetch_list(ring.walk(40, last)) is None
+    assert [(args[4], args[-1]) for _, args in transport.calls] == [(FIRST_WINDOW, 40), (40, 0)]
 
 
 def test_streamed_windows_fit_a_quarter_of_the_budget(tmp_path: Path) -> None:
@@ -262,9 +278,9 @@ def test_streamed_windows_fit_a_quarter_of_the_budget(tmp_path: Path) -> None:
     transport = StreamingTransport(ring.server(tmp_path))
     memory = RemoteMemory(transport, MIB)
     assert prefetch_all(memory, ring) == 3
-    assert [call[1][-1] for call in transport.calls] == [64, 64, 64]  # max_pages
+    assert [call[1][6] for call in transport.calls] == [64, 64, 64]  # max_pages
     assert [call[1][5] for call in transport.calls[1:]] == [ring.nodes[20], ring.nodes[41]]
-    assert transport.taken and len(transport.taken) == 2
+    assert len(transport.taken) == 3
     assert memory.stats().evictions == 0 and memory.cache.reserved == 0
     for node in ring.nodes:
         start = node - ring.member

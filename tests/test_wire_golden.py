@@ -72,7 +72,7 @@ def _instances() -> list[tuple[str, wire.Message]]:
         ("Revoke-session", w.Revoke(w.RevokeKind.SESSION, SID)),
         ("Revoked", w.Revoked(4)),
         ("ReadPages", w.ReadPages((w.PageRange(0xFFFF888000001000, 3), w.PageRange(0x8000, 1)))),
-        ("FollowList", w.FollowList(walk)),
+        ("FollowList", w.FollowList(walk, then=600)),
         ("GetVmcoreinfo", w.GetVmcoreinfo()),
         ("GetRegisters", w.GetRegisters()),
         ("BeginScan", w.BeginScan(True)),
@@ -194,16 +194,18 @@ GOLDEN = {
     "Revoke-session": "01610200000010000102030405060708090a0b0c0d0e0f",
     "Revoked": "016200000004",
     "ReadPages": "012100000002ffff88800000100000000003000000000000800000000001",
-    "FollowList": ("0122ffff888000123400000004f8000025800000012c00000008ffff88800099990000000040"),
+    "FollowList": (
+        "0122ffff888000123400000004f8000025800000012c00000008ffff8880009999000000004000000258"
+    ),
     "GetVmcoreinfo": "0123",
     "GetRegisters": "0124",
     "BeginScan": "012501",
     "BeginScan-nopause": "012500",
     "EndScan": "0126",
     "Batch": (
-        "01270000000400000003012501000000260122ffff888000123400000004f80000258000"
-        "00012c00000008ffff8880009999000000004000000012012100000001000000000000100000"
-        "000002000000020126"
+        "012700000004000000030125010000002a0122ffff888000123400000004f80000258000"
+        "00012c00000008ffff888000999900000000400000000000000012012100000001000000000000"
+        "100000000002000000020126"
     ),
     "PagesReply": ("013100000003ffff88800000100000ffff88800000200001000000000000300002"),
     "ListReply": (
@@ -266,13 +268,13 @@ REFUSED_FLIPS = {
     "Revoke-session": 0x7F,
     "Revoked": 0x3,
     "ReadPages": 0x1F01F03F,
-    "FollowList": 0x1C03DCDE03,
+    "FollowList": 0x1DC03DCDE03,
     "GetVmcoreinfo": 0x3,
     "GetRegisters": 0x3,
     "BeginScan": 0x7,
     "BeginScan-nopause": 0x7,
     "EndScan": 0x3,
-    "Batch": 0x7EF81FFB807B9BC07FFFF,
+    "Batch": 0x7EF81FFBB807B9BC07FFFF,
     "PagesReply": 0x1C0E0703F,
     "ListReply": 0x381C0E07C0003F,
     "VmcoreinfoReply": 0x3C000003FF,

@@ -37,18 +37,18 @@ class CountingTransport:
 
 class StreamingTransport(CountingTransport):
     """A CountingTransport that also takes list walks ahead (``follow_list_later``), as
-    the sealed channel does: the walk is recorded when asked for, and only then."""
+    the sealed channel does: the walk (and the next window it announces, ``then``, last)
+    is recorded when asked for, and its answer when taken."""
 
     def __init__(self, server: PageServer) -> None:
         super().__init__(server)
-        self.taken: list[tuple[int, ...]] = []  # the ahead walks whose answers were taken
+        self.taken: list[tuple[int, ...]] = []  # the walks whose answers were taken
 
     def follow_list_later(
-        self, walk: ListWalk, *, pages: Sequence[int] = ()
+        self, walk: ListWalk, *, pages: Sequence[int] = (), then: int = 0
     ) -> Callable[[], WalkedList]:
-        self.calls.append(
-            ("follow_list_later", (*walk.layout, walk.limit, walk.after, walk.max_pages))
-        )
+        args = (*walk.layout, walk.limit, walk.after, walk.max_pages, then)
+        self.calls.append(("follow_list_later", args))
         found = self.server.follow_list(walk, pages=pages)
 
         def answer() -> WalkedList:

@@ -86,9 +86,10 @@ class PageTransport(Protocol):
     """What the enclave needs from the trusted side (one call = one crossing).
 
     A transport may also offer ``begin_scan()``, called when a scan starts, to refresh
-    its registers and translations, and ``follow_list_later(walk, pages=...)``, which
-    sends a ``follow_list`` at once and returns the call that takes its answer (streamed
-    list walks, see :meth:`RemoteMemory.prefetch_list`).
+    its registers and translations, and ``follow_list_later(walk, pages=..., then=...)``,
+    which sends a ``follow_list`` at once (announcing the next window's length) and
+    returns the call that takes its answer (streamed list walks, see
+    :meth:`RemoteMemory.prefetch_list`).
     """
 
     def read_pages(self, addresses: Sequence[int]) -> Sequence[bytes | PageFault]:
@@ -478,8 +479,10 @@ class RemoteMemory:
         and the relay carries it while the IDS works through this one. Windows start at
         ``FIRST_WINDOW`` nodes (the IDS starts soon) and double, up to a quarter of the
         cache budget each (this window cached, the next held outside the cache and
-        reserved in its budget). Without streaming one window holds half the budget.
-        Either way prefetched pages are not evicted before the walk reaches them.
+        reserved in its budget). Each request also announces the window after it
+        (``then``), which the trusted side walks ahead of being asked. Without streaming
+        one window holds half the budget. Either way prefetched pages are not evicted
+        before the walk reaches them.
 
         :return: the last node prefetched when more may follow (call again with
             ``after=`` that node when the walk gets there), else None
@@ -490,11 +493,15 @@ class RemoteMemory:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             self.cache.reserve(-ahead.reserved)
+        later = self._follow_list_later
         if ahead is not None and ahead.walk == asked:
             found, extra = ahead.answer(), ahead.pages
         else:  # nothing sent ahead for this window (a stale one is just dropped)
             extra = self._take_prediction(set(), self._predicted_with(asked))
-            found = self.transport.follow_list(asked, pages=extra)
+            if later is None:
+                found = self.transport.follow_list(asked, pages=extra)
+            else:
+                found = later(asked, pages=extra, then=self._then(walk, windows))()
         self._windows[key] = windows + 1
         span = self._reading.get(key)
         if span is None:
@@ -515,14 +522,13 @@ class RemoteMemory:
             self._stage(page, value)
         more = found.end in (ListEnd.LIMIT, ListEnd.REPLY_FULL) and len(found.nodes) < walk.limit
         last = found.nodes[-1] if more and found.nodes else None
-        later = self._follow_list_later
         if last is not None and later is not None:  # ask for the next window first...
             following = self._window(replace(walk, after=last), windows + 1)
             most = following.limit * self._pages_per_entry(following)
             reserved = min(most, following.max_pages) * PAGE_SIZE
             self.cache.reserve(reserved)
             predicted = self._take_prediction(set(), self._predicted_with(following))
-            answer = later(following, pages=predicted)
+            answer = later(following, pages=predicted, then=self._then(walk, windows + 1))
             self._ahead = _Ahead(following, answer, reserved, predicted)
         staged = set(extra)
         for page, value in pages.items():  # ... then cache this one's pages
@@ -538,13 +544,22 @@ class RemoteMemory:
         (``max_pages``: the reply ends at the entry that would exceed it, so a window
         holds the entries that fit, not the worst case of two pages each)."""
         asked = self._asked(walk)
-        if self._follow_list_later is None:
-            nodes, share = walk.limit, self.cache.budget // 2
-        else:
-            nodes, share = FIRST_WINDOW << min(number, 16), self.cache.budget // 4
+        share = self.cache.budget // (2 if self._follow_list_later is None else 4)
         pages = min(max(share // PAGE_SIZE, self._pages_per_entry(asked)), MAX_REPLY_PAGES)
-        limit = max(1, min(walk.limit, nodes, MAX_LIST_NODES))
-        return replace(asked, limit=limit, max_pages=pages)
+        return replace(asked, limit=self._window_limit(walk, number), max_pages=pages)
+
+    def _window_limit(self, walk: ListWalk, number: int) -> int:
+        """The nodes of window ``number``: the whole walk's ``limit`` unstreamed, else
+        ``FIRST_WINDOW`` doubling (within that limit and ``MAX_LIST_NODES``)."""
+        nodes = walk.limit if self._follow_list_later is None else FIRST_WINDOW << min(number, 16)
+        return max(1, min(walk.limit, nodes, MAX_LIST_NODES))
+
+    def _then(self, walk: ListWalk, number: int) -> int:
+        """What window ``number`` announces of the next (``FollowList.then``): its
+        length, or 0 when this one takes the walk's whole ``limit`` (none follows)."""
+        if self._window_limit(walk, number) >= walk.limit:
+            return 0
+        return self._window_limit(walk, number + 1)
 
     def _predicted_with(self, window: ListWalk) -> int:
         """How many predicted pages to ask for with ``window``: a streamed window takes

@@ -147,14 +147,15 @@ class SealedTransport:
         return [by_address[a] for a in addresses]
 
     def follow_list_later(
-        self, walk: ListWalk, *, pages: Sequence[int] = ()
+        self, walk: ListWalk, *, pages: Sequence[int] = (), then: int = 0
     ) -> Callable[[], RemoteListWalk]:
         """Send a ``follow_list`` (with ``pages`` read in the same crossing) now, and
         take its answer when the returned call is made: the hypervisor walks, and the
         relay carries its reply, while the enclave works on what it has. Any other call
         first takes this answer in (one exchange is out at a time), so the order of
-        sealed requests and replies never changes."""
-        sent = self._send_all(*self._list_requests(walk, pages))
+        sealed requests and replies never changes. ``then`` announces the next window's
+        length (``FollowList.then``): the hypervisor walks it ahead."""
+        sent = self._send_all(*self._list_requests(walk, pages, then))
 
         def answer() -> RemoteListWalk:
             return self._list_walk(self._receive_all(sent), pages)
@@ -168,9 +169,10 @@ class SealedTransport:
         return self.follow_list_later(walk, pages=pages)()
 
     def _list_requests(
-        self, walk: ListWalk, pages: Sequence[int]
+        self, walk: ListWalk, pages: Sequence[int], then: int = 0
     ) -> tuple[list[Message], list[type[Message]]]:
-        request = FollowList(replace(walk, limit=min(walk.limit, MAX_LIST_NODES)))
+        limit = min(walk.limit, MAX_LIST_NODES)
+        request = FollowList(replace(walk, limit=limit), min(then, MAX_LIST_NODES))
         if not pages:
             return [request], [ListReply]
         if len(pages) > MAX_PAGES_PER_REQUEST:

@@ -43,7 +43,7 @@ from sgmonitor.channel import (
 from sgmonitor.errors import GuestDataError, PageFault, SGMonitorError
 from sgmonitor.guest.memory import PhysicalMemory
 from sgmonitor.guest.qemu import QemuGuest
-from sgmonitor.hypervisor.pages import PageNotRam, PageServer
+from sgmonitor.hypervisor.pages import ListEnd, ListWalk, PageNotRam, PageServer, WalkedList
 from sgmonitor.kernel.vmcoreinfo import iter_vmcoreinfo
 from sgmonitor.keywrap import InvalidWrappedKey, fingerprint, raw_public_key, unwrap_session_key
 from sgmonitor.statement import InvalidToken, SessionBinding, Statement
@@ -241,6 +241,20 @@ class _Session:
     mrenclave: bytes
     paused: bool = False
     revoked: bool = False
+    # A streamed list walk's next window: announced (FollowList.then), then walked
+    # ahead once the reply is out, until the enclave asks for it or the scan ends.
+    announced: ListWalk | None = None
+    ahead: _WalkedAhead | None = None
+
+
+@dataclass(frozen=True)
+class _WalkedAhead:
+    """A list window walked before the enclave asked for it, and the page server (so
+    the guest it read) that walked it."""
+
+    walk: ListWalk
+    found: WalkedList
+    server: PageServer
 
 
 @dataclass(eq=False)  # identity: a set member
@@ -401,6 +415,7 @@ class HypervisorService:
                 reply = self._handle(conn, data)
                 if not self._send(sock, reply):
                     return
+                self._walk_ahead(conn)
         finally:
             for session_id in list(conn.sessions):
                 self._end_session(conn, session_id)
@@ -706,7 +721,7 @@ class HypervisorService:
             found = server.read_pages(request.pages())
             return _pages_reply(request.pages(), found)
         if isinstance(request, FollowList):
-            walk = server.follow_list(request.walk, max_pages=list_pages)
+            walk = self._follow(session, server, request, list_pages)
             addresses = list(walk.pages)
             index, pages = _pages_reply(addresses, [walk.pages[a] for a in addresses])
             assert isinstance(index, PagesReply)
@@ -716,6 +731,8 @@ class HypervisorService:
         if isinstance(request, GetRegisters):
             r = server.registers
             return RegistersReply((VcpuRegisters(0, r.cr0, r.cr3, r.cr4, r.efer or 0),)), []
+        if isinstance(request, BeginScan | EndScan):  # nothing walked ahead outlives a scan
+            session.announced = session.ahead = None
         if isinstance(request, BeginScan):
             if request.pause and not session.paused:
                 session.paused = guest.pause(time.monotonic())
@@ -726,6 +743,47 @@ class HypervisorService:
             session.paused = False
             guest.resume()
         return Ack(False), []
+
+    @staticmethod
+    def _follow(
+        session: _Session, server: PageServer, request: FollowList, list_pages: int | None
+    ) -> WalkedList:
+        """Serve a FollowList: from the window walked ahead if it is exactly this walk,
+        walked by this page server in this scan and within this reply's page budget
+        (then a walk now would find the same), else walked now. Note the window it
+        announces, for :meth:`_walk_ahead`."""
+        ahead, session.ahead = session.ahead, None
+        if (
+            ahead is not None
+            and ahead.server is server
+            and ahead.walk == request.walk
+            and (list_pages is None or len(ahead.found.pages) <= list_pages)
+        ):
+            found = ahead.found
+        else:
+            found = server.follow_list(request.walk, max_pages=list_pages)
+        session.announced = None
+        if found.nodes and found.end in (ListEnd.LIMIT, ListEnd.REPLY_FULL):
+            session.announced = request.following(found.nodes[-1])
+        return found
+
+    def _walk_ahead(self, conn: _Connection) -> None:
+        """Walk the window each session announced, now that its reply is on the way:
+        the enclave works on that reply meanwhile, and its next request finds the walk
+        done. Bounded like any FollowList; a failure is left for that request to meet."""
+        for session in list(conn.sessions.values()):
+            walk, session.announced = session.announced, None
+            if walk is None or session.revoked:
+                continue
+            guest = session.guest
+            with guest.lock:
+                server = guest.server
+                if server is None:
+                    continue
+                try:
+                    session.ahead = _WalkedAhead(walk, server.follow_list(walk), server)
+                except (SGMonitorError, OSError, EOFError, ValueError):
+                    session.ahead = None
 
     def _vmcoreinfo(self, guest: GuestHandle, server: PageServer) -> tuple[bytes, ...]:
         """Every VMCOREINFO note in guest RAM (the enclave picks the genuine one). The

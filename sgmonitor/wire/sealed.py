@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from enum import IntEnum
 from typing import Any, overload
 
@@ -250,13 +251,28 @@ class ListWalk(Record):
 class FollowList(Message):
     """Enclave -> hypervisor (sealed): walk a kernel ``list_head`` list (a
     :class:`ListWalk` of at most ``MAX_LIST_NODES`` nodes), return its entries. The
-    reply lists node addresses and the pages covering each node's span."""
+    reply lists node addresses and the pages covering each node's span.
+
+    ``then`` (0: none) announces the window of a streamed walk the enclave will ask for
+    next if this one stops at its ``limit`` or page bound: the same walk continued after
+    this reply's last node, ``then`` nodes long. The hypervisor may walk it while the
+    enclave works on this reply, and answers the next FollowList from that walk only if
+    it asks for exactly it, in the same scan, within its page budget."""
 
     walk: ListWalk = spec(Nested(ListWalk))
+    then: int = u32(default=0)
 
     def _check(self) -> None:
         if self.walk.limit > MAX_LIST_NODES:
             self._fail(f"limit must be 1..{MAX_LIST_NODES}")
+        if self.then > MAX_LIST_NODES:
+            self._fail(f"then must be 0..{MAX_LIST_NODES}")
+
+    def following(self, last: int) -> ListWalk | None:
+        """The walk announced by ``then`` once this one stopped at node ``last``."""
+        if not self.then:
+            return None
+        return replace(self.walk, after=last, limit=self.then)
 
 
 @message(0x23)
