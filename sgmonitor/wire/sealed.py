@@ -172,11 +172,34 @@ class PageRange(Record):
             self._fail(f"{self.address:#x} + {self.count} pages wraps")
 
 
+_PAGE_RANGE = struct.Struct(">QI")
+
+
+class PageRanges(Seq):
+    """ReadPages' ranges: ``u32 count | (u64 address, u32 count) * count``, the bytes a
+    Seq of nested PageRange records writes, packed and unpacked in one ``struct`` call
+    each (the generic way took ~180 µs to decode the 32 ranges of a scan's first
+    request; each range is still checked as it is made)."""
+
+    def __init__(self) -> None:
+        super().__init__(Nested(PageRange), MAX_RANGES, item_name="ranges")
+
+    def put(self, w: Writer, v: tuple[PageRange, ...]) -> None:
+        w.u32(len(v))
+        fields = [x for rng in v for x in (rng.address, rng.count)]
+        w.parts.append(struct.pack(">" + "QI" * len(v), *fields))
+
+    def get(self, r: Reader, name: str) -> tuple[PageRange, ...]:
+        n = self.get_count(r, name)
+        values = struct.unpack(">" + "QI" * n, r.take(_PAGE_RANGE.size * n, name))
+        return tuple(map(PageRange, values[0::2], values[1::2]))
+
+
 @message(0x21)
 class ReadPages(Message):
     """Enclave -> hypervisor (sealed): read these guest-virtual pages with the vCPU's CR3."""
 
-    ranges: tuple[PageRange, ...] = spec(Seq(Nested(PageRange), MAX_RANGES))
+    ranges: tuple[PageRange, ...] = spec(PageRanges())
 
     def _check(self) -> None:
         if not self.ranges:
