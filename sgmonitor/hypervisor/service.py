@@ -43,7 +43,7 @@ from sgmonitor.channel import (
 from sgmonitor.errors import GuestDataError, PageFault, SGMonitorError
 from sgmonitor.guest.memory import PhysicalMemory
 from sgmonitor.guest.qemu import QemuGuest
-from sgmonitor.hypervisor.pages import ListEnd, ListWalk, PageNotRam, PageServer, WalkedList
+from sgmonitor.hypervisor.pages import ListEnd, ListWalk, PageNotRam, PageServer
 from sgmonitor.kernel.vmcoreinfo import iter_vmcoreinfo
 from sgmonitor.keywrap import InvalidWrappedKey, fingerprint, raw_public_key, unwrap_session_key
 from sgmonitor.statement import InvalidToken, SessionBinding, Statement
@@ -244,17 +244,31 @@ class _Session:
     # A streamed list walk's next window: announced (FollowList.then), then walked
     # ahead once the reply is out, until the enclave asks for it or the scan ends.
     announced: ListWalk | None = None
-    ahead: _WalkedAhead | None = None
+    ahead: _WalkedList | None = None
 
 
 @dataclass(frozen=True)
-class _WalkedAhead:
-    """A list window walked before the enclave asked for it, and the page server (so
-    the guest it read) that walked it."""
+class _WalkedList:
+    """One FollowList's walk as its reply: the index and the present pages (address,
+    bytes) in index order, with the walk asked for and the page server (so the guest)
+    that walked it."""
 
     walk: ListWalk
-    found: WalkedList
     server: PageServer
+    index: ListReply
+    pages: list[tuple[int, bytes]]
+
+    @classmethod
+    def of(cls, server: PageServer, walk: ListWalk, max_pages: int | None) -> _WalkedList:
+        found = server.follow_list(walk, max_pages=max_pages)
+        addresses = list(found.pages)
+        index, pages = _pages_reply(addresses, [found.pages[a] for a in addresses])
+        assert isinstance(index, PagesReply)
+        return cls(walk, server, ListReply(found.nodes, found.end, index.pages), pages)
+
+    def read(self) -> int:
+        """Pages the walk read (present or not): what a reply budget counts."""
+        return len(self.index.pages)
 
 
 @dataclass(eq=False)  # identity: a set member
@@ -721,11 +735,8 @@ class HypervisorService:
             found = server.read_pages(request.pages())
             return _pages_reply(request.pages(), found)
         if isinstance(request, FollowList):
-            walk = self._follow(session, server, request, list_pages)
-            addresses = list(walk.pages)
-            index, pages = _pages_reply(addresses, [walk.pages[a] for a in addresses])
-            assert isinstance(index, PagesReply)
-            return ListReply(walk.nodes, walk.end, index.pages), pages
+            walked = self._follow(session, server, request, list_pages)
+            return walked.index, walked.pages
         if isinstance(request, GetVmcoreinfo):
             return VmcoreinfoReply(self._vmcoreinfo(guest, server)), []
         if isinstance(request, GetRegisters):
@@ -747,25 +758,26 @@ class HypervisorService:
     @staticmethod
     def _follow(
         session: _Session, server: PageServer, request: FollowList, list_pages: int | None
-    ) -> WalkedList:
-        """Serve a FollowList: from the window walked ahead if it is exactly this walk,
-        walked by this page server in this scan and within this reply's page budget
-        (then a walk now would find the same), else walked now. Note the window it
-        announces, for :meth:`_walk_ahead`."""
+    ) -> _WalkedList:
+        """Serve a FollowList: from the window walked ahead (its reply made already) if
+        it is exactly this walk, walked by this page server in this scan and within this
+        reply's page budget (then a walk now would stop at the same entry), else walked
+        now. Note the window it announces, for :meth:`_walk_ahead`."""
         ahead, session.ahead = session.ahead, None
         if (
             ahead is not None
             and ahead.server is server
             and ahead.walk == request.walk
-            and (list_pages is None or len(ahead.found.pages) <= list_pages)
+            and (list_pages is None or ahead.read() <= list_pages)
         ):
-            found = ahead.found
+            walked = ahead
         else:
-            found = server.follow_list(request.walk, max_pages=list_pages)
+            walked = _WalkedList.of(server, request.walk, list_pages)
+        nodes = walked.index.entries
         session.announced = None
-        if found.nodes and found.end in (ListEnd.LIMIT, ListEnd.REPLY_FULL):
-            session.announced = request.following(found.nodes[-1])
-        return found
+        if nodes and walked.index.end in (ListEnd.LIMIT, ListEnd.REPLY_FULL):
+            session.announced = request.following(nodes[-1])
+        return walked
 
     def _walk_ahead(self, conn: _Connection) -> None:
         """Walk the window each session announced, now that its reply is on the way:
@@ -781,7 +793,7 @@ class HypervisorService:
                 if server is None:
                     continue
                 try:
-                    session.ahead = _WalkedAhead(walk, server.follow_list(walk), server)
+                    session.ahead = _WalkedList.of(server, walk, None)
                 except (SGMonitorError, OSError, EOFError, ValueError):
                     session.ahead = None
 
