@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
@@ -180,11 +180,18 @@ class PageCache:
 
     def put(self, page: int, value: bytes | PageFault) -> None:
         """Cache a page or a fault as the most recently used, evicting to fit."""
-        old = self._entries.pop(page, None)
-        if old is not None:
-            self.used -= _cost(old)
-        self._entries[page] = value
-        self.used += _cost(value)
+        self.put_all(((page, value),))
+
+    def put_all(self, items: Iterable[tuple[int, bytes | PageFault]]) -> None:
+        """:meth:`put` each in turn, evicting once after the last (the same entries
+        stay: the least recently used go first either way)."""
+        entries = self._entries
+        for page, value in items:
+            old = entries.pop(page, None)
+            if old is not None:
+                self.used -= _cost(old)
+            entries[page] = value
+            self.used += _cost(value)
         self.reserve(0)
 
     def reserve(self, size: int) -> None:
@@ -400,12 +407,14 @@ class RemoteMemory:
             self.cache.crossings += 1
             if len(reply) != len(batch):
                 raise TransportError(f"asked for {len(batch)} pages, got {len(reply)}")
+            stored = []
             for page, value in zip(batch, reply, strict=True):
                 if page not in asked:
                     self._stage(page, value)
                 else:
-                    self._store(page, value)
+                    stored.append((page, value))
                     out[page] = value
+            self._store(stored)
         return out
 
     def _take_prediction(self, exclude: set[int], room: int) -> list[int]:
@@ -434,7 +443,7 @@ class RemoteMemory:
 
     def _stage(self, page: int, value: bytes | PageFault) -> None:
         """Keep a predicted page until the scan reads it, within the budget's quarter."""
-        self._check(page, value)
+        self._check([(page, value)])
         self.cache.predicted += 1
         cost = _cost(value)
         if page in self._staged or self._staged_bytes + cost > self.cache.budget // 4:
@@ -451,18 +460,22 @@ class RemoteMemory:
         self._needed.append(page)
         self.cache.put(page, value)
 
-    def _store(self, page: int, value: bytes | PageFault) -> None:
-        self._check(page, value)
-        self.cache.put(page, value)
+    def _store(self, items: list[tuple[int, bytes | PageFault]]) -> None:
+        self._check(items)
+        self.cache.put_all(items)
 
-    def _check(self, page: int, value: bytes | PageFault) -> None:
-        if isinstance(value, bytes) and len(value) == PAGE_SIZE:
-            self.cache.pages_fetched += 1
-            self.cache.bytes_fetched += PAGE_SIZE
-        elif isinstance(value, PageFault):
-            self.cache.faults_fetched += 1
-        else:
-            raise TransportError(f"page {page:#x}: neither {PAGE_SIZE} bytes nor a fault")
+    def _check(self, items: list[tuple[int, bytes | PageFault]]) -> None:
+        """Count fetched pages and faults; anything else is the transport's bug."""
+        faults = 0
+        for page, value in items:
+            if value.__class__ is bytes and len(value) == PAGE_SIZE:
+                continue
+            if not isinstance(value, PageFault):
+                raise TransportError(f"page {page:#x}: neither {PAGE_SIZE} bytes nor a fault")
+            faults += 1
+        self.cache.pages_fetched += len(items) - faults
+        self.cache.bytes_fetched += (len(items) - faults) * PAGE_SIZE
+        self.cache.faults_fetched += faults
 
     def prefetch_list(self, walk: ListWalk) -> int | None:
         """Have the trusted side follow a list and cache every page its entries span.
@@ -531,11 +544,10 @@ class RemoteMemory:
             answer = later(following, pages=predicted, then=self._then(walk, windows + 1))
             self._ahead = _Ahead(following, answer, reserved, predicted)
         staged = set(extra)
-        for page, value in pages.items():  # ... then cache this one's pages
+        for page in pages:  # ... then cache this one's pages
             if page & _PAGE_MASK or not 0 <= page < _U64:
                 raise TransportError(f"follow_list returned unaligned page {page:#x}")
-            if page not in staged:
-                self._store(page, value)
+        self._store([(page, value) for page, value in pages.items() if page not in staged])
         return last
 
     def _window(self, walk: ListWalk, number: int) -> ListWalk:
