@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from synthetic import CR0_PG, CR4_PAE, ENTRY, MEMBER, RAM_SIZE, Region, Ring, Tables
@@ -16,8 +17,9 @@ from synthetic import CR0_PG, CR4_PAE, ENTRY, MEMBER, RAM_SIZE, Region, Ring, Ta
 from sgmonitor.errors import PageFault
 from sgmonitor.guest.memory import RawImage, Registers
 from sgmonitor.hypervisor.pages import ListEnd, PageNotRam, PageServer
+from sgmonitor.hypervisor.service import HypervisorService, _WalkedList
 from sgmonitor.wire.core import WireError
-from sgmonitor.wire.sealed import MAX_LIST_NODES, ListWalk
+from sgmonitor.wire.sealed import MAX_LIST_NODES, FollowList, ListWalk
 
 PAGE = 0x1000
 NONCANONICAL = 0x4141_4141_4141_4141
@@ -286,3 +288,34 @@ def test_a_reset_rereads_registers_though_the_old_tables_survive(tmp_path: Path)
     server.refresh()
     assert image.reads == 2
     assert server.read_pages([region.va])[0][:8] == b"new boot"  # type: ignore[index]
+
+
+def test_a_window_walked_ahead_answers_only_its_own_walk_within_its_budget(
+    tmp_path: Path,
+) -> None:
+    """The hypervisor answers a FollowList from the window it walked ahead only if the
+    request asks for exactly that walk, of the same page server, and the reply's page
+    budget holds what it read; otherwise it walks afresh (a smaller budget stops the
+    walk sooner). Either way the window the request announces is noted."""
+    ring = Ring(40, pages=200)
+    server = ring.server(tmp_path)
+    (tmp_path / "other").mkdir()
+    other_server = ring.server(tmp_path / "other")
+    walk = ring.walk(8, after=ring.nodes[7])
+    ahead = _WalkedList.of(server, walk, None)
+    assert list(ahead.index.entries) == ring.nodes[8:16] and ahead.read() > 8
+    session = SimpleNamespace(ahead=ahead, announced=None)
+    assert HypervisorService._follow(session, server, FollowList(walk, then=16), None) is ahead
+    assert session.ahead is None
+    assert session.announced == replace(walk, after=ring.nodes[15], limit=16)
+    budget = ahead.read() - 1
+    for asked, by, pages in (
+        (replace(walk, limit=7), server, None),
+        (walk, other_server, None),
+        (walk, server, budget),
+    ):
+        session.ahead = ahead
+        got = HypervisorService._follow(session, by, FollowList(asked), pages)
+        assert got is not ahead and session.ahead is None and session.announced is None
+        assert got.index == _WalkedList.of(by, asked, pages).index
+    assert got.index.end is ListEnd.REPLY_FULL and got.read() <= budget
