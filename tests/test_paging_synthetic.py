@@ -136,3 +136,24 @@ def test_raw_image_layout_follows_qemu_above_the_pci_hole(tmp_path: Path) -> Non
     with pytest.raises(Exception, match="not guest RAM"):
         image.read_physical(3 << 30, 8)
     assert image.segments[1] == Segment(4 << 30, 1 << 30, 2 << 30)
+
+
+@pytest.mark.parametrize("size", [0x200000, 0x40000000], ids=["2m", "1g"])
+def test_a_large_page_is_walked_once_per_2mib_frame_until_invalidated(
+    tmp_path: Path, size: int
+) -> None:
+    """Every 4 KiB page of a 2 MiB frame of a large page takes the one walk's
+    translation (the direct map: one walk per 2 MiB read, not one per page); the guest
+    remapping it is seen once the cache is invalidated, as for a 4 KiB page."""
+    tables = Tables(la57=False)
+    va = 0xFFFF_FFFF_C000_0000 if size == 0x40000000 else 0xFFFF_FFFF_8120_0000
+    path = tables.map(va, 0x4000_0000 if size == 0x40000000 else 0x40_0000, size)
+    walker, _ = walker_for(tables, tmp_path)
+    first = walker.translate(va + 0x1000)
+    table, index = path[-1]  # the large page's own entry: remapped behind our back
+    with (tmp_path / "ram.img").open("r+b") as f:
+        f.seek(table + index * 8)
+        f.write((0 | PRESENT_RW | 1 << 7).to_bytes(8, "little"))
+    assert all(walker.translate(va + i * 0x1000) is first for i in range(512))
+    walker.invalidate()
+    assert walker.translate(va + 0x1000).physical_base == 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from sgmonitor.errors import PageFault, PhysicalAccessError
 from sgmonitor.guest.memory import PhysicalMemory, Registers
-from sgmonitor.guest.paging import PAGE_SHIFT, PAGE_SIZE, PageWalker, Translation
+from sgmonitor.guest.paging import PAGE_SHIFT, PAGE_SIZE, PageWalker
 from sgmonitor.wire.sealed import (
     MAX_ENTRY_SIZE,
     MAX_LIST_NODES,
@@ -32,7 +32,6 @@ __all__ = ["ListEnd", "ListWalk", "PageNotRam", "PageServer", "WalkedList"]
 
 _U64 = 1 << 64
 _PAGE_MASK = ~(PAGE_SIZE - 1)  # clears the offset in a page
-_LARGE_SHIFT = 21  # 2 MiB: the smallest large page
 _POINTER = 8  # x86-64: list pointers are 8 little-endian bytes
 
 
@@ -72,7 +71,6 @@ class PageServer:
         self.max_list_pages = max_list_pages
         self._walker: PageWalker | None = None
         self._registers: Registers | None = None
-        self._large: dict[int, Translation] = {}  # 2 MiB and 1 GiB pages, by 2 MiB frame
         self._kernel_half: bytes | None = None  # the walker's top-level kernel entries
         self._resets = 0  # the machine's resets when the registers were read
 
@@ -95,12 +93,10 @@ class PageServer:
         resets = self.memory.resets()
         if self._walker is not None and self._still_current(resets):
             self._walker.invalidate()
-            self._large.clear()
             return
         registers = self.memory.registers()
         self._walker = PageWalker.for_kernel(self.memory, registers)
         self._registers = registers
-        self._large.clear()
         self._kernel_half = self._read_kernel_half()
         self._resets = resets
 
@@ -136,14 +132,10 @@ class PageServer:
     def read_page(self, page: int) -> bytes | PageFault:
         """The 4 KiB at page-aligned ``page``, or why it could not be read."""
         walker = self._kernel_walker()
-        t = self._large.get(page >> _LARGE_SHIFT)
-        if t is None:
-            try:
-                t = walker.translate(page)
-            except PageFault as fault:
-                return fault
-            if t.page_size > PAGE_SIZE:  # the direct map: one walk serves 512 pages
-                self._large[page >> _LARGE_SHIFT] = t
+        try:
+            t = walker.translate(page)
+        except PageFault as fault:
+            return fault
         try:
             return self.memory.read_physical(t.physical(page), PAGE_SIZE)
         except PhysicalAccessError as exc:
