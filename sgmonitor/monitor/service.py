@@ -529,8 +529,7 @@ class MonitorService:
             # between tokens, where a space means the same: the line stays one line.
             head = json.dumps({"ids": link.ids, "link": link.link_id.hex(), "seq": msg.seq})
             body = text.replace("\n", " ").replace("\r", " ")
-            self._reports.write(f'{head[:-1]}, "report": {body}}}\n')
-            self._reports.flush()
+            self._append(self._reports, f'{head[:-1]}, "report": {body}}}')
         self._send(link, ReportAck(msg.seq))
 
     def _text_baseline(self, link: _Link, report: Mapping[str, object]) -> None:
@@ -571,5 +570,10 @@ class MonitorService:
 
     @staticmethod
     def _write(stream: TextIO, line: Mapping[str, object]) -> None:
-        stream.write(json.dumps(line, sort_keys=True) + "\n")
+        MonitorService._append(stream, json.dumps(line, sort_keys=True))
+
+    @staticmethod
+    def _append(stream: TextIO, text: str) -> None:
+        """One JSON line, flushed at once: readers take complete lines only."""
+        stream.write(text + "\n")
         stream.flush()
