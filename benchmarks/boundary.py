@@ -26,6 +26,7 @@ if any differs. Start a guest to measure with ``sgmonitor lab start --procs N``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -67,8 +68,12 @@ def measure(qmp_socket: str, runs: int) -> dict[str, object]:
             records = [r.as_dict() for r in list_processes(kernel)]
             return lambda: records
 
-        with local_deployment({"guest": qmp_socket}, say=lambda _: None) as local:
+        with (
+            local_deployment({"guest": qmp_socket}, say=lambda _: None) as local,
+            contextlib.ExitStack() as stack,
+        ):
             held = hold_session(local, "guest")
+            stack.callback(held.sock.close)  # before the services stop
 
             def exchange(frame: bytes, timeout: float) -> Callable[[], bytes]:
                 send_encoded(held.sock, frame, timeout)
@@ -150,6 +155,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--json", action="store_true", help="print JSON, not a table")
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     result = measure(args.qemu, args.runs)
     print(json.dumps(result, indent=2) if args.json else table(result))
     if not result["records_match_traditional"]:
