@@ -272,9 +272,14 @@ def ensure_drgn(say: Callable[[str], None]) -> Path:
     if drgn.exists():
         return drgn
     say(f"installing drgn {DRGN_VERSION} from PyPI into {venv}")
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    # Installers' chatter goes to stderr: stdout is the table or the JSON.
     subprocess.run(
-        [str(venv / "bin" / "pip"), "install", "--quiet", f"drgn=={DRGN_VERSION}"], check=True
+        [sys.executable, "-m", "venv", "--clear", str(venv)], stdout=sys.stderr, check=True
+    )
+    subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "--quiet", f"drgn=={DRGN_VERSION}"],
+        stdout=sys.stderr,
+        check=True,
     )
     return drgn
 
@@ -291,7 +296,7 @@ def ensure_debug_vmlinux(release: str, say: Callable[[str], None]) -> Path:
     package = f"linux-image-{release}-dbg"
     say(f"downloading {package} (~300 MB) into {root}")
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        subprocess.run(["apt-get", "download", package], cwd=tmp, check=True)
+        subprocess.run(["apt-get", "download", package], cwd=tmp, stdout=sys.stderr, check=True)
         (deb,) = Path(tmp).glob("*.deb")
         unpacked = Path(tmp) / "x"
         unpacked.mkdir()
