@@ -11,7 +11,10 @@ costs the same few milliseconds in every mode and is left out of all of them):
 - ``secure``: enclave process, untrusted relay, hypervisor service, sealed pages.
 
 Each run is one full scan of the process list from an empty enclave page cache (it is
-invalidated at the start of every scan) and an empty translation cache.
+invalidated at the start of every scan) and an empty translation cache. The modes take
+turns in up to five rounds (:func:`rounds`), each mode's runs of a round back to back,
+so that a slow stretch of the machine is shared by every mode rather than making one
+of them look fast or slow against the others.
 
 Every timed run's list is compared with a reference named in each result's ``truth``:
 ``"guest"``, the lab guest's own /proc listing (printed by its /init just before the
@@ -25,6 +28,7 @@ sealing; 0 for the in-process traditional mode).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -188,15 +192,17 @@ class _Outcome(NamedTuple):
     parts: tuple[tuple[str, float], ...] = ()
 
 
-def _timed(scan: Callable[[], _Outcome], runs: int) -> list[tuple[_Outcome, float]]:
-    """Each of ``runs`` scans after a warm-up, with its wall time."""
-    scan()  # warm-up: imports, first connections
-    timed = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        outcome = scan()
-        timed.append((outcome, time.perf_counter() - start))
-    return timed
+# Each mode's runs are spread over this many rounds (fewer if there are fewer runs):
+# in every round each mode takes its share of runs in turn, so a slow stretch of the
+# machine, which lasts long enough to cover a whole block of runs, falls on every mode
+# instead of making one look fast or slow against the others.
+ROUNDS = 5
+
+
+def rounds(runs: int) -> list[int]:
+    """Each round's share of a mode's ``runs``: as even as may be, at most ``ROUNDS``."""
+    count = min(runs, ROUNDS)
+    return [runs // count + (i < runs % count) for i in range(count)]
 
 
 def measure_guest(
@@ -208,11 +214,14 @@ def measure_guest(
     say: Callable[[str], None] | None = None,
     reference: Reference | None = None,
 ) -> list[Run]:
-    """All modes (secure ones at every cache budget) on one running guest; the secure
-    ones through a local deployment attesting against ``policy`` (default: the
-    installed enclave). Without a ``reference`` (an existing guest) every run is
-    compared with the first traditional scan's list, made untimed first if
-    ``traditional`` is not among ``modes``."""
+    """All modes (secure ones at every cache budget) on one running guest, in
+    :func:`rounds` (each mode scans once untimed first); the secure ones through a
+    local deployment attesting against ``policy`` (default: the installed enclave).
+    Without a ``reference`` (an existing guest) every run is compared with the first
+    traditional scan's list, made untimed first if ``traditional`` is not among
+    ``modes``."""
+    if runs < 1:
+        raise ValueError("runs must be at least 1")
     results: list[Run] = []
     truth = reference
 
@@ -254,61 +263,80 @@ def measure_guest(
     def own(result: object) -> Records:
         return result  # type: ignore[return-value]
 
-    with held_still(qmp_socket):
+    # mode and budget -> the scan, and how to get its records after the timing
+    scans: dict[tuple[str, int | None], tuple[Callable[[], _Outcome], Callable[[object], Records]]]
+    scans = {}
+    with held_still(qmp_socket), contextlib.ExitStack() as stack:
         if "traditional" in modes or truth is None:
-            with QemuGuest(qmp_socket) as live:
-                kernel = open_guest_kernel(live)
-                memory = kernel.memory
-                assert isinstance(memory, VirtualMemory)  # what open_guest_kernel gives
+            live = stack.enter_context(QemuGuest(qmp_socket))
+            kernel = open_guest_kernel(live)
+            live.qmp.close()  # QEMU serves one QMP client: the hypervisor service's now
+            memory = kernel.memory
+            assert isinstance(memory, VirtualMemory)  # what open_guest_kernel gives
 
-                def traditional() -> _Outcome:
-                    memory.walker.invalidate()
-                    return _Outcome([r.as_dict() for r in list_processes(kernel)], 0, 0, 0.0)
+            def traditional() -> _Outcome:
+                memory.walker.invalidate()
+                return _Outcome([r.as_dict() for r in list_processes(kernel)], 0, 0, 0.0)
 
-                if truth is None and "traditional" not in modes:
-                    truth = Reference("traditional", own(traditional().result))
-                if "traditional" in modes:
-                    record("traditional", None, _timed(traditional, runs), own)
+            if truth is None and "traditional" not in modes:
+                truth = Reference("traditional", own(traditional().result))
+            if "traditional" in modes:
+                scans["traditional", None] = (traditional, own)
         secure_modes = [m for m in modes if m != "traditional"]
         if secure_modes:
             unsealed = "secure-plain" in secure_modes
             guests = {"guest": qmp_socket}
-            with local_deployment(guests, policy=policy, allow_unsealed=unsealed, say=say) as local:
-                for mode in secure_modes:
-                    for budget in budgets:
-                        monitor = SecureMonitor(
-                            local.hypervisor_socket,
-                            local.vm,
-                            local.verifier,
-                            local.monitor,
-                            mode=mode,
-                            cache_budget=budget,
-                            pause=False,
+            local = stack.enter_context(
+                local_deployment(guests, policy=policy, allow_unsealed=unsealed, say=say)
+            )
+            for mode in secure_modes:
+                for budget in budgets:
+                    monitor = SecureMonitor(
+                        local.hypervisor_socket,
+                        local.vm,
+                        local.verifier,
+                        local.monitor,
+                        mode=mode,
+                        cache_budget=budget,
+                        pause=False,
+                        ids=f"bench-{mode}-{budget}",  # one link each, all open at once
+                    )
+                    stack.enter_context(monitor)
+
+                    def secure(m: SecureMonitor = monitor) -> _Outcome:
+                        """One scan, its report delivered to the monitor."""
+                        result = m.scan("pslist")
+                        assert m.link is not None
+                        if not m.link.wait_ack(result.report_seq, 30.0):
+                            raise SGMonitorError("the monitor did not take a report")
+                        stats = result.stats
+                        parts = {k: float(stats[k]) for k in PARTS if k != "enclave_s"}  # type: ignore[arg-type]
+                        parts["enclave_s"] = float(stats["elapsed_s"])  # type: ignore[arg-type]
+                        return _Outcome(
+                            result.report_seq,
+                            int(stats["crossings"]),  # type: ignore[call-overload]
+                            int(stats["pages_fetched"]),  # type: ignore[call-overload]
+                            float(stats["crossing_s"]),  # type: ignore[arg-type]
+                            tuple(parts.items()),
                         )
-                        with monitor:
 
-                            def secure(m: SecureMonitor = monitor) -> _Outcome:
-                                """One scan, its report delivered to the monitor."""
-                                result = m.scan("pslist")
-                                assert m.link is not None
-                                if not m.link.wait_ack(result.report_seq, 30.0):
-                                    raise SGMonitorError("the monitor did not take a report")
-                                stats = result.stats
-                                parts = {k: float(stats[k]) for k in PARTS if k != "enclave_s"}  # type: ignore[arg-type]
-                                parts["enclave_s"] = float(stats["elapsed_s"])  # type: ignore[arg-type]
-                                return _Outcome(
-                                    result.report_seq,
-                                    int(stats["crossings"]),  # type: ignore[call-overload]
-                                    int(stats["pages_fetched"]),  # type: ignore[call-overload]
-                                    float(stats["crossing_s"]),  # type: ignore[arg-type]
-                                    tuple(parts.items()),
-                                )
+                    def opened(seq: object, m: SecureMonitor = monitor) -> Records:
+                        report = local.opened_report(m.ids, int(seq))  # type: ignore[call-overload]
+                        return list(report["records"])
 
-                            def opened(seq: object, m: SecureMonitor = monitor) -> Records:
-                                report = local.opened_report(m.ids, int(seq))  # type: ignore[call-overload]
-                                return list(report["records"])
-
-                            record(mode, budget, _timed(secure, runs), opened)
+                    scans[mode, budget] = (secure, opened)
+        timed: dict[tuple[str, int | None], list[tuple[_Outcome, float]]]
+        timed = {key: [] for key in scans}
+        for scan, _ in scans.values():  # warm-up: imports, first connections, learning
+            scan()
+        for share in rounds(runs):
+            for key, (scan, _) in scans.items():
+                for _run in range(share):
+                    started = time.perf_counter()
+                    outcome = scan()
+                    timed[key].append((outcome, time.perf_counter() - started))
+        for key, (_, records_of) in scans.items():
+            record(*key, timed[key], records_of)
     return results
 
 

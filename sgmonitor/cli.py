@@ -382,6 +382,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"bench: {message}", file=sys.stderr, flush=True)
 
     budgets = [b << 20 for b in args.budgets]
+    if args.runs < 1:
+        raise SystemExit("bench: --runs must be at least 1")
     if args.qemu:
         if args.processes:
             raise SystemExit("bench: --processes boots lab guests; --qemu measures one guest")
@@ -437,7 +439,12 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="MIB",
         help="enclave page-cache budgets to run the secure modes with (MiB)",
     )
-    bench.add_argument("--runs", type=int, default=10)
+    bench.add_argument(
+        "--runs",
+        type=int,
+        default=10,
+        help="timed scans of each mode, taken in turns over up to 5 rounds (default 10)",
+    )
     bench.add_argument("--json", action="store_true", help="one JSON document: {runs: [...]}")
     bench.add_argument("--plot", metavar="PNG", help="also draw time against process count")
     _add_policy(bench)

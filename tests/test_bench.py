@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sgmonitor.bench import Reference
+from sgmonitor.bench import ROUNDS, Reference, rounds
 
 GUEST = [
     {"pid": 1, "ppid": 0, "uid": 0, "state": "S", "comm": "init"},
@@ -46,3 +46,12 @@ def test_against_a_traditional_scan_nothing_may_differ() -> None:
     assert truth.differences(scanned()) == []
     assert truth.differences(scanned(pid7={"state": "R"})) != []
     assert truth.differences(list(reversed(first))) == ["the same records in another order"]
+
+
+def test_runs_are_spread_over_rounds_as_evenly_as_may_be() -> None:
+    for runs in range(1, 4 * ROUNDS + 3):
+        shares = rounds(runs)
+        assert sum(shares) == runs and len(shares) == min(runs, ROUNDS)
+        assert max(shares) - min(shares) <= 1 and min(shares) >= 1
+    assert rounds(10) == [2] * ROUNDS
+    assert rounds(2) == [1, 1]
