@@ -12,20 +12,25 @@ A re-run downloads nothing.
 
 For each process count it boots a lab guest (cloud kernel, 5-level paging, KASLR; QEMU
 under TCG), takes the guest's own /proc listing, then holds the guest stopped and
-measures, in this order:
-- drgn warm: one ``drgn --qemu QMP -s VMLINUX -q SCRIPT`` process; SCRIPT scans once
-  untimed, then times ``--runs`` scans of ``for_each_task`` reading each task's pid and
-  comm (``time.perf_counter`` inside the drgn process: debug info loaded, types known);
-- drgn cold: ``--runs`` one-shots of the same command scanning once (process start, QMP
-  set-up, DWARF index of the vmlinux, scan, JSON output, exit), wall time from here;
-- SGmonitor cold: ``--runs`` one-shots of ``sgmonitor ps --mode traditional --qemu QMP
-  --json`` (process start, QMP, vmcoreinfo scan, kallsyms, BTF, scan, output), wall time.
+measures in up to five rounds (:func:`sgmonitor.bench.rounds`; 10 runs: five rounds of
+two), each round taking its share of the runs of every kind below, in this order, so
+that a slow stretch of the machine falls on every kind rather than on one:
+- drgn warm: one ``drgn --qemu QMP -s VMLINUX -q SCRIPT`` process a round; SCRIPT scans
+  once untimed, then times the round's scans of ``for_each_task`` reading each task's
+  pid and comm (``time.perf_counter`` inside the drgn process: debug info loaded, types
+  known);
+- drgn cold: one-shots of the same command scanning once (process start, QMP set-up,
+  DWARF index of the vmlinux, scan, JSON output, exit), wall time from here;
+- SGmonitor cold: one-shots of ``sgmonitor ps --mode traditional --qemu QMP --json``
+  (process start, QMP, vmcoreinfo scan, kallsyms, BTF, scan, output), wall time.
   The package's bytecode is compiled first, as pip compiles drgn's at install: an
   editable checkout run with PYTHONDONTWRITEBYTECODE set (as on this project's machines)
   would otherwise compile every module again in every one-shot (~60 ms);
 - SGmonitor warm: :func:`sgmonitor.bench.measure_guest` with the modes traditional and
-  secure at 32 MiB and 1 MiB cache budgets (``sgmonitor bench``'s own timing: one scan
-  untimed, then ``--runs`` scans, each from an empty translation and enclave cache).
+  secure at 32 MiB and 1 MiB cache budgets (``sgmonitor bench``'s own timing: each mode
+  scans once untimed, then the modes take turns, each scan from an empty translation
+  and enclave cache), with a local deployment of its own each round.
+Each kind's runs of all rounds make its figures (``--runs`` in all).
 
 How drgn reads the guest: drgn's ``--qemu`` (drgn >= 0.3.0) asks QEMU over QMP for its
 memory map (``info mtree -f``) and each RAM region's host address (``gpa2hva``), takes
@@ -60,7 +65,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypedDict
 
-from sgmonitor.bench import Reference, Run, breakdown, measure_guest
+from sgmonitor.bench import Reference, Run, breakdown, measure_guest, rounds
 from sgmonitor.guest.qmp import held_still
 from sgmonitor.lab import machine
 from sgmonitor.lab.initramfs import Workload
@@ -122,6 +127,12 @@ class Timing:
             matches_truth=not any(mismatches),
             mismatch=next((m for m in mismatches if m), ""),
         )
+
+    @classmethod
+    def joined(cls, parts: Sequence[Timing]) -> Timing:
+        """The runs of several rounds as one timing (tasks: the last round's)."""
+        times = [t for part in parts for t in part.times_s]
+        return cls.of(times, parts[-1].tasks, [part.mismatch for part in parts])
 
 
 def pid_set_difference(pids: Sequence[int], truth: Sequence[int], helper_pid: int) -> str:
@@ -390,20 +401,32 @@ def measure(
     guest = machine.start(
         name, machine.MachineConfig(mem_mib=mem, workload=Workload(max(0, count - BASE_PROCESSES)))
     )
+    drgn_warm, drgn_cold, cold, warm = [], [], [], []
     try:
         reference = Reference.of_lab_guest(guest)
         with held_still(guest.qmp):
-            say(f"drgn warm and cold ({runs} runs each)")
-            drgn_warm, drgn_cold = drgn_runs(drgn, vmlinux, script, guest.qmp, runs, reference)
-            say(f"sgmonitor ps cold ({runs} runs)")
-            cold = sgmonitor_cold_runs(guest.qmp, runs, reference)
-            say(f"sgmonitor warm: traditional, secure 32 MiB and 1 MiB ({runs} runs each)")
-            warm = measure_guest(
-                guest.qmp, ["traditional", "secure"], BUDGETS, runs, reference=reference
-            )
+            shares = rounds(runs)
+            for number, share in enumerate(shares, 1):
+                say(f"round {number} of {len(shares)}: each kind's next {share} of {runs} runs")
+                hot, once = drgn_runs(drgn, vmlinux, script, guest.qmp, share, reference)
+                drgn_warm.append(hot)
+                drgn_cold.append(once)
+                cold.append(sgmonitor_cold_runs(guest.qmp, share, reference))
+                warm.append(
+                    measure_guest(
+                        guest.qmp, ["traditional", "secure"], BUDGETS, share, reference=reference
+                    )
+                )
     finally:
         machine.stop(name)
-    return Row(count, len(reference.processes), drgn_warm, drgn_cold, cold, tuple(warm))
+    return Row(
+        count,
+        len(reference.processes),
+        Timing.joined(drgn_warm),
+        Timing.joined(drgn_cold),
+        Timing.joined(cold),
+        tuple(Run.joined(parts) for parts in zip(*warm, strict=True)),
+    )
 
 
 def _commit() -> str:

@@ -33,7 +33,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
 from sgmonitor.attestation.policy import Policy
@@ -179,6 +179,28 @@ class Run:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    @classmethod
+    def joined(cls, parts: Sequence[Run]) -> Run:
+        """One mode's runs measured in several calls (e.g. rounds with another tool's
+        runs in between) as one: every scan, the statistics over all of them, the
+        crossings and pages of the last."""
+        scans = tuple(scan for part in parts for scan in part.scans)
+        if not scans or len({(p.mode, p.cache_budget, p.truth) for p in parts}) != 1:
+            raise ValueError("join the scans of one mode, budget and reference")
+        times = [scan.elapsed_s for scan in scans]
+        last = parts[-1]
+        return replace(
+            last,
+            runs=len(scans),
+            mean_s=statistics.mean(times),
+            stdev_s=statistics.stdev(times) if len(times) > 1 else 0.0,
+            min_s=min(times),
+            crossing_mean_s=statistics.mean(scan.crossing_s for scan in scans),
+            records_match_truth=all(p.records_match_truth for p in parts),
+            mismatch=next((p.mismatch for p in parts if p.mismatch), ""),
+            scans=scans,
+        )
 
 
 class _Outcome(NamedTuple):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sgmonitor.bench import ROUNDS, Reference, rounds
+import pytest
+
+from sgmonitor.bench import ROUNDS, Reference, Run, Scan, rounds
 
 GUEST = [
     {"pid": 1, "ppid": 0, "uid": 0, "state": "S", "comm": "init"},
@@ -55,3 +57,38 @@ def test_runs_are_spread_over_rounds_as_evenly_as_may_be() -> None:
         assert max(shares) - min(shares) <= 1 and min(shares) >= 1
     assert rounds(10) == [2] * ROUNDS
     assert rounds(2) == [1, 1]
+
+
+def _part(mode: str, times: list[float], mismatch: str = "") -> Run:
+    scans = tuple(Scan(t, t / 4, not mismatch) for t in times)
+    return Run(
+        mode=mode,
+        processes=210,
+        cache_budget=32 << 20,
+        runs=len(times),
+        mean_s=sum(times) / len(times),
+        stdev_s=0.0,
+        min_s=min(times),
+        crossing_mean_s=sum(times) / len(times) / 4,
+        crossings=3,
+        pages_fetched=248,
+        truth="guest",
+        records_match_truth=not mismatch,
+        mismatch=mismatch,
+        scans=scans,
+    )
+
+
+def test_runs_of_one_mode_measured_in_rounds_join_into_one() -> None:
+    joined = Run.joined([_part("secure", [0.004, 0.006]), _part("secure", [0.008])])
+    assert joined.runs == 3 and [s.elapsed_s for s in joined.scans] == [0.004, 0.006, 0.008]
+    assert joined.mean_s == pytest.approx(0.006) and joined.min_s == 0.004
+    assert joined.stdev_s == pytest.approx(0.002)
+    assert joined.crossing_mean_s == pytest.approx(0.0015)
+    assert joined.records_match_truth and joined.mismatch == ""
+    wrong = Run.joined([_part("secure", [0.004]), _part("secure", [0.005], "pid 9: not found")])
+    assert not wrong.records_match_truth and wrong.mismatch == "pid 9: not found"
+    with pytest.raises(ValueError):
+        Run.joined([_part("secure", [0.004]), _part("traditional", [0.003])])
+    with pytest.raises(ValueError):
+        Run.joined([])

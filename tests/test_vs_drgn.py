@@ -72,6 +72,15 @@ def test_timing_of_runs(vs: ModuleType) -> None:
     assert vs.Timing.of([0.5], 1, [""]).stdev_s == 0.0
 
 
+def test_timings_of_rounds_join_into_one(vs: ModuleType) -> None:
+    rounds = [vs.Timing.of([0.1, 0.3], 5, ["", ""]), vs.Timing.of([0.2], 6, ["pid 3: missing"])]
+    t = vs.Timing.joined(rounds)
+    assert t.times_s == (0.1, 0.3, 0.2) and t.runs == 3 and t.tasks == 6
+    assert t.mean_s == pytest.approx(0.2) and t.min_s == pytest.approx(0.1)
+    assert not t.matches_truth and t.mismatch == "pid 3: missing"
+    assert vs.Timing.joined(rounds[:1]).matches_truth
+
+
 def test_pid_set_difference(vs: ModuleType) -> None:
     assert vs.pid_set_difference([1, 2, 3], [3, 2, 1], helper_pid=0) == ""
     # the process that printed the guest's listing may be there or gone
