@@ -13,7 +13,13 @@ from synthetic import Region, Ring, Tables
 from synthetic_memory import vendor_btf
 from transports import CountingTransport, NoPrefetch, StreamingTransport
 
-from sgmonitor.enclave.memory import FIRST_WINDOW, PageCache, RemoteMemory, TransportError
+from sgmonitor.enclave.memory import (
+    FIRST_WINDOW,
+    LAST_WINDOW,
+    PageCache,
+    RemoteMemory,
+    TransportError,
+)
 from sgmonitor.errors import PageFault, ValidationError
 from sgmonitor.guest.paging import PageWalker, VirtualMemory
 from sgmonitor.hypervisor.pages import PageServer
@@ -254,6 +260,31 @@ def test_a_streamed_walk_asks_each_next_window_ahead(tmp_path: Path) -> None:
     memory.begin_scan()
     assert memory.prefetch_list(ring.walk(1000)) == ring.nodes[FIRST_WINDOW - 1]
     assert len(transport.taken) == 4 + 2 and memory.cache.reserved > 0  # two first windows
+
+
+def test_streamed_windows_stop_doubling_at_the_last_window(tmp_path: Path) -> None:
+    """Past ``LAST_WINDOW`` nodes windows keep that length (and announce it), however
+    much of the budget is left: the trusted side then walks each next window in about
+    the time the enclave takes for this one, instead of twice as long."""
+    doublings = (LAST_WINDOW // FIRST_WINDOW).bit_length()  # windows up to the last
+    reached = FIRST_WINDOW * (2**doublings - 1)  # the nodes in them
+    count = reached + LAST_WINDOW + 100  # one-page entries: two more windows, not one
+    ring = Ring(count, pages=count + 16, member=0x40, entry=0x100)
+    transport = StreamingTransport(ring.server(tmp_path))
+    memory = RemoteMemory(transport, 64 * MIB)  # a quarter: 4096 one-page entries
+    memory.begin_scan()
+    after = memory.prefetch_list(ring.walk(2 * count))
+    while after is not None:
+        after = memory.prefetch_list(ring.walk(2 * count, after))
+    limits = [args[4] for _, args in transport.calls]
+    grown = [FIRST_WINDOW << i for i in range(doublings)]
+    assert grown[-1] == LAST_WINDOW and sum(grown) == reached
+    assert limits == [*grown, LAST_WINDOW, LAST_WINDOW]
+    assert [args[-1] for _, args in transport.calls] == [*limits[1:], LAST_WINDOW]
+    for node in ring.nodes:
+        start = node - ring.member
+        assert memory.read(start, ring.entry) == ring.region.read(start, ring.entry)
+    assert memory.stats().evictions == 0
 
 
 def test_a_window_that_takes_the_walks_whole_limit_announces_none(tmp_path: Path) -> None:

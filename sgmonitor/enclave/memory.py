@@ -47,6 +47,8 @@ from sgmonitor.wire.sealed import (
 
 __all__ = [
     "DEFAULT_BUDGET",
+    "FIRST_WINDOW",
+    "LAST_WINDOW",
     "CacheStats",
     "ListPages",
     "PageCache",
@@ -62,6 +64,7 @@ _PAGE_BASE = _U64 - PAGE_SIZE  # address & _PAGE_BASE: its page, for 0 <= addres
 DEFAULT_BUDGET = 32 << 20  # the EPC of the paper's machine
 NEGATIVE_ENTRY_COST = 64  # budget bytes charged for a cached fault
 FIRST_WINDOW = 32  # list nodes in a streamed walk's first window (see prefetch_list)
+LAST_WINDOW = 512  # ... and in its largest: windows double from the first up to this
 
 
 class TransportError(SGMonitorError):
@@ -490,12 +493,16 @@ class RemoteMemory:
         A transport with ``follow_list_later`` (the sealed channel) streams the walk:
         as each window arrives the next is asked for at once, so the trusted side walks
         and the relay carries it while the IDS works through this one. Windows start at
-        ``FIRST_WINDOW`` nodes (the IDS starts soon) and double, up to a quarter of the
-        cache budget each (this window cached, the next held outside the cache and
-        reserved in its budget). Each request also announces the window after it
-        (``then``), which the trusted side walks ahead of being asked. Without streaming
-        one window holds half the budget. Either way prefetched pages are not evicted
-        before the walk reaches them.
+        ``FIRST_WINDOW`` nodes (the IDS starts soon) and double up to ``LAST_WINDOW``
+        nodes and a quarter of the cache budget each (this window cached, the next held
+        outside the cache and reserved in its budget). The trusted side walks the next
+        window while the enclave works through this one, taking about as long a node:
+        a window twice as long as the last takes it about as long as the enclave's work
+        on the last two, so windows that kept doubling had the enclave wait for each,
+        longer the longer they grew (docs/benchmarks.md, "windows that stop growing").
+        Each request also announces the window after it (``then``), which the trusted
+        side walks ahead of being asked. Without streaming one window holds half the
+        budget. Either way prefetched pages are not evicted before the walk reaches them.
 
         :return: the last node prefetched when more may follow (call again with
             ``after=`` that node when the walk gets there), else None
@@ -562,8 +569,12 @@ class RemoteMemory:
 
     def _window_limit(self, walk: ListWalk, number: int) -> int:
         """The nodes of window ``number``: the whole walk's ``limit`` unstreamed, else
-        ``FIRST_WINDOW`` doubling (within that limit and ``MAX_LIST_NODES``)."""
-        nodes = walk.limit if self._follow_list_later is None else FIRST_WINDOW << min(number, 16)
+        ``FIRST_WINDOW`` doubling up to ``LAST_WINDOW`` (within that limit and
+        ``MAX_LIST_NODES``)."""
+        if self._follow_list_later is None:
+            nodes = walk.limit
+        else:
+            nodes = min(FIRST_WINDOW << min(number, 16), LAST_WINDOW)
         return max(1, min(walk.limit, nodes, MAX_LIST_NODES))
 
     def _then(self, walk: ListWalk, number: int) -> int:
