@@ -499,7 +499,7 @@ class RemoteMemory:
         window while the enclave works through this one, taking about as long a node:
         a window twice as long as the last takes it about as long as the enclave's work
         on the last two, so windows that kept doubling had the enclave wait for each,
-        longer the longer they grew (docs/benchmarks.md, "windows that stop growing").
+        longer the longer they grew (docs/benchmarks.md, "Windows that stop growing").
         Each request also announces the window after it (``then``), which the trusted
         side walks ahead of being asked. Without streaming one window holds half the
         budget. Either way prefetched pages are not evicted before the walk reaches them.
