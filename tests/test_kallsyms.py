@@ -207,8 +207,10 @@ def test_planted_fake_is_not_chosen(guest: GuestUnderTest) -> None:
     with kernel_memory(guest) as (memory, aspace):
         (real,) = find_vmcoreinfo(memory)
         text = real.info.raw
+        # another 2 MiB-aligned slide than the real one (KASLR may have chosen 0 itself)
+        lie = real.info.kernel_offset + 0x1000000
         forged = text.replace(
-            f"KERNELOFFSET={real.info.kernel_offset:x}".encode(), b"KERNELOFFSET=0"
+            f"KERNELOFFSET={real.info.kernel_offset:x}".encode(), f"KERNELOFFSET={lie:x}".encode()
         )
         assert forged != text
         fake = real.note[:4] + struct.pack("<I", len(forged)) + real.note[8:24] + forged
