@@ -36,17 +36,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/attested_client
 
-from sgmonitor.bench import Records, Reference
+from sgmonitor.bench import Records, Reference, delivered_scan, traditional_scan
 from sgmonitor.enclave.memory import DEFAULT_BUDGET, RemoteMemory
 from sgmonitor.enclave.transport import SealedTransport
-from sgmonitor.guest.paging import VirtualMemory
-from sgmonitor.guest.qemu import QemuGuest
 from sgmonitor.guest.qmp import held_still
 from sgmonitor.ids.pslist import list_processes
 from sgmonitor.kernel.kernel import open_kernel
 from sgmonitor.local import local_deployment
-from sgmonitor.traditional import open_guest_kernel
-from sgmonitor.untrusted.library import SecureMonitor
 from sgmonitor.wire.core import recv_encoded, send_encoded
 from tests.attested_client import hold_session
 
@@ -57,15 +53,10 @@ def measure(qmp_socket: str, runs: int) -> dict[str, object]:
     """Median wall time of each mode over ``runs`` turns, and whether every list matched."""
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     lists: dict[str, list[Records]] = {mode: [] for mode in MODES}
-    with held_still(qmp_socket), QemuGuest(qmp_socket) as live:
-        kernel = open_guest_kernel(live)
-        live.qmp.close()  # QEMU serves one QMP client: the hypervisor service's now
-        memory = kernel.memory
-        assert isinstance(memory, VirtualMemory)
+    with held_still(qmp_socket), traditional_scan(qmp_socket) as scan_here:
 
         def traditional() -> Callable[[], Records]:
-            memory.walker.invalidate()
-            records = [r.as_dict() for r in list_processes(kernel)]
+            records = scan_here()
             return lambda: records
 
         with (
@@ -92,22 +83,10 @@ def measure(qmp_socket: str, runs: int) -> dict[str, object]:
                 transport.end_scan()
                 return lambda: records
 
-            monitor = SecureMonitor(
-                local.hypervisor_socket,
-                local.vm,
-                local.verifier,
-                local.monitor,
-                cache_budget=DEFAULT_BUDGET,
-                pause=False,
-            )
-            with monitor:
+            with local.secure_monitor(cache_budget=DEFAULT_BUDGET, pause=False) as monitor:
 
                 def secure() -> Callable[[], Records]:
-                    result = monitor.scan("pslist")
-                    assert monitor.link is not None
-                    if not monitor.link.wait_ack(result.report_seq, 30.0):
-                        raise SystemExit("the monitor did not take a report")
-                    seq = result.report_seq
+                    seq = delivered_scan(monitor).report_seq
                     return lambda: list(local.opened_report(monitor.ids, seq)["records"])
 
                 scans = {"traditional": traditional, "secure": secure, "data path": data_path}

@@ -17,6 +17,7 @@ import os
 import statistics
 import time
 
+from sgmonitor.bench import delivered_scan
 from sgmonitor.guest.qemu import QemuGuest
 from sgmonitor.guest.qmp import held_still
 from sgmonitor.ids.registry import registered, run_checks
@@ -50,19 +51,17 @@ def measure(qmp: str, runs: int) -> dict[str, object]:
                 assert not findings, findings
 
             here = _times(traditional, runs)
-        with local_deployment({"guest": qmp}, heartbeat_interval=30.0) as local:
-            ids = SecureMonitor(
-                local.hypervisor_socket, local.vm, local.verifier, local.monitor, pause=False
-            )
-            with ids:
+        with (
+            local_deployment({"guest": qmp}, heartbeat_interval=30.0) as local,
+            local.secure_monitor(pause=False) as ids,
+        ):
 
-                def secure() -> None:
-                    result = ids.scan("all")
-                    assert ids.link is not None and ids.link.wait_ack(result.report_seq, 60.0)
+            def secure() -> None:
+                delivered_scan(ids, "all", 60.0)
 
-                enclave = _times(secure, runs)
-                report = local.opened_report(ids.ids, result_seq(ids))
-                assert report["findings"] == [], report["findings"]
+            enclave = _times(secure, runs)
+            report = local.opened_report(ids.ids, result_seq(ids))
+            assert report["findings"] == [], report["findings"]
     return {
         "traditional_s": statistics.median(here),
         "secure_s": statistics.median(enclave),

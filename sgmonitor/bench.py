@@ -32,9 +32,9 @@ import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from sgmonitor.attestation.policy import Policy
 from sgmonitor.errors import SGMonitorError
@@ -46,7 +46,7 @@ from sgmonitor.lab import machine
 from sgmonitor.lab.initramfs import Workload
 from sgmonitor.local import local_deployment
 from sgmonitor.traditional import open_guest_kernel
-from sgmonitor.untrusted.library import SecureMonitor
+from sgmonitor.untrusted.library import ScanResult, SecureMonitor
 
 MIB = 1 << 20
 # Kernel threads and /init's own processes on a lab guest: added to --procs N.
@@ -227,6 +227,35 @@ def rounds(runs: int) -> list[int]:
     return [runs // count + (i < runs % count) for i in range(count)]
 
 
+@contextlib.contextmanager
+def traditional_scan(qmp_socket: str) -> Iterator[Callable[[], Records]]:
+    """The traditional mode on a running guest: each call is one scan in this process,
+    from an empty translation cache, as records. QEMU's one QMP connection is given up
+    once the kernel is open, so that a hypervisor service can take it."""
+    with QemuGuest(qmp_socket) as live:
+        kernel = open_guest_kernel(live)
+        live.qmp.close()
+        memory = kernel.memory
+        assert isinstance(memory, VirtualMemory)  # what open_guest_kernel gives
+
+        def scan() -> Records:
+            memory.walker.invalidate()
+            return cast(Records, [r.as_dict() for r in list_processes(kernel)])
+
+        yield scan
+
+
+def delivered_scan(
+    monitor: SecureMonitor, check: str = "pslist", timeout: float = 30.0
+) -> ScanResult:
+    """One secure scan, returned once the monitor has acknowledged its report."""
+    result = monitor.scan(check)
+    assert monitor.link is not None
+    if not monitor.link.wait_ack(result.report_seq, timeout):
+        raise SGMonitorError(f"the monitor did not take report {result.report_seq}")
+    return result
+
+
 def measure_guest(
     qmp_socket: str,
     modes: Sequence[str],
@@ -290,15 +319,10 @@ def measure_guest(
     scans = {}
     with held_still(qmp_socket), contextlib.ExitStack() as stack:
         if "traditional" in modes or truth is None:
-            live = stack.enter_context(QemuGuest(qmp_socket))
-            kernel = open_guest_kernel(live)
-            live.qmp.close()  # QEMU serves one QMP client: the hypervisor service's now
-            memory = kernel.memory
-            assert isinstance(memory, VirtualMemory)  # what open_guest_kernel gives
+            scan_here = stack.enter_context(traditional_scan(qmp_socket))
 
             def traditional() -> _Outcome:
-                memory.walker.invalidate()
-                return _Outcome([r.as_dict() for r in list_processes(kernel)], 0, 0, 0.0)
+                return _Outcome(scan_here(), 0, 0, 0.0)
 
             if truth is None and "traditional" not in modes:
                 truth = Reference("traditional", own(traditional().result))
@@ -313,11 +337,7 @@ def measure_guest(
             )
             for mode in secure_modes:
                 for budget in budgets:
-                    monitor = SecureMonitor(
-                        local.hypervisor_socket,
-                        local.vm,
-                        local.verifier,
-                        local.monitor,
+                    monitor = local.secure_monitor(
                         mode=mode,
                         cache_budget=budget,
                         pause=False,
@@ -327,10 +347,7 @@ def measure_guest(
 
                     def secure(m: SecureMonitor = monitor) -> _Outcome:
                         """One scan, its report delivered to the monitor."""
-                        result = m.scan("pslist")
-                        assert m.link is not None
-                        if not m.link.wait_ack(result.report_seq, 30.0):
-                            raise SGMonitorError("the monitor did not take a report")
+                        result = delivered_scan(m)
                         stats = result.stats
                         parts = {k: float(stats[k]) for k in PARTS if k != "enclave_s"}  # type: ignore[arg-type]
                         parts["enclave_s"] = float(stats["elapsed_s"])  # type: ignore[arg-type]

@@ -79,6 +79,14 @@ class LocalDeployment:
         """The first guest's name."""
         return self.guests[0]
 
+    def secure_monitor(self, vm: str | None = None, **options: Any) -> SecureMonitor:
+        """An IDS on guest ``vm`` (default: the first) of this deployment: its enclave
+        attested by this deployment's verifier, its reports sent to its monitor;
+        ``options`` as :class:`SecureMonitor` takes them (not opened yet)."""
+        return SecureMonitor(
+            self.hypervisor_socket, vm or self.vm, self.verifier, self.monitor, **options
+        )
+
     def records(
         self, monitor: SecureMonitor, check: str = "pslist"
     ) -> tuple[list[dict[str, int | str]], dict[str, object]]:
@@ -322,15 +330,7 @@ def scan_qemu(
     with local_deployment(
         {"guest": qmp_socket}, policy=policy, allow_unsealed=unsealed, say=say
     ) as local:
-        ids = SecureMonitor(
-            local.hypervisor_socket,
-            local.vm,
-            local.verifier,
-            local.monitor,
-            mode=mode,
-            cache_budget=cache_budget,
-            timeout=timeout,
-        )
+        ids = local.secure_monitor(mode=mode, cache_budget=cache_budget, timeout=timeout)
         with ids:
             result = ids.scan(check)
             return local.opened_report(ids.ids, result.report_seq, link=ids.link_id)
